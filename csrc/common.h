@@ -1,0 +1,51 @@
+// Shared helpers of the binding layer: argument checks that name the argument, the kernel
+// registry behind hires_lmm.build_info(), and the switch for checks that cost a host sync.
+#pragma once
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <map>
+#include <set>
+#include <string>
+
+namespace hires {
+
+// HIRES_CHECK(cond, op, arg, message...) -> RuntimeError "op: argument 'arg' message".
+#define HIRES_CHECK(cond, op, arg, ...) \
+  TORCH_CHECK((cond), op, ": argument '", arg, "' ", __VA_ARGS__)
+
+inline const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_float(const at::Tensor& t, const char* op, const char* arg) {
+  HIRES_CHECK(is_float_dtype(t.scalar_type()), op, arg,
+              "must be float32, float16 or bfloat16, got ", dtype_name(t.scalar_type()));
+}
+
+inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
+                              const char* arg, const char* ref) {
+  HIRES_CHECK(a.device() == b.device(), op, arg, "is on ", a.device(), " but '", ref,
+              "' is on ", b.device(), "; all tensors must be on one device");
+}
+
+// Registry of which kernels exist for which device ("cpu", "cuda", "cuda_sm90a"), filled by
+// static registrars in each family's binding file; read by build_info().
+std::map<std::string, std::set<std::string>>& kernel_registry();
+struct KernelRegistrar {
+  KernelRegistrar(const char* op, const char* device) { kernel_registry()[op].insert(device); }
+};
+#define HIRES_CONCAT_(a, b) a##b
+#define HIRES_CONCAT(a, b) HIRES_CONCAT_(a, b)
+#define HIRES_REGISTER_KERNEL(op, device) \
+  static ::hires::KernelRegistrar HIRES_CONCAT(hires_kernel_reg_, __LINE__)(op, device)
+
+// Value checks that need a device->host copy (index ranges, sortedness). On by default;
+// hires_lmm.set_value_checks(False) turns them off. They are skipped by themselves while a
+// CUDA stream is being captured into a graph (a sync is illegal there).
+bool value_checks_enabled();
+bool cuda_stream_capturing(const at::Tensor& on);
+
+}  // namespace hires

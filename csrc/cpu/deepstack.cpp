@@ -1,0 +1,87 @@
+#include "csrc/cpu/deepstack.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <vector>
+
+namespace hires::deepstack {
+namespace {
+
+template <typename T> inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+int64_t find_visual(const int64_t* index, int64_t n, int64_t row) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (index[mid] < row) lo = mid + 1; else hi = mid;
+  }
+  return (lo < n && index[lo] == row) ? lo : -1;
+}
+
+template <typename T, typename E>
+void run(const InjectNormParams& p, Norm norm) {
+  const int64_t D = p.dim;
+  const T* hidden = static_cast<const T*>(p.hidden);
+  const E* embeds = static_cast<const E*>(p.embeds);
+  const T* w = static_cast<const T*>(p.weight);
+  const T* b = static_cast<const T*>(p.bias);
+  T* normed = static_cast<T*>(p.normed);
+  T* injected = static_cast<T*>(p.injected);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
+  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(D);
+    for (int64_t row = begin; row < end; ++row) {
+      // 1. load; 2. inject with HF's roundings
+      const T* h = hidden + row * p.hidden_stride;
+      for (int64_t c = 0; c < D; ++c) x[c] = static_cast<float>(h[c]);
+      const int64_t r = p.num_visual > 0 ? find_visual(p.index, p.num_visual, row) : -1;
+      if (r >= 0) {
+        const E* e = embeds + r * p.embeds_stride;
+        for (int64_t c = 0; c < D; ++c)
+          x[c] = round_to<T>(x[c] + round_to<T>(static_cast<float>(e[c])));
+      }
+      if (injected != nullptr) {
+        T* o = injected + row * D;
+        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(x[c]);
+      }
+      if (norm == Norm::kNone) continue;
+      // 3. fp32 statistics; 4. normalize
+      float shift = 0.f;
+      if (norm == Norm::kLayer) {
+        float s = 0.f;
+        for (int64_t c = 0; c < D; ++c) s += x[c];
+        shift = s / float(D);
+      }
+      float ss = 0.f;
+      for (int64_t c = 0; c < D; ++c) {
+        const float d = x[c] - shift;
+        ss += d * d;
+      }
+      const float rstd = 1.f / std::sqrt(ss / float(D) + p.eps);
+      T* o = normed + row * D;
+      if (norm == Norm::kRms) {
+        for (int64_t c = 0; c < D; ++c)
+          o[c] = static_cast<T>(static_cast<float>(w[c]) * round_to<T>(x[c] * rstd));
+      } else {
+        for (int64_t c = 0; c < D; ++c) {
+          const float bc = b != nullptr ? static_cast<float>(b[c]) : 0.f;
+          o[c] = static_cast<T>((x[c] - shift) * rstd * static_cast<float>(w[c]) + bc);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void inject_norm_cpu(const InjectNormParams& p, at::ScalarType t, at::ScalarType e, Norm norm) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "inject_norm_cpu", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e, "inject_norm_cpu_embeds", [&] {
+      run<T, scalar_t>(p, norm);
+    });
+  });
+}
+
+}  // namespace hires::deepstack

@@ -1,0 +1,170 @@
+// DeepStack residual injection fused with the normalization that opens the next layer.
+//
+// Formula (per row n of hidden, seen as (rows, dim)):
+//   inj[n]    = round_T(hidden[n] + round_T(embeds[r]))   if index[r] == n  (one rounding: HF's
+//             = hidden[n]                                  otherwise         `h[m] + e.to(T)`)
+//   Norm::kRms   : normed[n] = round_T(w * round_T(inj[n] * rsqrt(mean(inj[n]^2) + eps)))
+//                  (HF LlamaRMSNorm: fp32 statistics, cast to T, then times weight)
+//   Norm::kLayer : normed[n] = round_T((inj[n] - mean) * rsqrt(var + eps) * w + b)
+//                  (nn.LayerNorm: fp32 statistics, two-pass variance, one rounding)
+// Shapes: hidden (rows, dim) T with a row stride; embeds (num_visual, dim) E; index (num_visual,)
+//   int64 strictly increasing; weight, bias (dim,) T; outputs contiguous (rows, dim) T.
+// Ownership: a block is (threads_per_row x rows_per_block); threads_per_row threads own one row,
+//   each thread holding up to MAXV packs of VEC elements in registers, so the row is read once
+//   from device memory and written once per output (one pass). The row -> embeds-row lookup is a
+//   binary search in `index`, issued after the row's loads so its latency hides behind them; no
+//   inverse map, no nonzero, no host sync: CUDA-graph capturable.
+// Limits: dim <= threads_per_row(<=1024) * MAXV * VEC; VEC > 1 needs dim % VEC == 0 and every
+//   pointer and row stride aligned to its pack (the launcher checks and falls back to VEC = 1).
+#pragma once
+#include "kernels/common/numeric.cuh"
+#include "kernels/deepstack/inject_norm.h"
+
+namespace hires::deepstack {
+
+struct InjectNormTile {
+  static constexpr int kWarp = 32;
+  static constexpr int kMaxThreadsPerRow = 1024;
+  static constexpr int kMinThreadsPerBlock = 128;  // small rows: pack several per block
+  static constexpr int kMaxWarpsPerRow = kMaxThreadsPerRow / kWarp;
+  static constexpr int kMaxRowsPerBlock = kMinThreadsPerBlock / kWarp;
+  static_assert(kMinThreadsPerBlock % kWarp == 0, "rows are made of whole warps");
+};
+
+// Sum over the threads that own one row (threadIdx.x in [0, blockDim.x), blockDim.x a multiple
+// of 32). `scratch` holds one float per warp of each row; the trailing barrier lets the caller
+// reuse it for the next reduction.
+__device__ __forceinline__ float row_sum(float v, float (*scratch)[InjectNormTile::kMaxWarpsPerRow]) {
+  v = warp_sum(v);
+  const int warps = blockDim.x / InjectNormTile::kWarp;
+  if (warps == 1) return v;
+  const int lane = threadIdx.x % InjectNormTile::kWarp, warp = threadIdx.x / InjectNormTile::kWarp;
+  if (lane == 0) scratch[threadIdx.y][warp] = v;
+  __syncthreads();
+  float s = 0.f;
+  for (int w = 0; w < warps; ++w) s += scratch[threadIdx.y][w];
+  __syncthreads();
+  return s;
+}
+
+// First r with index[r] >= row (index strictly increasing), or -1 when row is not visual.
+__device__ __forceinline__ int64_t find_visual(const int64_t* __restrict__ index, int64_t n, int64_t row) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (__ldg(index + mid) < row) lo = mid + 1; else hi = mid;
+  }
+  return (lo < n && __ldg(index + lo) == row) ? lo : -1;
+}
+
+template <typename T, typename E, Norm kNorm, int VEC, int MAXV>
+__global__ void __launch_bounds__(InjectNormTile::kMaxThreadsPerRow)
+inject_norm_kernel(const InjectNormParams p) {
+  using PackT = Pack<T, VEC>;
+  using PackE = Pack<E, VEC>;
+  __shared__ float scratch[InjectNormTile::kMaxRowsPerBlock][InjectNormTile::kMaxWarpsPerRow];
+
+  const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool active = row < p.rows;  // inactive threads still join the barriers in row_sum
+  const int64_t nvec = p.dim / VEC;
+
+  // 1. Load the row into registers (the only read of hidden).
+  float x[MAXV][VEC];
+  const T* hrow = static_cast<const T*>(p.hidden) + row * p.hidden_stride;
+#pragma unroll
+  for (int i = 0; i < MAXV; ++i) {
+    const int64_t c = int64_t(i) * blockDim.x + threadIdx.x;
+    if (active && c < nvec) {
+      const PackT v = *reinterpret_cast<const PackT*>(hrow + c * VEC);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) x[i][j] = to_f32<T>(v.v[j]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) x[i][j] = 0.f;
+    }
+  }
+
+  // 2. Inject: fp32 add of the embedding rounded to T, rounded once to T.
+  const int64_t r = (active && p.num_visual > 0) ? find_visual(p.index, p.num_visual, row) : -1;
+  if (r >= 0) {
+    const E* erow = static_cast<const E*>(p.embeds) + r * p.embeds_stride;
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i) {
+      const int64_t c = int64_t(i) * blockDim.x + threadIdx.x;
+      if (c < nvec) {
+        const PackE e = *reinterpret_cast<const PackE*>(erow + c * VEC);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) x[i][j] = round_to<T>(x[i][j] + round_to<T>(to_f32<E>(e.v[j])));
+      }
+    }
+  }
+  if (p.injected != nullptr && active) {
+    T* orow = static_cast<T*>(p.injected) + row * p.dim;
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i) {
+      const int64_t c = int64_t(i) * blockDim.x + threadIdx.x;
+      if (c < nvec) {
+        PackT o;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) o.v[j] = from_f32<T>(x[i][j]);
+        *reinterpret_cast<PackT*>(orow + c * VEC) = o;
+      }
+    }
+  }
+  if constexpr (kNorm == Norm::kNone) {
+    return;
+  } else {
+    // 3. Statistics in fp32 (padding lanes hold 0 and add nothing; LayerNorm masks them below).
+    const float inv_dim = 1.f / float(p.dim);
+    float shift = 0.f;
+    if constexpr (kNorm == Norm::kLayer) {
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < MAXV; ++i)
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) s += x[i][j];
+      shift = row_sum(s, scratch) * inv_dim;  // the mean
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i) {
+      const bool in_row = int64_t(i) * blockDim.x + threadIdx.x < nvec;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float d = in_row ? x[i][j] - shift : 0.f;
+        ss += d * d;
+      }
+    }
+    const float rstd = rsqrtf(row_sum(ss, scratch) * inv_dim + p.eps);
+    if (!active) return;
+
+    // 4. Normalize, scale (and shift), store.
+    const T* w = static_cast<const T*>(p.weight);
+    const T* b = static_cast<const T*>(p.bias);
+    T* orow = static_cast<T*>(p.normed) + row * p.dim;
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i) {
+      const int64_t c = int64_t(i) * blockDim.x + threadIdx.x;
+      if (c < nvec) {
+        const PackT wv = *reinterpret_cast<const PackT*>(w + c * VEC);
+        PackT o;
+        if constexpr (kNorm == Norm::kRms) {
+#pragma unroll
+          for (int j = 0; j < VEC; ++j)
+            o.v[j] = from_f32<T>(to_f32<T>(wv.v[j]) * round_to<T>(x[i][j] * rstd));
+        } else {
+          PackT bv;
+          if (b != nullptr) bv = *reinterpret_cast<const PackT*>(b + c * VEC);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const float bj = b != nullptr ? to_f32<T>(bv.v[j]) : 0.f;
+            o.v[j] = from_f32<T>((x[i][j] - shift) * rstd * to_f32<T>(wv.v[j]) + bj);
+          }
+        }
+        *reinterpret_cast<PackT*>(orow + c * VEC) = o;
+      }
+    }
+  }
+}
+
+}  // namespace hires::deepstack
