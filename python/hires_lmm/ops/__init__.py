@@ -3,6 +3,9 @@ torch.compile and autograd. With set_backend("reference") each calls hires_lmm.r
 
 Families: deepstack (injection + norms), convnext, attention, select (SliME)."""
 from .deepstack import *  # noqa: F401,F403
-from .deepstack import __all__ as _deepstack_all
+from .convnext import *  # noqa: F401,F403
+from .attention import *  # noqa: F401,F403
+from .select import *  # noqa: F401,F403
+from . import deepstack as _ds, convnext as _cn, attention as _at, select as _se
 
-__all__ = list(_deepstack_all)
+__all__ = [n for m in (_ds, _cn, _at, _se) for n in m.__all__]

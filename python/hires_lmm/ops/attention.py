@@ -1,0 +1,2 @@
+"""attention family (see hires_lmm.ops.__init__)."""
+__all__ = []

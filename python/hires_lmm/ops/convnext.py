@@ -1,0 +1,2 @@
+"""convnext family (see hires_lmm.ops.__init__)."""
+__all__ = []

@@ -1,0 +1,2 @@
+"""attention family (see hires_lmm.reference.__init__)."""
+__all__ = []
