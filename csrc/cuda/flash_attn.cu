@@ -1,0 +1,53 @@
+// Launcher of kernels/attention/flash_fwd.cuh: turns the runtime dtype and head dim into the
+// template arguments (the only place that does) and sizes grid and shared memory.
+// Instantiations: {__half, __nv_bfloat16} x {64, 128}; causal is a runtime flag.
+#include "csrc/cuda/flash_attn.h"
+#include "kernels/attention/flash_fwd.cuh"
+
+namespace hires::attention {
+namespace {
+
+constexpr int64_t kMaxGridYZ = 65535;
+
+template <typename T, int D>
+std::string launch(const FlashParams& p, cudaStream_t stream) {
+  using Tile = FlashFwdTile<D>;
+  const int64_t m_blocks = (p.seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM;
+  if (m_blocks == 0 || p.batch == 0 || p.heads_q == 0) return std::string();
+  if (m_blocks > 0x7fffffff) return "seqlen_q too large for one launch";
+  if (p.heads_q > kMaxGridYZ) return "more than 65535 query heads";
+  if (p.batch > kMaxGridYZ) return "batch larger than 65535";
+  const size_t smem = size_t(Tile::kSmemElems) * sizeof(T);
+  auto kernel = flash_fwd_kernel<T, D>;
+  // Above 48 KiB dynamic shared memory needs the opt-in (fails cleanly where the device lacks it).
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (err != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(err);
+  const dim3 grid(unsigned(m_blocks), unsigned(p.heads_q), unsigned(p.batch));
+  kernel<<<grid, Tile::kThreads, smem, stream>>>(p);
+  err = cudaGetLastError();
+  return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
+}
+
+template <typename T>
+std::string pick_dim(const FlashParams& p, cudaStream_t stream) {
+  switch (p.head_dim) {
+    case 64: return launch<T, 64>(p, stream);
+    case 128: return launch<T, 128>(p, stream);
+    default: return "head_dim " + std::to_string(p.head_dim) + " has no kernel (64, 128)";
+  }
+}
+
+}  // namespace
+
+bool flash_fwd_supported_head_dim(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
+
+std::string launch_flash_fwd(const FlashParams& p, DType t, cudaStream_t stream) {
+  switch (t) {
+    case DType::kF16: return pick_dim<__half>(p, stream);
+    case DType::kBF16: return pick_dim<__nv_bfloat16>(p, stream);
+    case DType::kF32: return "float32 has no tensor-core kernel (the binding routes it to ATen)";
+  }
+  return "unknown dtype";
+}
+
+}  // namespace hires::attention

@@ -1,0 +1,20 @@
+// Torch-free launcher of the flash attention forward (csrc/cuda/flash_attn.cu,
+// kernels/attention/flash_fwd.cuh).
+#pragma once
+#include <cuda_runtime_api.h>
+#include <cstdint>
+#include <string>
+
+#include "kernels/attention/flash_params.h"
+#include "kernels/common/dtype.h"
+
+namespace hires::attention {
+
+// Head dims with a tensor-core kernel (the binding falls back to ATen math for others).
+bool flash_fwd_supported_head_dim(int64_t head_dim);
+
+// Launches on `stream` (fp16/bf16 only); returns an empty string or the reason it could not
+// launch. Never synchronizes; varlen reads cu_seqlens on the device.
+std::string launch_flash_fwd(const FlashParams& p, DType t, cudaStream_t stream);
+
+}  // namespace hires::attention

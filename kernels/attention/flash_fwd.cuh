@@ -1,0 +1,335 @@
+// Flash attention forward for sm_80+ (FlashAttention-2 algorithm, tensor-core mma.sync).
+//
+// Formula: o[b,i,h,:] = sum_j softmax_j(scale * q[b,i,h,:] . k[b,j,h/g,:]) v[b,j,h/g,:], g = Hq/Hkv,
+//   over keys j < Sk, and for causal j <= i + Sk - Sq (bottom-right aligned); a row that sees no
+//   key gets 0. Online softmax in fp32, in log2 units (scale * log2 e folded into one multiply,
+//   exp2f); P is rounded to T for the P.V MMA, its row sum l is kept in fp32 from the unrounded P.
+// Shapes (flash-attn layout): q (B,Sq,Hq,D), k/v (B,Sk,Hkv,D), o (B,Sq,Hq,D) with the last dim
+//   contiguous and int64 strides (FlashParams); varlen: packed tokens, sequence b = tokens
+//   cu_seqlens[b] .. cu_seqlens[b+1] (read on the device: no host sync, graph capturable).
+// Ownership: one thread block = one (Q block of kBlockM rows, q head, batch); grid (m_blocks,
+//   Hq, B), for causal the m-blocks are visited last-first so the longest blocks start first.
+//   kWarps warps each own 16 Q rows (one m16n8k16 row tile), so the softmax statistics of a row
+//   live in the 4 threads of one quad: no inter-warp reduction, no shared-memory round trip.
+//   Lane (g = lane/4, t = lane%4) holds rows g and g+8 of its warp's tile, columns 2t, 2t+1 of
+//   every n8 tile (the mma C layout).
+//   Shared memory: Q tile (kBlockM x D, resident; its A-fragments are re-read by ldmatrix per
+//   K block to save registers) and kStages = 2 buffers of K and V tiles (kBlockN x D),
+//   filled by 16-byte cp.async (tails zero-filled), read by ldmatrix (.trans for V). Rows of D
+//   elements are split in 16-byte chunks and chunk c of row r is stored at c ^ (r % 8): the 8
+//   rows an ldmatrix phase reads hit 8 distinct 16-byte bank groups (no bank conflicts).
+//   Pipeline per K/V block n: issue cp.async of block n+1 into the other buffer, wait for block
+//   n (cp.async.wait_group 1, or 0 for the last), barrier, S = Q K^T, mask, softmax, O += P V,
+//   barrier (every warp is done with buffer n%2 before block n+2 overwrites it).
+// Limits: T in {__half, __nv_bfloat16}; D in {64, 128} (template); all strides except the last
+//   a multiple of 8 elements and pointers 16-byte aligned (the binding copies otherwise);
+//   Hq <= 65535, B <= 65535 (grid y/z); any Sq, Sk (tails masked); cu_seqlens values valid and
+//   lengths <= max_seqlen (checked by the binding unless value checks are off).
+#pragma once
+#include <cstdint>
+#include <math_constants.h>
+
+#include "kernels/attention/flash_params.h"
+#include "kernels/common/numeric.cuh"
+
+namespace hires::attention {
+
+template <int kHeadDim_>
+struct FlashFwdTile {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = FlashTileShape::kBlockM;  // Q rows per block (the CPU twin's too)
+  static constexpr int kBlockN = FlashTileShape::kBlockN;  // keys per K/V block
+  static constexpr int kWarpRows = 16;                     // one m16n8k16 row tile per warp
+  static constexpr int kWarps = kBlockM / kWarpRows;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kChunk = 8;              // elements of one 16-byte cp.async / ldmatrix row
+  static constexpr int kChunksPerRow = kHeadDim / kChunk;
+  static constexpr int kSwizzleRows = 8;        // 8 chunks x 16 B = 128 B = all 32 banks
+  static constexpr int kStages = 2;             // K/V double buffer
+  static constexpr int kNTiles = kBlockN / 8;   // n8 tiles of S per warp
+  static constexpr int kDTiles = kHeadDim / 8;  // n8 tiles of O per warp
+  static constexpr int kKSlicesD = kHeadDim / 16;  // k16 steps of Q K^T
+  static constexpr int kKSlicesN = kBlockN / 16;   // k16 steps of P V
+  static constexpr int kQElems = kBlockM * kHeadDim;
+  static constexpr int kKVElems = kBlockN * kHeadDim;
+  static constexpr int kSmemElems = kQElems + 2 * kStages * kKVElems;
+  static_assert(kBlockM % kWarpRows == 0, "warps split the Q block in 16-row tiles");
+  static_assert(kHeadDim % (kChunk * kSwizzleRows) == 0,
+                "the XOR swizzle permutes 8 chunks inside each 128-byte segment of a row");
+  static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "ldmatrix.x4 loads 16x16 sub-tiles");
+  static_assert((kBlockN * kChunksPerRow) % kThreads == 0 && (kBlockM * kChunksPerRow) % kThreads == 0,
+                "every thread copies the same number of chunks");
+  static_assert(kThreads <= 1024, "one block");
+};
+
+// ---- PTX wrappers ------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; src_bytes < 16 zero-fills the rest (0: the whole chunk, nothing is read).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// D (16x8 fp32) += A (16x16, row) * B (16x8, col)
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                          uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                  uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one register of two T (lo = first, the lower column / k index).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Element offset of (row, col) in a swizzled tile with rows of Tile::kHeadDim elements; col is a
+// multiple of kChunk.
+template <typename Tile>
+__device__ __forceinline__ int swz(int row, int col) {
+  return row * Tile::kHeadDim + (((col / Tile::kChunk) ^ (row % Tile::kSwizzleRows)) * Tile::kChunk);
+}
+
+// Copies rows [0, rows) of a kRows x D tile (row stride in elements) into swizzled shared
+// memory; rows >= valid are zero-filled (no global read), so tails never feed garbage (or NaN)
+// into the MMAs.
+template <typename Tile, int kRows, typename T>
+__device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_stride, int valid, int tid) {
+#pragma unroll
+  for (int i = 0; i < kRows * Tile::kChunksPerRow / Tile::kThreads; ++i) {
+    const int c = tid + i * Tile::kThreads;
+    const int r = c / Tile::kChunksPerRow;
+    const int col = (c % Tile::kChunksPerRow) * Tile::kChunk;
+    const bool ok = r < valid;
+    const T* src = ok ? gmem + int64_t(r) * row_stride + col : gmem;
+    cp_async_16(smem + swz<Tile>(r, col), src, ok ? 16 : 0);
+  }
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(FlashFwdTile<kHeadDim>::kThreads)
+flash_fwd_kernel(const FlashParams p) {
+  using Tile = FlashFwdTile<kHeadDim>;
+  constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN;
+  constexpr float kLog2e = 1.4426950408889634f;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + Tile::kQElems;                     // [kStages][kBlockN x D]
+  T* sV = sK + Tile::kStages * Tile::kKVElems;    // [kStages][kBlockN x D]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;  // mma fragment coordinates
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const int mb = p.causal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+
+  // 1. Sequence geometry and base pointers (64-bit offsets).
+  int64_t Sq = p.seqlen_q, Sk = p.seqlen_k;
+  int64_t q_off = b * p.q_batch_stride, k_off = b * p.k_batch_stride;
+  int64_t v_off = b * p.v_batch_stride, o_off = b * p.o_batch_stride;
+  if (p.cu_seqlens_q != nullptr) {
+    const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+    Sq = p.cu_seqlens_q[b + 1] - q0;
+    Sk = p.cu_seqlens_k[b + 1] - k0;
+    q_off = q0 * p.q_row_stride;
+    k_off = k0 * p.k_row_stride;
+    v_off = k0 * p.v_row_stride;
+    o_off = q0 * p.o_row_stride;
+  }
+  const int64_t m0 = int64_t(mb) * BM;
+  if (m0 >= Sq) return;  // whole block leaves before any barrier (varlen: a shorter sequence)
+  const int64_t hk = h / (p.heads_q / p.heads_kv);  // GQA/MQA: kv head of this q head
+  const T* gQ = static_cast<const T*>(p.q) + q_off + h * p.q_head_stride + m0 * p.q_row_stride;
+  const T* gK = static_cast<const T*>(p.k) + k_off + hk * p.k_head_stride;
+  const T* gV = static_cast<const T*>(p.v) + v_off + hk * p.v_head_stride;
+  T* gO = static_cast<T*>(p.o) + o_off + h * p.o_head_stride + m0 * p.o_row_stride;
+
+  const int64_t diag = Sk - Sq;  // bottom-right alignment: row i sees keys j <= i + diag
+  // Causal block skipping: no row of this Q block sees a key at or past m0 + BM + diag.
+  const int64_t n_end = p.causal ? max(int64_t(0), min(Sk, m0 + BM + diag)) : Sk;
+  const int n_blocks = int((n_end + BN - 1) / BN);
+  const int rows_q = int(min(int64_t(BM), Sq - m0));
+
+  // 2. Prologue: Q and K/V block 0 in one cp.async group.
+  load_tile<Tile, BM>(sQ, gQ, p.q_row_stride, rows_q, tid);
+  if (n_blocks > 0) {
+    load_tile<Tile, BN>(sK, gK, p.k_row_stride, int(min(int64_t(BN), Sk)), tid);
+    load_tile<Tile, BN>(sV, gV, p.v_row_stride, int(min(int64_t(BN), Sk)), tid);
+  }
+  cp_async_commit();
+
+  float acc[Tile::kDTiles][4];
+#pragma unroll
+  for (int i = 0; i < Tile::kDTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+  float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F};  // running max (log2 units) of rows g, g+8
+  float l_run[2] = {0.f, 0.f};                      // this thread's partial running sums
+  const float scale_log2 = p.scale * kLog2e;
+  const int64_t row_g = m0 + warp * Tile::kWarpRows + g;  // global row of c0/c1 (c2/c3: +8)
+
+  for (int nb = 0; nb < n_blocks; ++nb) {
+    const int stage = nb & 1;
+    const int64_t n0 = int64_t(nb) * BN;
+    // 3. Prefetch block nb+1 into the other buffer (free: the barrier closing iteration nb-1).
+    if (nb + 1 < n_blocks) {
+      const int64_t n1 = n0 + BN;
+      const int valid = int(min(int64_t(BN), Sk - n1));
+      load_tile<Tile, BN>(sK + (stage ^ 1) * Tile::kKVElems, gK + n1 * p.k_row_stride, p.k_row_stride, valid, tid);
+      load_tile<Tile, BN>(sV + (stage ^ 1) * Tile::kKVElems, gV + n1 * p.v_row_stride, p.v_row_stride, valid, tid);
+      cp_async_commit();
+      cp_async_wait<1>();  // every group but the newest (block nb+1) has landed
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // other threads' copies of block nb (and Q) are visible
+    const T* sKs = sK + stage * Tile::kKVElems;
+    const T* sVs = sV + stage * Tile::kKVElems;
+
+    // 4. S = Q K^T (16 x kBlockN per warp, fp32)
+    float s[Tile::kNTiles][4];
+#pragma unroll
+    for (int i = 0; i < Tile::kNTiles; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < Tile::kKSlicesD; ++kk) {
+      // Q A-fragment of this k16 slice, re-read from shared memory each block (Q stays resident
+      // there; holding all of Q in registers spills at D = 128). Lanes 0-15 address rows 0-15,
+      // lanes 16-31 the same rows at +8 columns: matrices = a0 a1 a2 a3.
+      uint32_t qf[4];
+      ldmatrix_x4(qf, sQ + swz<Tile>(warp * Tile::kWarpRows + lane % 16, kk * 16 + (lane / 16) * 8));
+#pragma unroll
+      for (int nn = 0; nn < BN / 16; ++nn) {
+        // matrices: (keys +0..7, d +0..7) (keys +0..7, d +8..15) (keys +8..15, d +0..7) (+8, +8)
+        // = b0, b1 of n-tile 2nn and b0, b1 of n-tile 2nn+1
+        const int mi = lane / 8;
+        uint32_t r[4];
+        ldmatrix_x4(r, sKs + swz<Tile>(nn * 16 + lane % 8 + (mi >> 1) * 8, kk * 16 + (mi & 1) * 8));
+        mma_16816<T>(s[2 * nn], qf, r[0], r[1]);
+        mma_16816<T>(s[2 * nn + 1], qf, r[2], r[3]);
+      }
+    }
+
+    // 5. Mask (tail keys; causal keys past the diagonal), scale to log2 units, online softmax.
+    const bool need_mask = (n0 + BN > Sk) || (p.causal && n0 + BN - 1 > m0 + diag);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = row_g + half * 8;
+      // last visible key of this row relative to n0, clamped to [-1, BN] (32-bit compares below)
+      const int64_t last_abs = p.causal ? min(row + diag, Sk - 1) : Sk - 1;  // inclusive
+      const int last_key = int(max(int64_t(-1), min(int64_t(BN), last_abs - n0)));
+      float mx = m_run[half];
+#pragma unroll
+      for (int nt = 0; nt < Tile::kNTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int col = nt * 8 + 2 * t + e;  // key index inside the block
+          float x = s[nt][half * 2 + e] * scale_log2;
+          if (need_mask && col > last_key) x = -CUDART_INF_F;
+          s[nt][half * 2 + e] = x;
+          mx = fmaxf(mx, x);
+        }
+      }
+      // the 4 lanes of a quad hold one row
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // a row with no visible key so far keeps max -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
+      const float m_use = mx == -CUDART_INF_F ? 0.f : mx;
+      const float alpha = exp2f(m_run[half] - m_use);  // rescale of the old statistics
+      m_run[half] = mx;
+      float rs = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < Tile::kNTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pe = exp2f(s[nt][half * 2 + e] - m_use);
+          s[nt][half * 2 + e] = pe;
+          rs += pe;
+        }
+      }
+      l_run[half] = l_run[half] * alpha + rs;
+#pragma unroll
+      for (int dt = 0; dt < Tile::kDTiles; ++dt) {
+        acc[dt][half * 2] *= alpha;
+        acc[dt][half * 2 + 1] *= alpha;
+      }
+    }
+
+    // 6. O += P V: the S accumulators of n-tiles 2kk, 2kk+1 are the A fragment of key slice kk.
+#pragma unroll
+    for (int kk = 0; kk < Tile::kKSlicesN; ++kk) {
+      uint32_t a[4];
+      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);          // row g,   keys 2t..   of slice
+      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);          // row g+8, keys 2t..
+      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);  // row g,   keys 8+2t..
+      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);  // row g+8, keys 8+2t..
+#pragma unroll
+      for (int dd = 0; dd < Tile::kHeadDim / 16; ++dd) {
+        // transposed matrices: (keys +0..7, d +0..7) (keys +8..15, d +0..7) (keys +0..7, d +8..15)
+        // (+8, +8) = b0, b1 of d-tile 2dd and b0, b1 of d-tile 2dd+1
+        const int mi = lane / 8;
+        uint32_t r[4];
+        ldmatrix_x4_trans(r, sVs + swz<Tile>(kk * 16 + lane % 8 + (mi & 1) * 8, dd * 16 + (mi >> 1) * 8));
+        mma_16816<T>(acc[2 * dd], a, r[0], r[1]);
+        mma_16816<T>(acc[2 * dd + 1], a, r[2], r[3]);
+      }
+    }
+    __syncthreads();  // all warps are done with buffer `stage` before block nb+2 is copied into it
+  }
+  cp_async_wait<0>();  // n_blocks == 0: the Q copy is still in flight; drain before exit
+
+  // 7. Epilogue: complete the row sums across the quad, o = acc / l (0 for rows with no key).
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float l = l_run[half];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int64_t rloc = warp * Tile::kWarpRows + g + half * 8;
+    if (m0 + rloc >= Sq) continue;
+    T* orow = gO + rloc * p.o_row_stride;
+#pragma unroll
+    for (int dt = 0; dt < Tile::kDTiles; ++dt) {
+      // 4-byte store of columns 2t, 2t+1 (o is contiguous: the address is 4-byte aligned)
+      *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t) =
+          pack2<T>(acc[dt][half * 2] * inv, acc[dt][half * 2 + 1] * inv);
+    }
+  }
+}
+
+}  // namespace hires::attention

@@ -1,0 +1,356 @@
+"""flash_attn_func / flash_attn_varlen_func against the fp64 reference.
+
+Accuracy criterion (flash-attn's): max |ours - ref64| <= 2 * max |same - ref64| + atol, where
+`same` is a plain PyTorch attention computed in the input dtype (matmuls and softmax in that
+dtype) on the CPU."""
+import math
+
+import pytest
+import torch
+
+import hires_lmm
+from hires_lmm import ops, reference
+from conftest import DEVICES, DTYPES, HAS_CUDA, NO_CUDA_REASON
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def _same_dtype(q, k, v, scale, causal):
+    """Attention computed in q's dtype (no upcast): the baseline the kernel must not exceed 2x."""
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if Hq != Hkv:
+        kh = kh.repeat_interleave(Hq // Hkv, 1)
+        vh = vh.repeat_interleave(Hq // Hkv, 1)
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    if causal:
+        i = torch.arange(Sq).view(-1, 1)
+        j = torch.arange(Sk).view(1, -1)
+        s = s.masked_fill(j > i + (Sk - Sq), float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return (p @ vh).transpose(1, 2)
+
+
+def _same_dtype_varlen(q, k, v, cu_q, cu_k, scale, causal):
+    out = torch.zeros_like(q)
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cq) - 1):
+        out[cq[b]:cq[b + 1]] = _same_dtype(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]],
+                                           v[None, ck[b]:ck[b + 1]], scale, causal)[0]
+    return out
+
+
+def _err(a, b):
+    if a.numel() == 0:
+        return 0.0
+    return (a.double().cpu() - b.double().cpu()).abs().max().item()
+
+
+def _rand(shape, dtype, device, gen):
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype).to(device)
+
+
+def _check(out, ref64, same, dtype):
+    assert out.dtype == dtype
+    assert torch.isfinite(out.float()).all()
+    err, base = _err(out, ref64), _err(same, ref64)
+    assert err <= 2 * base + ATOL[dtype], f"max err {err:.3e} > 2 * {base:.3e} + {ATOL[dtype]:.0e}"
+
+
+# (B, Sq, Sk, Hq, Hkv, D)
+DENSE = [
+    (1, 1, 1, 2, 2, 64),
+    (2, 33, 33, 4, 2, 64),      # GQA
+    (1, 77, 129, 4, 1, 128),    # MQA, Sq < Sk
+    (1, 129, 77, 2, 2, 64),     # Sq > Sk: causal rows with no visible key
+    (1, 577, 577, 2, 2, 64),    # CLIP-L length
+    (2, 33, 577, 2, 2, 128),
+    (1, 65, 64, 1, 1, 80),      # odd head dim
+    (1, 7, 19, 3, 1, 96),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", DENSE, ids=lambda s: "x".join(map(str, s)))
+def test_flash_attn_dense(shape, causal, dtype, device):
+    B, Sq, Sk, Hq, Hkv, D = shape
+    gen = torch.Generator().manual_seed(Sq * 31 + Sk + D)
+    q = _rand((B, Sq, Hq, D), dtype, device, gen)
+    k = _rand((B, Sk, Hkv, D), dtype, device, gen)
+    v = _rand((B, Sk, Hkv, D), dtype, device, gen)
+    out = ops.flash_attn_func(q, k, v, causal=causal)
+    assert out.shape == q.shape and out.device == q.device
+    ref64 = reference.flash_attn_func(q.double().cpu(), k.double().cpu(), v.double().cpu(), None, causal)
+    same = _same_dtype(q.cpu(), k.cpu(), v.cpu(), 1.0 / math.sqrt(D), causal)
+    _check(out, ref64, same, dtype)
+    if causal and Sq > Sk:  # rows i < Sq - Sk see no key -> exactly 0
+        assert (out[:, : Sq - Sk].float() == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_long_2049(causal, device):
+    """One long case (2049 tokens) in bf16: many K/V blocks, a 1-row tail block."""
+    gen = torch.Generator().manual_seed(2049)
+    dtype = torch.bfloat16
+    q = _rand((1, 2049, 1, 64), dtype, device, gen)
+    k = _rand((1, 2049, 1, 64), dtype, device, gen)
+    v = _rand((1, 2049, 1, 64), dtype, device, gen)
+    out = ops.flash_attn_func(q, k, v, causal=causal)
+    ref64 = reference.flash_attn_func(q.double().cpu(), k.double().cpu(), v.double().cpu(), None, causal)
+    _check(out, ref64, _same_dtype(q.cpu(), k.cpu(), v.cpu(), 0.125, causal), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sq", [1, 2, 5, 16])
+def test_flash_attn_decode(sq, dtype, device):
+    """Decode: a few queries against a KV cache (causal, bottom-right: the last query sees all)."""
+    gen = torch.Generator().manual_seed(sq)
+    q = _rand((2, sq, 8, 128), dtype, device, gen)
+    k = _rand((2, 300, 2, 128), dtype, device, gen)
+    v = _rand((2, 300, 2, 128), dtype, device, gen)
+    out = ops.flash_attn_func(q, k, v, causal=True)
+    ref64 = reference.flash_attn_func(q.double().cpu(), k.double().cpu(), v.double().cpu(), None, True)
+    _check(out, ref64, _same_dtype(q.cpu(), k.cpu(), v.cpu(), 128 ** -0.5, True), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flash_attn_noncontiguous_and_scale(dtype, device):
+    gen = torch.Generator().manual_seed(7)
+    # (B, H, S, D) storage viewed as (B, S, H, D); k with a strided last dim (copied inside)
+    q = _rand((2, 4, 37, 64), dtype, device, gen).transpose(1, 2)
+    k = _rand((2, 50, 2, 128), dtype, device, gen)[..., ::2]
+    v = _rand((2, 2, 50, 64), dtype, device, gen).transpose(1, 2)
+    assert not q.is_contiguous() and k.stride(-1) == 2
+    out = ops.flash_attn_func(q, k, v, softmax_scale=0.3, causal=True)
+    assert out.is_contiguous()
+    ref64 = reference.flash_attn_func(q.double().cpu(), k.double().cpu(), v.double().cpu(), 0.3, True)
+    _check(out, ref64, _same_dtype(q.cpu(), k.cpu(), v.cpu(), 0.3, True), dtype)
+
+
+VARLEN = [
+    # (q lengths, k lengths, Hq, Hkv, D)
+    ([0, 1, 77, 33, 129], [5, 1, 77, 64, 0], 4, 2, 64),
+    ([1, 3, 70], [200, 3, 65], 2, 1, 128),
+    ([17], [17], 3, 3, 96),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", VARLEN, ids=lambda c: f"{len(c[0])}seqs-d{c[4]}")
+def test_flash_attn_varlen(case, causal, dtype, device):
+    lq, lk, Hq, Hkv, D = case
+    gen = torch.Generator().manual_seed(sum(lq) + D)
+    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32)
+    q = _rand((sum(lq), Hq, D), dtype, device, gen)
+    k = _rand((sum(lk), Hkv, D), dtype, device, gen)
+    v = _rand((sum(lk), Hkv, D), dtype, device, gen)
+    out = ops.flash_attn_varlen_func(q, k, v, cu_q.to(device), cu_k.to(device), max(lq), max(lk),
+                                     causal=causal)
+    assert out.shape == q.shape
+    ref64 = reference.flash_attn_varlen_func(q.double().cpu(), k.double().cpu(), v.double().cpu(),
+                                             cu_q, cu_k, max(lq), max(lk), None, causal)
+    same = _same_dtype_varlen(q.cpu(), k.cpu(), v.cpu(), cu_q, cu_k, D ** -0.5, causal)
+    _check(out, ref64, same, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_varlen_matches_dense(device):
+    """Packed equal-length sequences give the dense op's result (same tiling, same rounding)."""
+    gen = torch.Generator().manual_seed(3)
+    dtype = torch.float16
+    q = _rand((3, 45, 4, 64), dtype, device, gen)
+    k = _rand((3, 70, 2, 64), dtype, device, gen)
+    v = _rand((3, 70, 2, 64), dtype, device, gen)
+    dense = ops.flash_attn_func(q, k, v, causal=True)
+    cu_q = torch.arange(0, 4 * 45, 45, dtype=torch.int32, device=device)
+    cu_k = torch.arange(0, 4 * 70, 70, dtype=torch.int32, device=device)
+    packed = ops.flash_attn_varlen_func(q.reshape(-1, 4, 64), k.reshape(-1, 2, 64), v.reshape(-1, 2, 64),
+                                        cu_q, cu_k, 45, 70, causal=True)
+    torch.testing.assert_close(packed.view_as(dense), dense, atol=0, rtol=0)
+
+
+def test_flash_attn_empty_and_no_keys():
+    q = torch.randn(1, 5, 2, 64)
+    k = torch.randn(1, 0, 2, 64)
+    assert (ops.flash_attn_func(q, k, k) == 0).all()
+    assert ops.flash_attn_func(q[:, :0], q, q).shape == (1, 0, 2, 64)
+
+
+def test_flash_attn_matches_reference_backend():
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 40, 2, 64, generator=gen) for _ in range(3))
+    ours = ops.flash_attn_func(q, k, v, causal=True)
+    with hires_lmm.use_backend("reference"):
+        ref = ops.flash_attn_func(q, k, v, causal=True)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+# ---- autograd and opcheck ------------------------------------------------------------------------
+def test_flash_attn_grad():
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 19, 4, 64, generator=gen, requires_grad=True)
+    k = torch.randn(1, 23, 2, 64, generator=gen, requires_grad=True)
+    v = torch.randn(1, 23, 2, 64, generator=gen, requires_grad=True)
+    g = torch.randn(1, 19, 4, 64, generator=gen)
+    ops.flash_attn_func(q, k, v, causal=True).backward(g)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    reference.flash_attn_func(*leaves, None, True).backward(g.double())
+    for ours, ref in zip((q, k, v), leaves):
+        torch.testing.assert_close(ours.grad.double(), ref.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_flash_attn_varlen_grad():
+    gen = torch.Generator().manual_seed(6)
+    cu = torch.tensor([0, 5, 5, 17], dtype=torch.int32)
+    q = torch.randn(17, 2, 64, generator=gen, requires_grad=True)
+    k = torch.randn(17, 1, 64, generator=gen, requires_grad=True)
+    v = torch.randn(17, 1, 64, generator=gen, requires_grad=True)
+    g = torch.randn(17, 2, 64, generator=gen)
+    ops.flash_attn_varlen_func(q, k, v, cu, cu, 12, 12, causal=True).backward(g)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    reference.flash_attn_varlen_func(*leaves, cu, cu, 12, 12, None, True).backward(g.double())
+    for ours, ref in zip((q, k, v), leaves):
+        torch.testing.assert_close(ours.grad.double(), ref.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_flash_attn_opcheck():
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 9, 4, 64, generator=gen, requires_grad=True)
+    k = torch.randn(2, 11, 2, 64, generator=gen, requires_grad=True)
+    v = torch.randn(2, 11, 2, 64, generator=gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.hires_lmm.flash_attn_func.default, (q, k, v, None, True))
+    torch.library.opcheck(torch.ops.hires_lmm.flash_attn_func.default, (q, k, v, 0.2, False))
+
+
+def test_flash_attn_varlen_opcheck():
+    gen = torch.Generator().manual_seed(9)
+    cu_q = torch.tensor([0, 3, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 6, 8], dtype=torch.int32)
+    q = torch.randn(10, 2, 64, generator=gen, requires_grad=True)
+    k = torch.randn(8, 1, 64, generator=gen, requires_grad=True)
+    v = torch.randn(8, 1, 64, generator=gen, requires_grad=True)
+    torch.library.opcheck(torch.ops.hires_lmm.flash_attn_varlen_func.default,
+                          (q, k, v, cu_q, cu_k, 7, 6, None, True))
+
+
+def test_flash_attn_compile_fullgraph():
+    q, k, v = (torch.randn(1, 20, 2, 64) for _ in range(3))
+    fn = torch.compile(lambda a, b, c: ops.flash_attn_func(a, b, c, causal=True), fullgraph=True,
+                       backend="eager")
+    torch.testing.assert_close(fn(q, k, v), ops.flash_attn_func(q, k, v, causal=True))
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+def _qkv(B=1, S=8, Hq=4, Hkv=2, D=64, dtype=torch.float32):
+    return (torch.randn(B, S, Hq, D, dtype=dtype), torch.randn(B, S, Hkv, D, dtype=dtype),
+            torch.randn(B, S, Hkv, D, dtype=dtype))
+
+
+def test_flash_attn_bad_input():
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match="argument 'k'.*head_dim"):
+        ops.flash_attn_func(q, k[..., :32], v)
+    with pytest.raises(RuntimeError, match="argument 'v'.*head_dim"):
+        ops.flash_attn_func(q, k, v[..., :32])
+    with pytest.raises(RuntimeError, match="argument 'k'.*heads_q % heads_kv"):
+        ops.flash_attn_func(q[:, :, :3], k, v)
+    with pytest.raises(RuntimeError, match="argument 'v'.*dtype"):
+        ops.flash_attn_func(q, k, v.half())
+    with pytest.raises(RuntimeError, match="argument 'q'.*float32, float16 or bfloat16"):
+        ops.flash_attn_func(q.double(), k.double(), v.double())
+    with pytest.raises(RuntimeError, match="argument 'q'.*4-D"):
+        ops.flash_attn_func(q[0], k, v)
+    with pytest.raises(RuntimeError, match="argument 'k'.*batch"):
+        ops.flash_attn_func(q, torch.cat([k, k]), torch.cat([v, v]))
+    with pytest.raises(RuntimeError, match="argument 'v'.*tokens"):
+        ops.flash_attn_func(q, k, v[:, :3])
+    with pytest.raises(RuntimeError, match="argument 'q'.*up to 512"):
+        ops.flash_attn_func(*(torch.randn(1, 2, 1, 520) for _ in range(3)))
+
+
+def test_flash_attn_varlen_bad_input():
+    q, k, v = (torch.randn(10, 2, 64) for _ in range(3))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    f = ops.flash_attn_varlen_func
+    with pytest.raises(RuntimeError, match="argument 'cu_seqlens_q'.*int32"):
+        f(q, k, v, cu.long(), cu, 6, 6)
+    with pytest.raises(RuntimeError, match="argument 'cu_seqlens_k'.*1-D"):
+        f(q, k, v, cu, cu.view(1, 3), 6, 6)
+    with pytest.raises(RuntimeError, match="argument 'cu_seqlens_k'.*entries"):
+        f(q, k, v, cu, cu[:2], 6, 6)
+    with pytest.raises(RuntimeError, match="argument 'cu_seqlens_q'.*nondecreasing"):
+        f(q, k, v, torch.tensor([0, 6, 4], dtype=torch.int32), cu, 6, 6)
+    with pytest.raises(RuntimeError, match="argument 'cu_seqlens_k'.*start at 0"):
+        f(q, k, v, cu, torch.tensor([1, 4, 10], dtype=torch.int32), 6, 6)
+    with pytest.raises(RuntimeError, match="argument 'cu_seqlens_q'.*only 10 tokens"):
+        f(q, k, v, torch.tensor([0, 4, 12], dtype=torch.int32), cu, 8, 6)
+    with pytest.raises(RuntimeError, match="argument 'max_seqlen_q'"):
+        f(q, k, v, cu, cu, 5, 6)
+    with pytest.raises(RuntimeError, match="argument 'k'.*head_dim"):
+        f(q, k[..., :32], v, cu, cu, 6, 6)
+    with pytest.raises(RuntimeError, match="argument 'q'.*3-D"):
+        f(q[None], k, v, cu, cu, 6, 6)
+
+
+# ---- CUDA specifics ---------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_flash_attn_cuda_matches_cpu_twin(D, dtype):
+    """The CUDA kernel and its CPU twin walk the same tiles: results agree to a few ulps."""
+    gen = torch.Generator().manual_seed(D)
+    q = _rand((2, 200, 4, D), dtype, "cpu", gen)
+    k = _rand((2, 333, 2, D), dtype, "cpu", gen)
+    v = _rand((2, 333, 2, D), dtype, "cpu", gen)
+    for causal in (False, True):
+        cpu = ops.flash_attn_func(q, k, v, causal=causal)
+        gpu = ops.flash_attn_func(q.cuda(), k.cuda(), v.cuda(), causal=causal).cpu()
+        ulp = 1e-2 if dtype == torch.bfloat16 else 2e-3
+        torch.testing.assert_close(gpu.float(), cpu.float(), atol=ulp, rtol=ulp)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_flash_attn_cuda_varlen_graph_capture():
+    """Varlen launches without a host sync: capturable in a CUDA graph (value checks skip)."""
+    dtype = torch.bfloat16
+    cu = torch.tensor([0, 100, 101, 357], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(357, 4, 128, dtype=dtype, device="cuda") for _ in range(3))
+    eager = ops.flash_attn_varlen_func(q, k, v, cu, cu, 256, 256, causal=True)
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.flash_attn_varlen_func(q, k, v, cu, cu, 256, 256, causal=True)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(graph):
+        out = ops.flash_attn_varlen_func(q, k, v, cu, cu, 256, 256, causal=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_flash_attn_cuda_large_prefill():
+    """Llama-like prefill (S=2048, 32 heads, D=128, causal) and a CLIP-L batch against fp64."""
+    for (B, S, H, D, causal) in [(1, 2048, 32, 128, True), (8, 577, 16, 64, False)]:
+        gen = torch.Generator().manual_seed(S)
+        q, k, v = (_rand((B, S, H, D), torch.bfloat16, "cuda", gen) for _ in range(3))
+        out = ops.flash_attn_func(q, k, v, causal=causal)
+        ref64 = reference.flash_attn_func(q.double(), k.double(), v.double(), None, causal)
+        same = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
+        _check(out, ref64, same, torch.bfloat16)
