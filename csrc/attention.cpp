@@ -7,7 +7,10 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 #include "csrc/common.h"
@@ -140,6 +143,15 @@ at::Tensor attention_math(const at::Tensor& q, const at::Tensor& k, const at::Te
   return (varlen ? o.squeeze(0) : o).contiguous();
 }
 
+// Parallel units the split-KV heuristic fills: SMs on CUDA, intra-op threads on the CPU.
+int64_t compute_units(const at::Tensor& q) {
+#ifdef HIRES_LMM_WITH_CUDA
+  if (q.is_cuda()) return device_sm_count(q.get_device());
+#endif
+  (void)q;
+  return at::get_num_threads();
+}
+
 void run_kernel(const char* op, FlashParams& prm, const at::Tensor& q) {
   if (q.is_cpu()) {
     flash_fwd_cpu(prm, q.scalar_type());
@@ -187,6 +199,21 @@ at::Tensor flash_attn_func(const at::Tensor& q_in, const at::Tensor& k_in, const
   prm.seqlen_k = k.size(1);
   prm.scale = static_cast<float>(scale);
   prm.causal = causal;
+  // Split-KV when the (Q block, head, batch) items do not fill the machine (decode).
+  const int64_t m_blocks = (prm.seqlen_q + FlashTileShape::kBlockM - 1) / FlashTileShape::kBlockM;
+  const int64_t k_blocks = (prm.seqlen_k + FlashTileShape::kBlockN - 1) / FlashTileShape::kBlockN;
+  prm.num_splits = choose_num_splits(m_blocks * prm.heads_q * prm.batch, k_blocks, compute_units(q));
+  if (const char* force = std::getenv("HIRES_LMM_ATTN_SPLITS")) {  // testing: force a split count
+    prm.num_splits = int(std::max<int64_t>(1, std::min<int64_t>(std::atoll(force), std::max<int64_t>(k_blocks, 1))));
+  }
+  at::Tensor o_accum, lse_accum;
+  if (prm.num_splits > 1) {
+    const auto fopts = q.options().dtype(at::kFloat);
+    o_accum = at::empty({prm.num_splits, prm.batch * prm.seqlen_q, prm.heads_q, prm.head_dim}, fopts);
+    lse_accum = at::empty({prm.num_splits, prm.batch * prm.seqlen_q, prm.heads_q}, fopts);
+    prm.o_accum = o_accum.data_ptr<float>();
+    prm.lse_accum = lse_accum.data_ptr<float>();
+  }
   run_kernel(op, prm, q);
   return o;
 }

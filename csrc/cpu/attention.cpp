@@ -9,6 +9,8 @@
 //      rescale l and acc by exp2(m_old - m_new), P = exp2(S - m_new) (m_new == -inf -> use 0 so
 //      fully masked rows stay 0 instead of NaN), l += rowsum(P), acc += round_T(P) V;
 //   4. o = acc / l, or 0 where l == 0 (a row that sees no key).
+// Split-KV (p.num_splits > 1, dense): item = (b, h, mb, split) walks only its range of K blocks,
+// stores acc / l and lse = m + log2(l) in fp32 workspaces; `combine` merges the splits.
 #include "csrc/cpu/attention.h"
 
 #include <ATen/Dispatch.h>
@@ -23,6 +25,34 @@ namespace {
 
 template <typename T> inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
 
+// Split-KV combine (twin of flash_combine_kernel): per (row, head), weights 2^(lse_s - max).
+template <typename T>
+void combine(const FlashParams& p) {
+  const int64_t rows = p.batch * p.seqlen_q, H = p.heads_q, D = p.head_dim, S = p.num_splits;
+  const float kNegInf = -std::numeric_limits<float>::infinity();
+  T* O = static_cast<T*>(p.o);
+  at::parallel_for(0, rows * H, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(S);
+    for (int64_t rh = begin; rh < end; ++rh) {
+      const int64_t rt = rh / H, h = rh % H, b = rt / p.seqlen_q, row = rt % p.seqlen_q;
+      float mx = kNegInf;
+      for (int64_t s = 0; s < S; ++s) mx = std::max(mx, p.lse_accum[s * rows * H + rh]);
+      float wsum = 0.f;
+      for (int64_t s = 0; s < S; ++s) {
+        w[s] = mx == kNegInf ? 0.f : std::exp2(p.lse_accum[s * rows * H + rh] - mx);
+        wsum += w[s];
+      }
+      const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+      T* orow = O + b * p.o_batch_stride + row * p.o_row_stride + h * p.o_head_stride;
+      for (int64_t d = 0; d < D; ++d) {
+        float v = 0.f;
+        for (int64_t s = 0; s < S; ++s) v += w[s] * p.o_accum[(s * rows * H + rh) * D + d];
+        orow[d] = static_cast<T>(v * inv);
+      }
+    }
+  });
+}
+
 template <typename T>
 void run(const FlashParams& p) {
   constexpr int64_t BM = FlashTileShape::kBlockM;
@@ -31,7 +61,9 @@ void run(const FlashParams& p) {
   const float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t D = p.head_dim;
   const int64_t m_blocks = (p.seqlen_q + BM - 1) / BM;
-  const int64_t items = p.batch * p.heads_q * m_blocks;
+  const int64_t splits = p.num_splits > 1 ? p.num_splits : 1;
+  const int64_t split_blocks = ((p.seqlen_k + BN - 1) / BN + splits - 1) / splits;  // K blocks per split
+  const int64_t items = p.batch * p.heads_q * m_blocks * splits;
   const int64_t group = p.heads_q / p.heads_kv;
   const float scale_log2 = p.scale * kLog2e;
   const bool varlen = p.cu_seqlens_q != nullptr;
@@ -43,9 +75,10 @@ void run(const FlashParams& p) {
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(BM * D), kt(D * BN), v(BN * D), s(BM * BN), acc(BM * D), m(BM), l(BM);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t mb = item % m_blocks;
-      const int64_t h = (item / m_blocks) % p.heads_q;
-      const int64_t b = item / (m_blocks * p.heads_q);
+      const int64_t split = item % splits;
+      const int64_t mb = (item / splits) % m_blocks;
+      const int64_t h = (item / (splits * m_blocks)) % p.heads_q;
+      const int64_t b = item / (splits * m_blocks * p.heads_q);
       const int64_t hk = h / group;
       // sequence geometry (varlen: from cu_seqlens, as the kernel reads them on device)
       int64_t Sq = p.seqlen_q, Sk = p.seqlen_k;
@@ -81,7 +114,11 @@ void run(const FlashParams& p) {
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
 
-      for (int64_t n0 = 0; n0 < n_end; n0 += BN) {
+      // this split's K blocks (all of them without split-KV)
+      const int64_t nb_begin = splits > 1 ? split * split_blocks : 0;
+      const int64_t nb_end = splits > 1 ? std::min((n_end + BN - 1) / BN, nb_begin + split_blocks)
+                                        : (n_end + BN - 1) / BN;
+      for (int64_t n0 = nb_begin * BN; n0 < nb_end * BN; n0 += BN) {
         const int64_t cols = std::min(BN, Sk - n0);
         // 3a. K (transposed, so the S loop runs over contiguous keys) and V tiles
         for (int64_t j = 0; j < cols; ++j) {
@@ -127,7 +164,17 @@ void run(const FlashParams& p) {
           }
         }
       }
-      // 4. normalize and store
+      // 4. normalize and store (split-KV: the partial output and its log2-sum-exp, fp32)
+      if (splits > 1) {
+        const int64_t rbase = split * p.batch * p.seqlen_q + b * p.seqlen_q + row0;
+        for (int64_t i = 0; i < rows; ++i) {
+          const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+          const int64_t r = (rbase + i) * p.heads_q + h;
+          p.lse_accum[r] = l[i] > 0.f ? m[i] + std::log2(l[i]) : kNegInf;
+          for (int64_t d = 0; d < D; ++d) p.o_accum[r * D + d] = acc[i * D + d] * inv;
+        }
+        continue;
+      }
       for (int64_t i = 0; i < rows; ++i) {
         const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
         T* orow = ob + (row0 + i) * p.o_row_stride;
@@ -135,6 +182,7 @@ void run(const FlashParams& p) {
       }
     }
   });
+  if (splits > 1) combine<T>(p);
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // Launcher of kernels/attention/flash_fwd.cuh: turns the runtime dtype and head dim into the
 // template arguments (the only place that does) and sizes grid and shared memory.
-// Instantiations: {__half, __nv_bfloat16} x {64, 128}; causal is a runtime flag.
+// Instantiations: {__half, __nv_bfloat16} x {64, 128}; causal and split-KV are runtime flags.
+// Split-KV launches the combine kernel after the main one (same stream, no sync).
 #include "csrc/cuda/flash_attn.h"
 #include "kernels/attention/flash_fwd.cuh"
 
@@ -14,7 +15,10 @@ std::string launch(const FlashParams& p, cudaStream_t stream) {
   using Tile = FlashFwdTile<D>;
   const int64_t m_blocks = (p.seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM;
   if (m_blocks == 0 || p.batch == 0 || p.heads_q == 0) return std::string();
-  if (m_blocks > 0x7fffffff) return "seqlen_q too large for one launch";
+  const int splits = p.num_splits > 1 ? p.num_splits : 1;
+  if (splits > 1 && (p.cu_seqlens_q != nullptr || p.o_accum == nullptr || p.lse_accum == nullptr))
+    return "split-KV needs a dense launch and both workspaces";
+  if (m_blocks * splits > 0x7fffffff) return "seqlen_q too large for one launch";
   if (p.heads_q > kMaxGridYZ) return "more than 65535 query heads";
   if (p.batch > kMaxGridYZ) return "batch larger than 65535";
   const size_t smem = size_t(Tile::kSmemElems) * sizeof(T);
@@ -22,10 +26,21 @@ std::string launch(const FlashParams& p, cudaStream_t stream) {
   // Above 48 KiB dynamic shared memory needs the opt-in (fails cleanly where the device lacks it).
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(err);
-  const dim3 grid(unsigned(m_blocks), unsigned(p.heads_q), unsigned(p.batch));
-  kernel<<<grid, Tile::kThreads, smem, stream>>>(p);
+  FlashParams prm = p;
+  prm.num_splits = splits;
+  const dim3 grid(unsigned(m_blocks * splits), unsigned(p.heads_q), unsigned(p.batch));
+  kernel<<<grid, Tile::kThreads, smem, stream>>>(prm);
   err = cudaGetLastError();
-  return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
+  if (err != cudaSuccess) return std::string(cudaGetErrorString(err));
+  if (splits > 1) {
+    const int64_t work = p.batch * p.seqlen_q * p.heads_q;
+    const int64_t blocks = (work + kCombineWarps - 1) / kCombineWarps;
+    if (blocks > 0x7fffffff) return "too many rows for the split-KV combine";
+    flash_combine_kernel<T><<<unsigned(blocks), kCombineWarps * 32, 0, stream>>>(prm);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return std::string("combine: ") + cudaGetErrorString(err);
+  }
+  return std::string();
 }
 
 template <typename T>
@@ -38,6 +53,21 @@ std::string pick_dim(const FlashParams& p, cudaStream_t stream) {
 }
 
 }  // namespace
+
+int device_sm_count(int device) {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {0};  // benign race: every writer stores the same value
+  if (device < 0 || device >= kMaxDevices) return 1;
+  if (cache[device] == 0) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) {
+      cudaGetLastError();  // clear the sticky-free error state
+      return 1;
+    }
+    cache[device] = n;
+  }
+  return cache[device];
+}
 
 bool flash_fwd_supported_head_dim(int64_t head_dim) { return head_dim == 64 || head_dim == 128; }
 

@@ -13,6 +13,9 @@ namespace hires::attention {
 // Head dims with a tensor-core kernel (the binding falls back to ATen math for others).
 bool flash_fwd_supported_head_dim(int64_t head_dim);
 
+// Multiprocessor count of a device (cached per device; the split-KV heuristic's input).
+int device_sm_count(int device);
+
 // Launches on `stream` (fp16/bf16 only); returns an empty string or the reason it could not
 // launch. Never synchronizes; varlen reads cu_seqlens on the device.
 std::string launch_flash_fwd(const FlashParams& p, DType t, cudaStream_t stream);

@@ -3,7 +3,7 @@
 // Formula: o[b,i,h,:] = sum_j softmax_j(scale * q[b,i,h,:] . k[b,j,h/g,:]) v[b,j,h/g,:], g = Hq/Hkv,
 //   over keys j < Sk, and for causal j <= i + Sk - Sq (bottom-right aligned); a row that sees no
 //   key gets 0. Online softmax in fp32, in log2 units (scale * log2 e folded into one multiply,
-//   exp2f); P is rounded to T for the P.V MMA, its row sum l is kept in fp32 from the unrounded P.
+//   ex2.approx); P is rounded to T for the P.V MMA, its row sum l is kept in fp32 from the unrounded P.
 // Shapes (flash-attn layout): q (B,Sq,Hq,D), k/v (B,Sk,Hkv,D), o (B,Sq,Hq,D) with the last dim
 //   contiguous and int64 strides (FlashParams); varlen: packed tokens, sequence b = tokens
 //   cu_seqlens[b] .. cu_seqlens[b+1] (read on the device: no host sync, graph capturable).
@@ -21,6 +21,9 @@
 //   Pipeline per K/V block n: issue cp.async of block n+1 into the other buffer, wait for block
 //   n (cp.async.wait_group 1, or 0 for the last), barrier, S = Q K^T, mask, softmax, O += P V,
 //   barrier (every warp is done with buffer n%2 before block n+2 overwrites it).
+// Split-KV (dense, FlashParams::num_splits > 1, for decode: few Q blocks, long KV): blockIdx.x
+//   = m block * num_splits + split; a block walks only its split's K blocks and writes fp32
+//   partials (o_s = acc / l, lse_s = m + log2 l); flash_combine_kernel merges them.
 // Limits: T in {__half, __nv_bfloat16}; D in {64, 128} (template); all strides except the last
 //   a multiple of 8 elements and pointers 16-byte aligned (the binding copies otherwise);
 //   Hq <= 65535, B <= 65535 (grid y/z); any Sq, Sk (tails masked); cu_seqlens values valid and
@@ -87,6 +90,13 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+}
+
+// 2^x with the SFU instruction (what exp2f becomes under --use_fast_math); ex2(-inf) = +0.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // D (16x8 fp32) += A (16x16, row) * B (16x8, col)
@@ -159,7 +169,10 @@ flash_fwd_kernel(const FlashParams p) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;  // mma fragment coordinates
   const int64_t b = blockIdx.z, h = blockIdx.y;
-  const int mb = p.causal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  const int splits = p.num_splits;  // 1 without split-KV; blockIdx.x = (m block) * splits + split
+  const int split = int(blockIdx.x) % splits;
+  const int m_grid = int(gridDim.x) / splits;
+  const int mb = p.causal ? m_grid - 1 - int(blockIdx.x) / splits : int(blockIdx.x) / splits;
 
   // 1. Sequence geometry and base pointers (64-bit offsets).
   int64_t Sq = p.seqlen_q, Sk = p.seqlen_k;
@@ -186,13 +199,19 @@ flash_fwd_kernel(const FlashParams p) {
   // Causal block skipping: no row of this Q block sees a key at or past m0 + BM + diag.
   const int64_t n_end = p.causal ? max(int64_t(0), min(Sk, m0 + BM + diag)) : Sk;
   const int n_blocks = int((n_end + BN - 1) / BN);
+  // This split's K blocks [nb_begin, nb_end) (all blocks when splits == 1).
+  const int split_blocks = int(((p.seqlen_k + BN - 1) / BN + splits - 1) / splits);
+  const int nb_begin = splits > 1 ? split * split_blocks : 0;
+  const int nb_end = splits > 1 ? min(n_blocks, nb_begin + split_blocks) : n_blocks;
   const int rows_q = int(min(int64_t(BM), Sq - m0));
 
-  // 2. Prologue: Q and K/V block 0 in one cp.async group.
+  // 2. Prologue: Q and the first K/V block in one cp.async group.
   load_tile<Tile, BM>(sQ, gQ, p.q_row_stride, rows_q, tid);
-  if (n_blocks > 0) {
-    load_tile<Tile, BN>(sK, gK, p.k_row_stride, int(min(int64_t(BN), Sk)), tid);
-    load_tile<Tile, BN>(sV, gV, p.v_row_stride, int(min(int64_t(BN), Sk)), tid);
+  if (nb_begin < nb_end) {
+    const int64_t n0 = int64_t(nb_begin) * BN;
+    const int valid = int(min(int64_t(BN), Sk - n0));
+    load_tile<Tile, BN>(sK, gK + n0 * p.k_row_stride, p.k_row_stride, valid, tid);
+    load_tile<Tile, BN>(sV, gV + n0 * p.v_row_stride, p.v_row_stride, valid, tid);
   }
   cp_async_commit();
 
@@ -204,11 +223,11 @@ flash_fwd_kernel(const FlashParams p) {
   const float scale_log2 = p.scale * kLog2e;
   const int64_t row_g = m0 + warp * Tile::kWarpRows + g;  // global row of c0/c1 (c2/c3: +8)
 
-  for (int nb = 0; nb < n_blocks; ++nb) {
-    const int stage = nb & 1;
+  for (int nb = nb_begin; nb < nb_end; ++nb) {
+    const int stage = (nb - nb_begin) & 1;
     const int64_t n0 = int64_t(nb) * BN;
     // 3. Prefetch block nb+1 into the other buffer (free: the barrier closing iteration nb-1).
-    if (nb + 1 < n_blocks) {
+    if (nb + 1 < nb_end) {
       const int64_t n1 = n0 + BN;
       const int valid = int(min(int64_t(BN), Sk - n1));
       load_tile<Tile, BN>(sK + (stage ^ 1) * Tile::kKVElems, gK + n1 * p.k_row_stride, p.k_row_stride, valid, tid);
@@ -226,7 +245,7 @@ flash_fwd_kernel(const FlashParams p) {
     float s[Tile::kNTiles][4];
 #pragma unroll
     for (int i = 0; i < Tile::kNTiles; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll
+#pragma unroll 2  // s[] is indexed by nn only: a partial unroll bounds the ldmatrix prefetch (registers)
     for (int kk = 0; kk < Tile::kKSlicesD; ++kk) {
       // Q A-fragment of this k16 slice, re-read from shared memory each block (Q stays resident
       // there; holding all of Q in registers spills at D = 128). Lanes 0-15 address rows 0-15,
@@ -270,14 +289,14 @@ flash_fwd_kernel(const FlashParams p) {
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       // a row with no visible key so far keeps max -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
       const float m_use = mx == -CUDART_INF_F ? 0.f : mx;
-      const float alpha = exp2f(m_run[half] - m_use);  // rescale of the old statistics
+      const float alpha = fast_exp2(m_run[half] - m_use);  // rescale of the old statistics
       m_run[half] = mx;
       float rs = 0.f;
 #pragma unroll
       for (int nt = 0; nt < Tile::kNTiles; ++nt) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const float pe = exp2f(s[nt][half * 2 + e] - m_use);
+          const float pe = fast_exp2(s[nt][half * 2 + e] - m_use);
           s[nt][half * 2 + e] = pe;
           rs += pe;
         }
@@ -311,7 +330,7 @@ flash_fwd_kernel(const FlashParams p) {
     }
     __syncthreads();  // all warps are done with buffer `stage` before block nb+2 is copied into it
   }
-  cp_async_wait<0>();  // n_blocks == 0: the Q copy is still in flight; drain before exit
+  cp_async_wait<0>();  // no K block: the Q copy is still in flight; drain before exit
 
   // 7. Epilogue: complete the row sums across the quad, o = acc / l (0 for rows with no key).
 #pragma unroll
@@ -322,6 +341,16 @@ flash_fwd_kernel(const FlashParams p) {
     const float inv = l > 0.f ? 1.f / l : 0.f;
     const int64_t rloc = warp * Tile::kWarpRows + g + half * 8;
     if (m0 + rloc >= Sq) continue;
+    if (splits > 1) {
+      // split-KV: fp32 partial o = acc / l and lse = m + log2(l) (-inf: this split saw no key)
+      const int64_t r = ((int64_t(split) * p.batch + b) * p.seqlen_q + m0 + rloc) * p.heads_q + h;
+      if (t == 0) p.lse_accum[r] = l > 0.f ? m_run[half] + __log2f(l) : -CUDART_INF_F;
+      float* oa = p.o_accum + r * kHeadDim;
+#pragma unroll
+      for (int dt = 0; dt < Tile::kDTiles; ++dt)
+        *reinterpret_cast<float2*>(oa + dt * 8 + 2 * t) = make_float2(acc[dt][half * 2] * inv, acc[dt][half * 2 + 1] * inv);
+      continue;
+    }
     T* orow = gO + rloc * p.o_row_stride;
 #pragma unroll
     for (int dt = 0; dt < Tile::kDTiles; ++dt) {
@@ -329,6 +358,37 @@ flash_fwd_kernel(const FlashParams p) {
       *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t) =
           pack2<T>(acc[dt][half * 2] * inv, acc[dt][half * 2 + 1] * inv);
     }
+  }
+}
+
+// Split-KV combine: one warp per (row, head) of o. Weights w_s = 2^(lse_s - max_s lse_s) (all
+// zero when every split saw no key: o = 0); o = sum_s w_s o_s / sum_s w_s, lanes stride over D.
+// Grid: ceil(B*Sq*Hq / kCombineWarps) blocks of kCombineWarps warps.
+constexpr int kCombineWarps = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(kCombineWarps * 32) flash_combine_kernel(const FlashParams p) {
+  const int64_t rows = p.batch * p.seqlen_q;
+  const int64_t rh = int64_t(blockIdx.x) * kCombineWarps + threadIdx.x / 32;
+  if (rh >= rows * p.heads_q) return;  // no barrier in this kernel
+  const int lane = threadIdx.x % 32;
+  const int64_t split_stride = rows * p.heads_q;
+  float mx = -CUDART_INF_F;
+  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.lse_accum[s * split_stride + rh]);
+  float wsum = 0.f;
+  for (int s = 0; s < p.num_splits; ++s)
+    wsum += mx == -CUDART_INF_F ? 0.f : fast_exp2(p.lse_accum[s * split_stride + rh] - mx);
+  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  const int64_t rt = rh / p.heads_q, h = rh % p.heads_q;
+  const int64_t b = rt / p.seqlen_q, row = rt % p.seqlen_q;
+  T* orow = static_cast<T*>(p.o) + b * p.o_batch_stride + row * p.o_row_stride + h * p.o_head_stride;
+  for (int64_t d = lane; d < p.head_dim; d += 32) {
+    float v = 0.f;
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float w = mx == -CUDART_INF_F ? 0.f : fast_exp2(p.lse_accum[s * split_stride + rh] - mx);
+      v += w * p.o_accum[(s * split_stride + rh) * p.head_dim + d];
+    }
+    orow[d] = from_f32<T>(v * inv);
   }
 }
 

@@ -29,6 +29,14 @@ struct FlashParams {
   int64_t head_dim = 0;
   float scale = 1.f;  // softmax scale applied to q.k
   bool causal = false;  // bottom-right aligned: query i sees keys j <= i + Sk - Sq
+  // Split-KV (dense only, num_splits > 1): the K blocks of every Q block are cut into
+  // num_splits contiguous ranges of ceil(ceil(Sk / kBlockN) / num_splits) blocks; split s writes
+  // its normalized partial output and log2-sum-exp to fp32 workspaces
+  //   o_accum   (num_splits, B*Sq, Hq, D) contiguous,  lse_accum (num_splits, B*Sq, Hq),
+  // and a combine pass merges them: o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M).
+  int num_splits = 1;
+  float* o_accum = nullptr;
+  float* lse_accum = nullptr;
 };
 
 // The tile both implementations walk: Q blocks of kBlockM rows (one CUDA thread block, 16 rows
@@ -37,5 +45,16 @@ struct FlashTileShape {
   static constexpr int kBlockM = 64;
   static constexpr int kBlockN = 64;
 };
+
+// Number of K splits for a dense launch: split only when the (Q block, head, batch) work items
+// fill less than the machine (`units`: SMs on CUDA, threads on the CPU), e.g. decoding one token
+// against a long KV cache; aim at ~2 items per unit, keep >= 2 K blocks per split, at most 64.
+inline int choose_num_splits(int64_t work_items, int64_t k_blocks, int64_t units) {
+  if (work_items <= 0 || k_blocks < 4 || work_items * 2 > units) return 1;
+  int64_t splits = (2 * units + work_items - 1) / work_items;
+  splits = splits < k_blocks / 2 ? splits : k_blocks / 2;
+  splits = splits < 64 ? splits : 64;
+  return splits > 1 ? int(splits) : 1;
+}
 
 }  // namespace hires::attention

@@ -1,0 +1,132 @@
+"""Attention forward benchmark: hires_lmm.ops.flash_attn_func against PyTorch SDPA backends.
+
+Shapes (bf16 on CUDA): LLM prefill B=1, S=512..16384, 32 heads, D=128, causal and not; CLIP-L
+B=8, S=577, 16 heads, D=64; decode Sq=1 against a 4096-token KV cache (32 q heads, 8 kv heads,
+D=128). References: SDPA with each backend that runs the shape ("sdpa_flash", "sdpa_cudnn",
+"sdpa_efficient", "sdpa_math"; math only up to S=4096, its S x S scores would not fit beyond).
+FLOPs: 4 * B * H * Sq * Sk * D, halved for causal prefill (Sq == Sk).
+quick=True: tiny shapes on the CPU against the reference and SDPA's math backend.
+max_err: max |ours - fp32 reference| on the first heads (the full fp32 reference is O(S^2))."""
+import math
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops, reference
+from .common import Case
+
+_BACKENDS = {
+    "sdpa_flash": "FLASH_ATTENTION",
+    "sdpa_cudnn": "CUDNN_ATTENTION",
+    "sdpa_efficient": "EFFICIENT_ATTENTION",
+    "sdpa_math": "MATH",
+}
+
+
+def _sdpa_fn(backend_name, q, k, v, causal):
+    """A callable running SDPA with one backend on (B,S,H,D) tensors, or None if it cannot."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, _BACKENDS[backend_name], None)
+    if backend is None:
+        return None
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = q.shape[2] != k.shape[2]
+
+    def run():
+        with sdpa_kernel(backend):
+            if gqa:
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=True)
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+    try:
+        run()
+        if q.is_cuda:
+            torch.cuda.synchronize()
+    except Exception:  # this backend does not take this shape / dtype / GPU
+        return None
+    return run
+
+
+def _max_err_fn(q, k, v, causal, heads):
+    """max |ours - fp32 reference| over the first `heads` q heads (and their kv heads)."""
+    group = q.shape[2] // k.shape[2]
+    kv_heads = max(1, math.ceil(heads / group))
+
+    def err():
+        qs, ks, vs = q[:, :, :heads], k[:, :, :kv_heads], v[:, :, :kv_heads]
+        ours = ops.flash_attn_func(qs, ks, vs, causal=causal).float()
+        ref = reference.flash_attn_func(qs.float(), ks.float(), vs.float(), None, causal)
+        return (ours - ref).abs().max().item()
+
+    return err
+
+
+def _case(name, B, Sq, Sk, Hq, Hkv, D, causal, dtype, device, backends, err_heads):
+    gen = torch.Generator(device=device).manual_seed(Sq + Sk + D)
+    q = torch.randn(B, Sq, Hq, D, dtype=dtype, device=device, generator=gen)
+    k = torch.randn(B, Sk, Hkv, D, dtype=dtype, device=device, generator=gen)
+    v = torch.randn(B, Sk, Hkv, D, dtype=dtype, device=device, generator=gen)
+    refs = {}
+    for b in backends:
+        fn = _sdpa_fn(b, q, k, v, causal)
+        if fn is not None:
+            refs[b] = fn
+    if device == "cpu":
+        refs["reference"] = lambda: reference.flash_attn_func(q, k, v, None, causal)
+    flops = 4.0 * B * Hq * Sq * Sk * D * (0.5 if causal and Sq == Sk else 1.0)
+    return Case(op="flash_attn_func", case=f"{name} B={B} Sq={Sq} Sk={Sk} Hq={Hq} Hkv={Hkv} D={D}"
+                f"{' causal' if causal else ''}", dtype=dtype,
+                ours=lambda: ops.flash_attn_func(q, k, v, causal=causal), references=refs,
+                flops=flops, max_err=_max_err_fn(q, k, v, causal, err_heads),
+                tol=2e-2 if dtype != torch.float32 else 1e-4)
+
+
+def _varlen_case(device, dtype):
+    lens = [17, 64, 1, 100]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    total, H, D = sum(lens), 4, 64
+    q, k, v = (torch.randn(total, H, D, dtype=dtype, device=device) for _ in range(3))
+    mx = max(lens)
+
+    def err():
+        ours = ops.flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=True).float()
+        ref = reference.flash_attn_varlen_func(q.float(), k.float(), v.float(), cu, cu, mx, mx, None, True)
+        return (ours - ref).abs().max().item()
+
+    flops = sum(4.0 * H * n * n * D * 0.5 for n in lens)
+    return Case(op="flash_attn_varlen_func", case=f"varlen lens={lens} H={H} D={D} causal", dtype=dtype,
+                ours=lambda: ops.flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=True),
+                references={"reference": lambda: reference.flash_attn_varlen_func(
+                    q, k, v, cu, cu, mx, mx, None, True)},
+                flops=flops, max_err=err, tol=2e-2 if dtype != torch.float32 else 1e-4)
+
+
+def cases(device: str, quick: bool) -> List[Case]:
+    if quick or device == "cpu":
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        out = [
+            _case("tiny", 1, 128, 128, 4, 4, 64, False, dtype, device, ["sdpa_math"], 4),
+            _case("tiny", 1, 128, 128, 4, 4, 64, True, dtype, device, ["sdpa_math"], 4),
+            _case("tiny-gqa", 2, 77, 77, 4, 2, 128, True, dtype, device, ["sdpa_math"], 4),
+            _case("decode", 1, 1, 512, 8, 2, 128, False, dtype, device, ["sdpa_math"], 8),
+        ]
+        if device == "cpu":
+            out.append(_varlen_case(device, dtype))
+        return out
+
+    dtype = torch.bfloat16
+    all_backends = list(_BACKENDS)
+    no_math = [b for b in all_backends if b != "sdpa_math"]
+    out = []
+    for S in (512, 1024, 2048, 4096, 8192, 16384):
+        for causal in (False, True):
+            out.append(_case("llm-prefill", 1, S, S, 32, 32, 128, causal, dtype, device,
+                             all_backends if S <= 4096 else no_math, 2))
+    for causal in (False,):
+        out.append(_case("clip-l", 8, 577, 577, 16, 16, 64, causal, dtype, device, all_backends, 16))
+    out.append(_case("decode", 1, 1, 4096, 32, 8, 128, False, dtype, device, all_backends, 32))
+    out.append(_case("decode", 8, 1, 4096, 32, 8, 128, False, dtype, device, all_backends, 32))
+    out.append(_varlen_case(device, dtype))
+    return out
