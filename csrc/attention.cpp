@@ -3,7 +3,8 @@
 // Kernel: kernels/attention/flash_fwd.cuh (launcher csrc/cuda/flash_attn.cu); CPU twin:
 // csrc/cpu/attention.cpp. On CUDA the tensor-core kernel covers fp16/bf16 with head_dim 64 or
 // 128; other CUDA cases (fp32, other head dims) run `attention_math` below: ATen ops, the same
-// semantics, O(S^2) memory (a correctness fallback, not a fast path).
+// semantics, O(S^2) memory (a correctness fallback, not a fast path). With HIRES_LMM_ATTN_SM90=1
+// on an sm_90 device, dense unsplit fp16/bf16 calls run the sm_90a kernel (flash_fwd_sm90.cuh).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
@@ -12,6 +13,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <string>
 
 #include "csrc/common.h"
 #include "csrc/cpu/attention.h"
@@ -88,6 +90,9 @@ double resolve_scale(const c10::optional<double>& softmax_scale, int64_t D) {
 }
 
 bool use_kernel(const at::Tensor& q) {
+  // HIRES_LMM_ATTN_MATH=1 forces the ATen fallback on any device (lets CPU tests cover it).
+  const char* math = std::getenv("HIRES_LMM_ATTN_MATH");
+  if (math != nullptr && std::string(math) == "1") return false;
   if (q.is_cpu()) return true;
 #ifdef HIRES_LMM_WITH_CUDA
   return (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
@@ -159,6 +164,15 @@ void run_kernel(const char* op, FlashParams& prm, const at::Tensor& q) {
   }
 #ifdef HIRES_LMM_WITH_CUDA
   const c10::cuda::CUDAGuard guard(q.device());
+#ifdef HIRES_LMM_WITH_SM90
+  // The sm_90a kernel is opt-in until a GPU session has validated it (see flash_fwd_sm90.cuh).
+  const char* sm90 = std::getenv("HIRES_LMM_ATTN_SM90");
+  if (sm90 != nullptr && std::string(sm90) == "1" && flash_fwd_sm90_usable(prm, q.get_device())) {
+    const std::string err90 = launch_flash_fwd_sm90(prm, to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err90.empty(), op, ": CUDA launch (sm_90a) failed: ", err90);
+    return;
+  }
+#endif
   const std::string err = launch_flash_fwd(prm, to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err.empty(), op, ": CUDA launch failed: ", err);
 #else
@@ -189,11 +203,23 @@ at::Tensor flash_attn_func(const at::Tensor& q_in, const at::Tensor& k_in, const
   check_qkv(op, q_in, k_in, v_in, 4);
   const double scale = resolve_scale(softmax_scale, q_in.size(-1));
   if (!use_kernel(q_in)) return attention_math(q_in, k_in, v_in, at::Tensor(), at::Tensor(), scale, causal);
-  const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
+  at::Tensor q = prepare(q_in);
+  const at::Tensor k = prepare(k_in), v = prepare(v_in);
   at::Tensor o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   if (o.numel() == 0) return o;
+  // Decode with GQA (one query, g = Hq / Hkv > 1): the g query heads that share a kv head become
+  // g query rows of one kv head (views, no copy), so each K/V tile is read once per kv head
+  // instead of once per q head. Causal is moot for one query (it sees every key).
+  at::Tensor o_run = o;
+  const int64_t group = q.size(2) / k.size(2);
+  if (q.size(1) == 1 && group > 1) {
+    const int64_t B = q.size(0), Hkv = k.size(2), D = q.size(3);
+    q = q.view({B, Hkv, group, D}).transpose(1, 2);      // (B, g, Hkv, D)
+    o_run = o.view({B, Hkv, group, D}).transpose(1, 2);  // written in place through the view
+    causal = false;
+  }
   FlashParams prm;
-  fill_strides(prm, q, k, v, o);
+  fill_strides(prm, q, k, v, o_run);
   prm.batch = q.size(0);
   prm.seqlen_q = q.size(1);
   prm.seqlen_k = k.size(1);
@@ -315,6 +341,9 @@ struct AttentionKernels {
       hires::kernel_registry()[op].insert("cpu");
 #ifdef HIRES_LMM_WITH_CUDA
       hires::kernel_registry()[op].insert("cuda");
+#endif
+#ifdef HIRES_LMM_WITH_SM90
+      if (std::string(op) == "flash_attn_func") hires::kernel_registry()[op].insert("cuda_sm90a");
 #endif
     }
   }

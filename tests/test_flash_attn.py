@@ -206,6 +206,26 @@ def test_flash_attn_varlen_matches_dense(device):
     torch.testing.assert_close(packed.view_as(dense), dense, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_math_fallback(causal, monkeypatch):
+    """The ATen fallback (CUDA: fp32 and head dims without a kernel), forced on the CPU."""
+    monkeypatch.setenv("HIRES_LMM_ATTN_MATH", "1")
+    gen = torch.Generator().manual_seed(21)
+    q, k, v = torch.randn(2, 40, 4, 80, generator=gen), torch.randn(2, 30, 2, 80, generator=gen), \
+        torch.randn(2, 30, 2, 80, generator=gen)
+    out = ops.flash_attn_func(q, k, v, causal=causal)
+    ref = reference.flash_attn_func(q.double(), k.double(), v.double(), None, causal)
+    assert _err(out, ref) < 1e-5
+    lq, lk = [0, 1, 33, 6], [4, 1, 20, 0]
+    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
+    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32)
+    q, k, v = torch.randn(sum(lq) + 3, 4, 64), torch.randn(sum(lk), 2, 64), torch.randn(sum(lk), 2, 64)
+    out = ops.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 33, 20, causal=causal)
+    ref = reference.flash_attn_varlen_func(q.double(), k.double(), v.double(), cu_q, cu_k, 33, 20, None, causal)
+    assert _err(out[: sum(lq)], ref[: sum(lq)]) < 1e-5
+    assert (out[sum(lq):] == 0).all()  # tokens past cu_seqlens_q[-1] belong to no sequence
+
+
 def test_flash_attn_empty_and_no_keys():
     q = torch.randn(1, 5, 2, 64)
     k = torch.randn(1, 0, 2, 64)
@@ -381,3 +401,34 @@ def test_flash_attn_cuda_large_prefill():
         same = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
         _check(out, ref64, same, torch.bfloat16)
+
+
+HAS_SM90 = (HAS_CUDA and hires_lmm.build_info().get("sm90a_kernels", False)
+            and torch.cuda.get_device_capability() == (9, 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_SM90, reason="needs an sm_90 device and a build with sm_90a kernels")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2, 2), (2, 77, 129, 4, 1), (1, 129, 77, 2, 2),
+                                   (2, 577, 577, 4, 2), (1, 2049, 2049, 2, 2), (1, 5, 1000, 8, 2)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_flash_attn_sm90(shape, causal, D, dtype, monkeypatch):
+    """The opt-in sm_90a kernel (TMA + wgmma, HIRES_LMM_ATTN_SM90=1) against fp64 and the sm_80 kernel."""
+    B, Sq, Sk, Hq, Hkv = shape
+    gen = torch.Generator().manual_seed(Sq + Sk + D)
+    q = _rand((B, Sq, Hq, D), dtype, "cuda", gen)
+    k = _rand((B, Sk, Hkv, D), dtype, "cuda", gen)
+    v = _rand((B, Sk, Hkv, D), dtype, "cuda", gen)
+    base = ops.flash_attn_func(q, k, v, causal=causal)
+    monkeypatch.setenv("HIRES_LMM_ATTN_SM90", "1")
+    monkeypatch.setenv("HIRES_LMM_ATTN_SPLITS", "1")  # the sm_90a kernel has no split-KV
+    out = ops.flash_attn_func(q, k, v, causal=causal)
+    ref64 = reference.flash_attn_func(q.double(), k.double(), v.double(), None, causal)
+    _check(out, ref64, _same_dtype(q.cpu(), k.cpu(), v.cpu(), D ** -0.5, causal), dtype)
+    ulp = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.float(), base.float(), atol=ulp, rtol=ulp)
+    if causal and Sq > Sk:
+        assert (out[:, : Sq - Sk].float() == 0).all()

@@ -6,8 +6,12 @@ D=128). References: SDPA with each backend that runs the shape ("sdpa_flash", "s
 "sdpa_efficient", "sdpa_math"; math only up to S=4096, its S x S scores would not fit beyond).
 FLOPs: 4 * B * H * Sq * Sk * D, halved for causal prefill (Sq == Sk).
 quick=True: tiny shapes on the CPU against the reference and SDPA's math backend.
+On an sm_90 device with sm_90a kernels built, every prefill / CLIP case is repeated as
+"flash_attn_func[sm90a]" with the opt-in Hopper kernel (HIRES_LMM_ATTN_SM90=1).
 max_err: max |ours - fp32 reference| on the first heads (the full fp32 reference is O(S^2))."""
+import dataclasses
 import math
+import os
 from typing import List
 
 import torch
@@ -103,6 +107,41 @@ def _varlen_case(device, dtype):
                 flops=flops, max_err=err, tol=2e-2 if dtype != torch.float32 else 1e-4)
 
 
+class _Sm90:
+    """Runs a call with the opt-in sm_90a kernel selected (HIRES_LMM_ATTN_SM90=1)."""
+
+    def __enter__(self):
+        self.old = os.environ.get("HIRES_LMM_ATTN_SM90")
+        os.environ["HIRES_LMM_ATTN_SM90"] = "1"
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop("HIRES_LMM_ATTN_SM90", None)
+        else:
+            os.environ["HIRES_LMM_ATTN_SM90"] = self.old
+
+
+def _sm90_available(device):
+    from .. import build_info
+    return (device == "cuda" and build_info().get("sm90a_kernels", False)
+            and torch.cuda.get_device_capability() == (9, 0))
+
+
+def _sm90_variant(c: Case) -> Case:
+    ours = c.ours
+    err = c.max_err
+
+    def run():
+        with _Sm90():
+            return ours()
+
+    def max_err():
+        with _Sm90():
+            return err()
+
+    return dataclasses.replace(c, op=c.op + "[sm90a]", ours=run, max_err=max_err)
+
+
 def cases(device: str, quick: bool) -> List[Case]:
     if quick or device == "cpu":
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
@@ -128,5 +167,7 @@ def cases(device: str, quick: bool) -> List[Case]:
         out.append(_case("clip-l", 8, 577, 577, 16, 16, 64, causal, dtype, device, all_backends, 16))
     out.append(_case("decode", 1, 1, 4096, 32, 8, 128, False, dtype, device, all_backends, 32))
     out.append(_case("decode", 8, 1, 4096, 32, 8, 128, False, dtype, device, all_backends, 32))
+    if _sm90_available(device):  # opt-in sm_90a kernel on the dense prefill / CLIP shapes
+        out += [_sm90_variant(c) for c in list(out) if "decode" not in c.case]
     out.append(_varlen_case(device, dtype))
     return out

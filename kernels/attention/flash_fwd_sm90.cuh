@@ -1,0 +1,334 @@
+// Flash attention forward for sm_90a (FlashAttention-3 techniques: TMA, mbarrier ring, warp
+// specialization, warpgroup MMA, setmaxnreg). Opt-in (HIRES_LMM_ATTN_SM90=1) until a GPU session
+// validates it; the sm_80 kernel (flash_fwd.cuh) is the default and this one's reference.
+//
+// Formula: as flash_fwd.cuh (softmax(scale q k^T) v, bottom-right causal, GQA by kv-head map,
+//   online softmax in fp32 log2 units, P rounded to T for the P.V MMA, rows with no key -> 0).
+// Shapes: dense only, q (B,Sq,Hq,D), k/v (B,Sk,Hkv,D), o (B,Sq,Hq,D); every stride but the last
+//   a multiple of 16 bytes, base pointers 16-byte aligned (TMA), D in {64, 128}, T fp16/bf16.
+// Ownership: block = (Q block of kBlockM = 128 rows, q head, batch); 3 warpgroups:
+//   - warpgroup 0 = producer: gives registers away (setmaxnreg.dec); one thread issues TMA loads
+//     of the Q tile (once) and of K and V tiles into a kStages-deep ring. full_k/full_v[stage]
+//     complete when the bytes land (expect_tx), empty[stage] when both consumers are done.
+//   - warpgroups 1, 2 = consumers (setmaxnreg.inc), each owning 64 Q rows: S = Q K^T with
+//     wgmma (A = Q, B = K, both from shared memory), masking and online softmax on the S
+//     registers (thread: rows g, g+8 of its warp's 16, as in flash_fwd.cuh), P converted in
+//     registers to the A operand of O += P V (wgmma, A from registers, B = V MN-major).
+//   No ping-pong between consumers and no softmax/GEMM overlap inside a warpgroup yet (FA3's
+//   last two steps): each consumer waits for its own GEMMs.
+// Shared memory: every tile is stored as 64-element (128-byte) column panels, rows of 128 B,
+//   the 16-byte chunk c of row r at c ^ (r % 8) (TMA SWIZZLE_128B; the wgmma descriptors use
+//   the same 128B-swizzle layout type); panels 1024-byte aligned.
+// Limits: Hq, B <= 65535 (grid); any Sq, Sk: TMA zero-fills rows past the tensor end, tails and
+//   causal keys are masked in registers; block skipping as flash_fwd.cuh.
+#pragma once
+#include <cuda.h>
+#include <cstdint>
+#include <math_constants.h>
+
+#include "kernels/attention/flash_params.h"
+#include "kernels/attention/wgmma_sm90.cuh"
+#include "kernels/common/numeric.cuh"
+
+namespace hires::attention::sm90 {
+
+template <int kHeadDim_>
+struct FlashFwdSm90Tile {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kConsumers = 2;               // consumer warpgroups
+  static constexpr int kWgRows = 64;                 // wgmma M: Q rows per consumer
+  static constexpr int kBlockM = kConsumers * kWgRows;
+  static constexpr int kBlockN = 128;                // keys per K/V tile (wgmma N of Q K^T)
+  static constexpr int kStages = 2;                  // K/V ring depth
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kPanel = 64;                  // elements per 128-byte swizzled row
+  static constexpr int kPanels = kHeadDim / kPanel;
+  static constexpr int kRowBytes = kPanel * 2;       // 128
+  static constexpr int kQPanelBytes = kBlockM * kRowBytes;
+  static constexpr int kKVPanelBytes = kBlockN * kRowBytes;
+  static constexpr int kQBytes = kPanels * kQPanelBytes;
+  static constexpr int kKVBytes = kPanels * kKVPanelBytes;  // one K (or V) tile
+  static constexpr int kBarrierBytes = 8 * (1 + 3 * kStages);
+  static constexpr int kSmemBytes = 1024 /* alignment slack */ + kQBytes + 2 * kStages * kKVBytes + kBarrierBytes;
+  static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = 232;
+  static_assert(kHeadDim % kPanel == 0, "D is a whole number of 128-byte panels");
+  static_assert(kQPanelBytes % 1024 == 0 && kKVPanelBytes % 1024 == 0,
+                "128B-swizzle atoms (8 rows x 128 B) must stay 1024-byte aligned");
+  static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumers <= 65536, "register file");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "wgmma N and TMA box limits");
+  static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_90");
+};
+
+// ---- PTX wrappers ------------------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Spins until the phase with this parity has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// 4-D TMA tile load (coordinates innermost first), completion counted on `bar`.
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
+                                            int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Pins accumulator registers around asynchronous MMAs (no read or write moves across).
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int R>
+__device__ __forceinline__ void setmaxnreg_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R)); }
+template <int R>
+__device__ __forceinline__ void setmaxnreg_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R)); }
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// wgmma shared-memory descriptor, 128-byte swizzle (layout type 1 in bits 62-63).
+//   K-major operand (Q, K): rows of 128 B, SBO = 1024 B between 8-row groups, LBO unused (1).
+//   MN-major operand (V):   8 K-rows of 128 B per group, SBO = 1024 B between 8-row groups of K,
+//                           LBO = bytes between 64-element panels along N.
+__device__ __forceinline__ uint64_t make_desc(uint32_t smem_byte_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  uint64_t d = 0;
+  d |= uint64_t((smem_byte_addr & 0x3FFFF) >> 4);
+  d |= uint64_t((lbo_bytes >> 4) & 0x3FFF) << 16;
+  d |= uint64_t((sbo_bytes >> 4) & 0x3FFF) << 32;
+  d |= uint64_t(1) << 62;
+  return d;
+}
+
+template <typename T> struct Tag;
+template <> struct Tag<__nv_bfloat16> { using type = bf16_tag; };
+template <> struct Tag<__half> { using type = f16_tag; };
+
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// Tensor maps (built by the launcher): q over (D, Sq, Hq, B), k/v over (D, Sk, Hkv, B), boxes of
+// (64, kBlockM or kBlockN, 1, 1) with SWIZZLE_128B; out-of-range rows are zero-filled.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(FlashFwdSm90Tile<kHeadDim>::kThreads, 1)
+flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                      const __grid_constant__ CUtensorMap tm_v, const FlashParams p) {
+  using Tile = FlashFwdSm90Tile<kHeadDim>;
+  using TagT = typename Tag<T>::type;
+  constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, S = Tile::kStages;
+  constexpr float kLog2e = 1.4426950408889634f;
+
+  extern __shared__ unsigned char smem_raw[];
+  // 1024-byte alignment for the 128B-swizzle atoms (the launcher adds the slack).
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sQ = base;
+  const uint32_t sK = sQ + Tile::kQBytes;             // [S][kPanels][BN rows x 128 B]
+  const uint32_t sV = sK + S * Tile::kKVBytes;
+  const uint32_t bar_q = sV + S * Tile::kKVBytes;     // then full_k[S], full_v[S], empty[S]
+  auto full_k = [&](int s) { return bar_q + 8u * (1 + s); };
+  auto full_v = [&](int s) { return bar_q + 8u * (1 + S + s); };
+  auto empty = [&](int s) { return bar_q + 8u * (1 + 2 * S + s); };
+
+  const int wg = threadIdx.x / 128;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int mb = p.causal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  const int64_t Sq = p.seqlen_q, Sk = p.seqlen_k;
+  const int64_t m0 = int64_t(mb) * BM;
+  const int hk = int(h / (p.heads_q / p.heads_kv));
+  const int64_t diag = Sk - Sq;
+  const int64_t n_end = p.causal ? max(int64_t(0), min(Sk, m0 + BM + diag)) : Sk;
+  const int n_blocks = int((n_end + BN - 1) / BN);
+
+  if (threadIdx.x == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < S; ++s) {
+      mbar_init(full_k(s), 1);                 // the producer's arrive.expect_tx
+      mbar_init(full_v(s), 1);
+      mbar_init(empty(s), Tile::kConsumers * 4);  // lane 0 of every consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the async proxy
+  }
+  __syncthreads();  // the only block-wide barrier: afterwards the roles never meet again
+
+  if (wg == 0) {
+    // ---- producer ----
+    setmaxnreg_dec<Tile::kProducerRegs>();
+    if (threadIdx.x == 0) {
+      mbar_expect_tx(bar_q, Tile::kQBytes);
+      for (int pn = 0; pn < Tile::kPanels; ++pn)
+        tma_load_4d(sQ + pn * Tile::kQPanelBytes, &tm_q, bar_q, pn * Tile::kPanel, int(m0), h, b);
+      for (int i = 0; i < n_blocks; ++i) {
+        const int s = i % S;
+        mbar_wait(empty(s), ((i / S) & 1) ^ 1);  // first pass: the "previous phase" counts as done
+        mbar_expect_tx(full_k(s), Tile::kKVBytes);
+        for (int pn = 0; pn < Tile::kPanels; ++pn)
+          tma_load_4d(sK + s * Tile::kKVBytes + pn * Tile::kKVPanelBytes, &tm_k, full_k(s), pn * Tile::kPanel,
+                      i * BN, hk, b);
+        mbar_expect_tx(full_v(s), Tile::kKVBytes);
+        for (int pn = 0; pn < Tile::kPanels; ++pn)
+          tma_load_4d(sV + s * Tile::kKVBytes + pn * Tile::kKVPanelBytes, &tm_v, full_v(s), pn * Tile::kPanel,
+                      i * BN, hk, b);
+      }
+    }
+    return;
+  }
+
+  // ---- consumers ----
+  setmaxnreg_inc<Tile::kConsumerRegs>();
+  const int cw = wg - 1;                     // consumer index: Q rows [64 cw, 64 cw + 64)
+  const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int64_t row_g = m0 + cw * Tile::kWgRows + warp * 16 + g;  // rows row_g, row_g + 8
+  const float scale_log2 = p.scale * kLog2e;
+
+  float acc[kHeadDim / 2];  // O: 64 x D per warpgroup
+#pragma unroll
+  for (int i = 0; i < kHeadDim / 2; ++i) acc[i] = 0.f;
+  float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F};
+  float l_run[2] = {0.f, 0.f};
+
+  mbar_wait(bar_q, 0);
+  const uint32_t q_rows = sQ + cw * Tile::kWgRows * Tile::kRowBytes;  // this consumer's 64 rows
+
+  for (int i = 0; i < n_blocks; ++i) {
+    const int s = i % S;
+    const uint32_t parity = (i / S) & 1;
+    const int64_t n0 = int64_t(i) * BN;
+
+    // 1. S = Q K^T over D in k16 steps (a step advances 32 B inside a 128-byte swizzled row).
+    float sc[BN / 2];
+#pragma unroll
+    for (int j = 0; j < BN / 2; ++j) sc[j] = 0.f;  // overwritten (scale_d = 0); keeps the asm inputs defined
+    mbar_wait(full_k(s), parity);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const uint32_t koff = (kk % 4) * 32;  // k16 step inside the 128-byte row
+      const uint64_t da = make_desc(q_rows + (kk / 4) * Tile::kQPanelBytes + koff, 16, 1024);
+      const uint64_t db = make_desc(sK + s * Tile::kKVBytes + (kk / 4) * Tile::kKVPanelBytes + koff, 16, 1024);
+      wgmma_ss<TagT, BN>(sc, da, db, kk > 0 ? 1 : 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(sc);
+
+    // 2. Mask, scale to log2 units, online softmax (rows g and g+8 of this warp; quad reduce).
+    const bool need_mask = (n0 + BN > Sk) || (p.causal && n0 + BN - 1 > m0 + diag);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int64_t row = row_g + half * 8;
+      const int64_t last_abs = p.causal ? min(row + diag, Sk - 1) : Sk - 1;
+      const int last_key = int(max(int64_t(-1), min(int64_t(BN), last_abs - n0)));
+      float mx = m_run[half];
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          float x = sc[4 * j + 2 * half + e] * scale_log2;
+          if (need_mask && (8 * j + 2 * t + e) > last_key) x = -CUDART_INF_F;
+          sc[4 * j + 2 * half + e] = x;
+          mx = fmaxf(mx, x);
+        }
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_use = mx == -CUDART_INF_F ? 0.f : mx;
+      const float alpha = fast_exp2(m_run[half] - m_use);
+      m_run[half] = mx;
+      float rs = 0.f;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float pe = fast_exp2(sc[4 * j + 2 * half + e] - m_use);
+          sc[4 * j + 2 * half + e] = pe;
+          rs += pe;
+        }
+      }
+      l_run[half] = l_run[half] * alpha + rs;
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        acc[4 * j + 2 * half] *= alpha;
+        acc[4 * j + 2 * half + 1] *= alpha;
+      }
+    }
+
+    // 3. P (registers, rounded to T) is the A operand of O += P V: key slice kk = n8 tiles 2kk, 2kk+1.
+    uint32_t pa[BN / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      pa[kk][0] = pack2<T>(sc[8 * kk + 0], sc[8 * kk + 1]);  // row g,   keys 16kk + 2t..
+      pa[kk][1] = pack2<T>(sc[8 * kk + 2], sc[8 * kk + 3]);  // row g+8, keys 16kk + 2t..
+      pa[kk][2] = pack2<T>(sc[8 * kk + 4], sc[8 * kk + 5]);  // row g,   keys 16kk + 8 + 2t..
+      pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);  // row g+8, keys 16kk + 8 + 2t..
+    }
+    mbar_wait(full_v(s), parity);
+    fence_regs(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      // V stage: panels of (BN keys x 64 d); 16 keys = 2 groups of 8 rows = 2048 B further.
+      const uint64_t db = make_desc(sV + s * Tile::kKVBytes + kk * 16 * Tile::kRowBytes, Tile::kKVPanelBytes, 1024);
+      wgmma_rs<TagT, kHeadDim>(acc, pa[kk], db);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(acc);
+    // 4. Both tiles of this stage are consumed: hand the stage back to the producer.
+    if (lane == 0) mbar_arrive(empty(s));
+  }
+
+  // 5. Epilogue: o = acc / l (0 for rows that saw no key), 4-byte stores straight from registers.
+  T* gO = static_cast<T*>(p.o) + int64_t(b) * p.o_batch_stride + int64_t(h) * p.o_head_stride;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float l = l_run[half];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    const int64_t row = row_g + half * 8;
+    if (row >= Sq) continue;
+    T* orow = gO + row * p.o_row_stride;
+#pragma unroll
+    for (int j = 0; j < kHeadDim / 8; ++j)
+      *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
+          pack2<T>(acc[4 * j + 2 * half] * inv, acc[4 * j + 2 * half + 1] * inv);
+  }
+}
+
+}  // namespace hires::attention::sm90
