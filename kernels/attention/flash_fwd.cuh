@@ -354,7 +354,7 @@ flash_fwd_kernel(const FlashParams p) {
     T* orow = gO + rloc * p.o_row_stride;
 #pragma unroll
     for (int dt = 0; dt < Tile::kDTiles; ++dt) {
-      // 4-byte store of columns 2t, 2t+1 (o is contiguous: the address is 4-byte aligned)
+      // 4-byte store of columns 2t, 2t+1 (o strides are even: the address is 4-byte aligned)
       *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t) =
           pack2<T>(acc[dt][half * 2] * inv, acc[dt][half * 2 + 1] * inv);
     }

@@ -223,6 +223,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_con
   float l_run[2] = {0.f, 0.f};
 
   mbar_wait(bar_q, 0);
+  __syncwarp();  // reconverge after the spin loop: the wgmma instructions are .sync.aligned
   const uint32_t q_rows = sQ + cw * Tile::kWgRows * Tile::kRowBytes;  // this consumer's 64 rows
 
   for (int i = 0; i < n_blocks; ++i) {
@@ -235,6 +236,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_con
 #pragma unroll
     for (int j = 0; j < BN / 2; ++j) sc[j] = 0.f;  // overwritten (scale_d = 0); keeps the asm inputs defined
     mbar_wait(full_k(s), parity);
+    __syncwarp();
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
@@ -298,6 +300,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_con
       pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);  // row g+8, keys 16kk + 8 + 2t..
     }
     mbar_wait(full_v(s), parity);
+    __syncwarp();
     fence_regs(acc);
     wgmma_fence();
 #pragma unroll
