@@ -1,0 +1,4 @@
+"""hires_lmm.models: plain nn.Modules built from checkpoint configs; every op through hires_lmm.ops."""
+from .llama import Llama, LlamaConfig, KVCache  # noqa: F401
+
+__all__ = ["Llama", "LlamaConfig", "KVCache"]

@@ -1,0 +1,113 @@
+"""Checkpoint reading shared by the Llama and CLIP models: config.json, safetensors (single file or
+sharded with model.safetensors.index.json, memory-mapped), PyTorch .bin as a fallback
+(torch.load(weights_only=True)), and one strict load with an explicit key map.
+
+load_into(module, ckpt_dir, key_map, ...) maps every checkpoint key through `key_map(key)`:
+  -> our parameter name, or None for keys the model deliberately ignores (e.g. CLIP's text tower).
+Then it compares names and shapes with the module (built on the meta device) and raises ONE error
+listing the missing, unexpected and mis-shaped keys; otherwise it loads with assign=True."""
+import json
+import os
+from typing import Callable, Dict, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["read_config", "checkpoint_keys", "load_into", "CheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: missing, unexpected or mis-shaped keys."""
+
+
+def read_config(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"from_pretrained: argument 'dir' has no config.json: {ckpt_dir!r}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _weight_files(ckpt_dir: str):
+    """-> (kind, [files]) with kind in {"safetensors", "bin"}."""
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return "safetensors", [os.path.join(ckpt_dir, n) for n in files]
+    single = os.path.join(ckpt_dir, "model.safetensors")
+    if os.path.isfile(single):
+        return "safetensors", [single]
+    index = os.path.join(ckpt_dir, "pytorch_model.bin.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return "bin", [os.path.join(ckpt_dir, n) for n in files]
+    single = os.path.join(ckpt_dir, "pytorch_model.bin")
+    if os.path.isfile(single):
+        return "bin", [single]
+    raise FileNotFoundError(
+        f"from_pretrained: argument 'dir' holds no model.safetensors, model.safetensors.index.json "
+        f"or pytorch_model.bin: {ckpt_dir!r}")
+
+
+def _iter_tensors(ckpt_dir: str, wanted: Optional[Callable[[str], bool]] = None):
+    """Yield (key, tensor) over every weight file; tensors are read only when `wanted(key)`."""
+    kind, files = _weight_files(ckpt_dir)
+    for path in files:
+        if kind == "safetensors":
+            from safetensors import safe_open
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, (f.get_tensor(key) if wanted is None or wanted(key) else None)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            for key, t in sd.items():
+                yield key, (t if wanted is None or wanted(key) else None)
+
+
+def checkpoint_keys(ckpt_dir: str):
+    """All tensor names in the checkpoint (reads headers only for safetensors)."""
+    return [k for k, _ in _iter_tensors(ckpt_dir, wanted=lambda k: False)]
+
+
+def load_into(module: nn.Module, ckpt_dir: str, key_map: Callable[[str], Optional[str]],
+              dtype: Optional[torch.dtype] = None, device=None) -> nn.Module:
+    """Strict load of `ckpt_dir` into `module` (built on meta). dtype=None keeps the checkpoint's
+    floating dtype; device=None -> cpu."""
+    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+    state: Dict[str, torch.Tensor] = {}
+    unexpected, misshaped, duplicated = [], [], []
+    seen = set()  # model names the checkpoint provides (loaded or mis-shaped)
+    for key, tensor in _iter_tensors(ckpt_dir, wanted=lambda k: key_map(k) in expected):
+        name = key_map(key)
+        if name is None:
+            continue
+        if name not in expected:
+            unexpected.append(key)
+            continue
+        if name in seen:
+            duplicated.append(f"{key} -> {name}")
+            continue
+        seen.add(name)
+        if tuple(tensor.shape) != expected[name]:
+            misshaped.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {expected[name]}")
+            continue
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[name] = tensor.to(device if device is not None else "cpu")
+    missing = sorted(set(expected) - seen)
+    if unexpected or misshaped or duplicated or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing ({len(missing)}): {missing}")
+        if unexpected:
+            parts.append(f"unexpected ({len(unexpected)}): {sorted(unexpected)}")
+        if misshaped:
+            parts.append(f"mis-shaped ({len(misshaped)}): {misshaped}")
+        if duplicated:
+            parts.append(f"mapped twice ({len(duplicated)}): {duplicated}")
+        raise CheckpointError(f"{type(module).__name__}.from_pretrained({ckpt_dir!r}): checkpoint "
+                              f"does not match the model: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True, assign=True)
+    return module
