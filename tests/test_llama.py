@@ -290,3 +290,11 @@ def test_kv_cache_grows():
     k2 = torch.randn(1, 5, 2, 4)
     kk, vv = c.update(0, k2, k2 + 1, 3)
     assert kk.shape == (1, 8, 2, 4) and torch.equal(kk[:, :3], k) and torch.equal(vv[:, 3:], k2 + 1)
+
+
+def test_bench_models_quick_case_runs():
+    from hires_lmm.bench.bench_models import cases
+    (case,) = cases("cpu", quick=True)
+    assert case.ours().shape[-1] == 512
+    assert case.max_err() <= case.tol
+    assert set(case.references) == {"hf_sdpa", "hf_eager"} and case.flops > 0
