@@ -10,6 +10,7 @@ import torch
 
 import hires_lmm
 from hires_lmm.models import ClipVisionConfig, ClipVisionTower
+from conftest import DEVICES
 
 transformers = pytest.importorskip("transformers")
 
@@ -219,3 +220,19 @@ def test_config_defaults_and_full_config():
                                                       "intermediate_size": 4096},
                                     "text_config": {"hidden_size": 768}})
     assert c.num_patches == 576 and c.head_dim == 64 and c.hidden_act == "quick_gelu"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_deepstack_v_on_device(tmp_path_factory, device, backend):
+    import copy
+    hf, d, _ = _vision(tmp_path_factory)
+    hf = copy.deepcopy(hf).to(device=device, dtype=torch.bfloat16)
+    hires_lmm.set_backend(backend)
+    tower = ClipVisionTower.from_pretrained(d, dtype=torch.bfloat16, device=device)
+    x = torch.randn(2, 3, IMG, IMG, device=device)
+    stacks = torch.randn(2, 2, N, C, device=device)
+    with torch.no_grad():
+        out = tower(x, deepstack_stacks=stacks, deepstack_start=1)
+    assert out.device.type == device and out.dtype == torch.bfloat16
+    assert _rel(out, _hf_deepstack_v(hf, x, stacks, 1)) < 5e-2

@@ -9,6 +9,7 @@ import torch
 
 import hires_lmm
 from hires_lmm.models import KVCache, Llama, LlamaConfig
+from conftest import DEVICES
 
 transformers = pytest.importorskip("transformers")
 
@@ -298,3 +299,38 @@ def test_bench_models_quick_case_runs():
     assert case.ours().shape[-1] == 512
     assert case.max_err() <= case.tol
     assert set(case.references) == {"hf_sdpa", "hf_eager"} and case.flops > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_deepstack_and_decode_on_device(tmp_path_factory, device, backend):
+    """bf16 on each device (the CUDA attention kernels take fp16/bf16): DeepStack prefill against
+    HF + hooks, then cached decode steps against the full forward."""
+    import copy
+    hf, d = _pair(tmp_path_factory, "llama3")
+    hf = copy.deepcopy(hf).to(device=device, dtype=torch.bfloat16)
+    hires_lmm.set_backend(backend)
+    m = Llama.from_pretrained(d, dtype=torch.bfloat16, device=device)
+    B, S = 3, 19
+    torch.manual_seed(3)
+    emb = torch.randn(B, S, 64).to(device, torch.bfloat16)
+    mask = _visual_mask(B, S).to(device)
+    levels = [torch.randn(int(mask.sum()), 64, device=device) for _ in range(3)]
+    handles = _hf_with_hooks(hf, mask, levels)
+    try:
+        with torch.no_grad():
+            ref = hf(inputs_embeds=emb).logits
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        full = m(inputs_embeds=emb, visual_pos_masks=mask, deepstack_visual_embeds=levels)
+        logits, cache = m(inputs_embeds=emb[:, :15], visual_pos_masks=mask[:, :15],
+                          deepstack_visual_embeds=levels, use_cache=True)
+        steps = [logits]
+        for t in range(15, S):
+            logits, cache = m(inputs_embeds=emb[:, t:t + 1], cache=cache)
+            steps.append(logits)
+    assert full.device.type == device and full.dtype == torch.bfloat16
+    assert _rel(full, ref) < 5e-2
+    assert _rel(torch.cat(steps, 1), full) < 3e-2
