@@ -334,3 +334,72 @@ def test_bf16_deepstack_and_decode_on_device(tmp_path_factory, device, backend):
     assert full.device.type == device and full.dtype == torch.bfloat16
     assert _rel(full, ref) < 5e-2
     assert _rel(torch.cat(steps, 1), full) < 3e-2
+
+
+def test_deepstack_gradients_match_hf_hooks(tmp_path_factory):
+    """Autograd through the fused injection: d loss / d levels and d loss / d inputs_embeds."""
+    hf, d = _pair(tmp_path_factory, "llama3")
+    hires_lmm.set_backend("reference")
+    m = Llama.from_pretrained(d)
+    B, S = 3, 19
+    emb = torch.randn(B, S, 64)
+    mask = _visual_mask(B, S)
+    levels = [torch.randn(int(mask.sum()), 64) for _ in range(2)]
+    w = torch.randn(B, S, VOCAB)
+
+    def grads(run):
+        e = emb.clone().requires_grad_(True)
+        ls = [x.clone().requires_grad_(True) for x in levels]
+        (run(e, ls) * w).sum().backward()
+        return [e.grad] + [x.grad for x in ls]
+
+    def run_hf(e, ls):
+        hs = _hf_with_hooks(hf, mask, ls)
+        try:
+            return hf(inputs_embeds=e).logits
+        finally:
+            for h in hs:
+                h.remove()
+
+    ours = grads(lambda e, ls: m(inputs_embeds=e, visual_pos_masks=mask, deepstack_visual_embeds=ls))
+    ref = grads(run_hf)
+    for a, b in zip(ours, ref):
+        assert _rel(a, b) < 1e-4
+
+
+def test_generate_with_deepstack_matches_recompute(tmp_path_factory):
+    """generate() (prefill with injection, cached steps without) == argmax of a full forward
+    recomputed at every step with the prompt's injection."""
+    hf, d = _pair(tmp_path_factory, "llama3")
+    hires_lmm.set_backend("reference")
+    m = Llama.from_pretrained(d)
+    B, S, new = 3, 19, 5
+    ids = torch.randint(0, VOCAB, (B, S))
+    emb = m.embed_tokens(ids).detach()
+    mask = _visual_mask(B, S)
+    levels = [torch.randn(int(mask.sum()), 64) for _ in range(3)]
+    got = m.generate(None, new, inputs_embeds=emb, visual_pos_masks=mask,
+                     deepstack_visual_embeds=levels)
+    assert got.shape == (B, new)
+    seq = ids
+    with torch.no_grad():
+        for _ in range(new):
+            full_mask = torch.cat([mask, torch.zeros(B, seq.shape[1] - S, dtype=torch.bool)], 1)
+            nxt = m(seq, visual_pos_masks=full_mask, deepstack_visual_embeds=levels)[:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+    assert torch.equal(got, seq[:, S:])
+
+
+def test_generate_eos_stops_and_pads(tmp_path_factory):
+    _, d = _pair(tmp_path_factory, "none", tied=True)
+    hires_lmm.set_backend("reference")
+    m = Llama.from_pretrained(d)
+    ids = torch.randint(0, VOCAB, (2, 7))
+    free = m.generate(ids, 6)
+    eos = int(free[0, 7])                          # sample 0 ends at once
+    out = m.generate(ids, 6, eos_token_id=eos)
+    assert torch.all(out[0, 7:] == eos)
+    hit = (free[1, 7:] == eos).nonzero()
+    n1 = 6 if len(hit) == 0 else int(hit[0]) + 1   # sample 1 runs until its own eos
+    assert torch.equal(out[1, 7:7 + n1], free[1, 7:7 + n1])
+    assert out.shape[1] == 7 + n1 if len(hit) else out.shape[1] == 13
