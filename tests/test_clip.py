@@ -236,3 +236,34 @@ def test_bf16_deepstack_v_on_device(tmp_path_factory, device, backend):
         out = tower(x, deepstack_stacks=stacks, deepstack_start=1)
     assert out.device.type == device and out.dtype == torch.bfloat16
     assert _rel(out, _hf_deepstack_v(hf, x, stacks, 1)) < 5e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grid,start", [((2, 2), 0), ((1, 2), 1), ((1, 2), 2)])
+def test_forward_deepstack_v_end_to_end(tmp_path_factory, backend, grid, start):
+    """Crops through layers [0, start), mosaic + dilated sampling by explicit loops, then HF with
+    pre-hooks on the global stream."""
+    hf, d, _ = _vision(tmp_path_factory)
+    hires_lmm.set_backend(backend)
+    tower = ClipVisionTower.from_pretrained(d)
+    gh, gw = grid
+    B, P = 2, IMG // PATCH
+    x = torch.randn(B, 3, IMG, IMG)
+    crops = torch.randn(B * gh * gw, 3, IMG, IMG)
+    with torch.no_grad():
+        out = tower.forward_deepstack_v(x, crops, grid=grid, deepstack_start=start)
+        loc = hf(pixel_values=crops, output_hidden_states=True).hidden_states[start][:, 1:]
+    stacks = torch.empty(gh * gw, B, P * P, C)
+    for b in range(B):
+        for i in range(gh):
+            for j in range(gw):
+                for y in range(P):
+                    for xx in range(P):
+                        # hires[y*gh + i, xx*gw + j] lies in crop (r, c) at (yy, xc)
+                        Y, X = y * gh + i, xx * gw + j
+                        r, yy, c, xc = Y // P, Y % P, X // P, X % P
+                        stacks[i * gw + j, b, y * P + xx] = loc[b * gh * gw + r * gw + c, yy * P + xc]
+    ref = _hf_deepstack_v(hf, x, stacks, start)
+    assert _rel(out, ref) < 1e-4
+    with pytest.raises(ValueError, match="crop_pixel_values"):
+        tower.forward_deepstack_v(x, crops[:-1], grid=grid, deepstack_start=start)

@@ -3,6 +3,8 @@
     tower = ClipVisionTower.from_pretrained("openai/clip-vit-large-patch14-336", dtype=torch.bfloat16)
     feats = tower(pixel_values)                       # (B, N_patches, C) = HF hidden_states[-2][:, 1:]
     feats = tower(pixel_values, deepstack_stacks=stacks, deepstack_start=16)   # DeepStack-V
+    feats = tower.forward_deepstack_v(pixel_values, crop_pixel_values, grid=(2, 2),
+                                      deepstack_start=16)   # the paper's flow: stacks from crops
 
 Checkpoints: config.json as a full CLIPConfig (its `vision_config` is read) or a CLIPVisionConfig;
 weights with the prefixes `vision_model.`, `model.vision_tower.vision_tower.vision_model.` (LLaVA)
@@ -199,38 +201,36 @@ class ClipVisionTower(nn.Module):
         rows = torch.arange(B * S, device=device, dtype=torch.long).view(B, S)
         return rows[:, 1:].reshape(-1)
 
-    def forward(self, pixel_values, select_layer: int = -2, deepstack_stacks=None,
-                deepstack_start: Optional[int] = None):
-        """pixel_values (B, 3, image_size, image_size) -> (B, N_patches, C): HF
-        hidden_states[select_layer][:, 1:] (hidden_states[0] = pre_layrnorm(embeddings),
-        hidden_states[i] = output of encoder layer i-1). deepstack_stacks (n_stacks, B, N_patches,
-        C) or a list of (B, N_patches, C): stack i is added to the patch tokens before encoder
-        layer deepstack_start + i (default start: num_hidden_layers // 2, DeepStack-VL's code)."""
+    def _n_run(self, select_layer: int) -> int:
         L = self.config.num_hidden_layers
         if not -(L + 1) <= select_layer <= L:
             raise ValueError(f"ClipVisionTower: argument 'select_layer' must be in [{-(L + 1)}, {L}], "
                              f"got {select_layer}")
-        n_run = select_layer % (L + 1)                   # encoder layers to run
-        h = self.embeddings(pixel_values)
-        h = self.pre_layrnorm(h)
-        B, S, C = h.shape
+        return select_layer % (L + 1)                    # encoder layers to run
 
-        stacks, start, index = [], 0, None
-        if deepstack_stacks is not None and len(deepstack_stacks) > 0:
-            start = L // 2 if deepstack_start is None else deepstack_start
-            n = len(deepstack_stacks)
-            if start < 0 or start + n > L:
-                raise ValueError(f"ClipVisionTower: argument 'deepstack_start' ({start}) + "
-                                 f"{n} stacks must fit in the {L} encoder layers")
-            want = (B, S - 1, C)
-            for i, st in enumerate(deepstack_stacks):
-                if tuple(st.shape) != want:
-                    raise ValueError(f"ClipVisionTower: argument 'deepstack_stacks[{i}]' must be "
-                                     f"{want}, got {tuple(st.shape)}")
-            stacks = [st.reshape(B * (S - 1), C) for st in deepstack_stacks]
-            index = self._patch_index(B, S, h.device)
+    def _check_stacks(self, deepstack_stacks, deepstack_start, B, S, C):
+        """-> (stacks as (B*(S-1), C) rows, start)."""
+        L = self.config.num_hidden_layers
+        if deepstack_stacks is None or len(deepstack_stacks) == 0:
+            return [], 0
+        start = L // 2 if deepstack_start is None else deepstack_start
+        n = len(deepstack_stacks)
+        if start < 0 or start + n > L:
+            raise ValueError(f"ClipVisionTower: argument 'deepstack_start' ({start}) + "
+                             f"{n} stacks must fit in the {L} encoder layers")
+        want = (B, S - 1, C)
+        for i, st in enumerate(deepstack_stacks):
+            if tuple(st.shape) != want:
+                raise ValueError(f"ClipVisionTower: argument 'deepstack_stacks[{i}]' must be "
+                                 f"{want}, got {tuple(st.shape)}")
+        return [st.reshape(B * (S - 1), C) for st in deepstack_stacks], start
 
-        for i, layer in enumerate(self.encoder.layers[:n_run]):
+    def _run(self, h, first: int, last: int, stacks=(), start: int = 0):
+        """Encoder layers [first, last) on h (B, S, C); stack k (rows of the patch tokens) is
+        fused into layer start + k's layer_norm1."""
+        index = self._patch_index(h.shape[0], h.shape[1], h.device) if len(stacks) else None
+        for i in range(first, last):
+            layer = self.encoder.layers[i]
             ln = layer.layer_norm1
             k = i - start
             if 0 <= k < len(stacks):
@@ -239,4 +239,51 @@ class ClipVisionTower(nn.Module):
             else:
                 normed = ln(h)
             h = layer(h, normed)
-        return h[:, 1:]
+        return h
+
+    def forward(self, pixel_values, select_layer: int = -2, deepstack_stacks=None,
+                deepstack_start: Optional[int] = None):
+        """pixel_values (B, 3, image_size, image_size) -> (B, N_patches, C): HF
+        hidden_states[select_layer][:, 1:] (hidden_states[0] = pre_layrnorm(embeddings),
+        hidden_states[i] = output of encoder layer i-1). deepstack_stacks (n_stacks, B, N_patches,
+        C) or a list of (B, N_patches, C): stack i is added to the patch tokens before encoder
+        layer deepstack_start + i (default start: num_hidden_layers // 2, DeepStack-VL's code)."""
+        n_run = self._n_run(select_layer)
+        h = self.pre_layrnorm(self.embeddings(pixel_values))
+        B, S, C = h.shape
+        stacks, start = self._check_stacks(deepstack_stacks, deepstack_start, B, S, C)
+        return self._run(h, 0, n_run, stacks, start)[:, 1:]
+
+    def forward_deepstack_v(self, pixel_values, crop_pixel_values, grid=(2, 2),
+                            deepstack_start: Optional[int] = None, select_layer: int = -2):
+        """DeepStack-V end to end (DeepStack-VL's custom_feature_forward, specs/deepstack.md 2):
+        pixel_values (B, 3, R, R) global views; crop_pixel_values (B*grid_h*grid_w, 3, R, R) the
+        crops of the hi-res image, per image in row-major grid order. Both streams run jointly
+        through layers [0, start); the crops' patch tokens then form the hi-res map
+        (mosaic_crops), are sampled into grid_h*grid_w dilated stacks (stack i*grid_w + j =
+        hires[i::grid_h, j::grid_w]) and added to the global stream's patch tokens before layers
+        start, start+1, ...; only the global stream continues. Returns (B, N_patches, C) of
+        select_layer like forward()."""
+        from .deepstack import dilated_stacks, mosaic_crops
+        gh, gw = grid
+        n_run = self._n_run(select_layer)
+        L = self.config.num_hidden_layers
+        start = L // 2 if deepstack_start is None else deepstack_start
+        B = pixel_values.shape[0]
+        if crop_pixel_values.shape[0] != B * gh * gw or crop_pixel_values.shape[1:] != pixel_values.shape[1:]:
+            raise ValueError(f"ClipVisionTower: argument 'crop_pixel_values' must be "
+                             f"({B * gh * gw}, {', '.join(map(str, pixel_values.shape[1:]))}), got "
+                             f"{tuple(crop_pixel_values.shape)}")
+        if start < 0 or start + gh * gw > L:
+            raise ValueError(f"ClipVisionTower: argument 'deepstack_start' ({start}) + "
+                             f"{gh * gw} stacks must fit in the {L} encoder layers")
+        x = torch.cat([pixel_values, crop_pixel_values.to(pixel_values.dtype)], 0)
+        h = self._run(self.pre_layrnorm(self.embeddings(x)), 0, min(start, n_run))
+        g, loc = h[:B], h[B:]
+        if n_run <= start:
+            return g[:, 1:]
+        S, C = g.shape[1], g.shape[2]
+        crops = loc[:, 1:].reshape(B, gh * gw, S - 1, C)
+        stacks = dilated_stacks(mosaic_crops(crops, gh, gw), (gh, gw))   # (gh*gw, B, S-1, C)
+        rows = [st.reshape(B * (S - 1), C) for st in stacks]
+        return self._run(g, start, n_run, rows, start)[:, 1:]
