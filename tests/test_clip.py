@@ -267,3 +267,19 @@ def test_forward_deepstack_v_end_to_end(tmp_path_factory, backend, grid, start):
     assert _rel(out, ref) < 1e-4
     with pytest.raises(ValueError, match="crop_pixel_values"):
         tower.forward_deepstack_v(x, crops[:-1], grid=grid, deepstack_start=start)
+
+
+def test_pytorch_bin_checkpoint(tmp_path_factory, tmp_path):
+    """LLaVA-era checkpoints ship pytorch_model.bin: read with torch.load(weights_only=True)."""
+    hf, d, sd = _vision(tmp_path_factory)
+    with open(os.path.join(d, "config.json")) as f:
+        cfg = json.load(f)
+    out = tmp_path / "bin"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(cfg))
+    torch.save({"vision_model." + k: v for k, v in sd.items()}, out / "pytorch_model.bin")
+    hires_lmm.set_backend("reference")
+    tower = ClipVisionTower.from_pretrained(str(out))
+    x = torch.randn(1, 3, IMG, IMG)
+    with torch.no_grad():
+        assert _rel(tower(x), _hf_feats(hf, x)) < 1e-4

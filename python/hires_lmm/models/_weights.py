@@ -51,24 +51,28 @@ def _weight_files(ckpt_dir: str):
         f"or pytorch_model.bin: {ckpt_dir!r}")
 
 
-def _iter_tensors(ckpt_dir: str, wanted: Optional[Callable[[str], bool]] = None):
-    """Yield (key, tensor) over every weight file; tensors are read only when `wanted(key)`."""
+def _iter_tensors(ckpt_dir: str, wanted: Optional[Callable[[str, tuple], bool]] = None,
+                  device="cpu"):
+    """Yield (key, shape, tensor) over every weight file; a tensor is read (onto `device`, straight
+    from the memory-mapped safetensors file) only when wanted(key, shape), else it is None."""
     kind, files = _weight_files(ckpt_dir)
     for path in files:
         if kind == "safetensors":
             from safetensors import safe_open
-            with safe_open(path, framework="pt", device="cpu") as f:
+            with safe_open(path, framework="pt", device=str(device)) as f:
                 for key in f.keys():
-                    yield key, (f.get_tensor(key) if wanted is None or wanted(key) else None)
+                    shape = tuple(f.get_slice(key).get_shape())
+                    yield key, shape, (f.get_tensor(key) if wanted is None or wanted(key, shape) else None)
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             for key, t in sd.items():
-                yield key, (t if wanted is None or wanted(key) else None)
+                shape = tuple(t.shape)
+                yield key, shape, (t.to(device) if wanted is None or wanted(key, shape) else None)
 
 
 def checkpoint_keys(ckpt_dir: str):
     """All tensor names in the checkpoint (reads headers only for safetensors)."""
-    return [k for k, _ in _iter_tensors(ckpt_dir, wanted=lambda k: False)]
+    return [k for k, _, _ in _iter_tensors(ckpt_dir, wanted=lambda k, shape: False)]
 
 
 def load_into(module: nn.Module, ckpt_dir: str, key_map: Callable[[str], Optional[str]],
@@ -79,7 +83,13 @@ def load_into(module: nn.Module, ckpt_dir: str, key_map: Callable[[str], Optiona
     state: Dict[str, torch.Tensor] = {}
     unexpected, misshaped, duplicated = [], [], []
     seen = set()  # model names the checkpoint provides (loaded or mis-shaped)
-    for key, tensor in _iter_tensors(ckpt_dir, wanted=lambda k: key_map(k) in expected):
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+
+    def wanted(key, shape):
+        name = key_map(key)
+        return name in expected and expected[name] == shape
+
+    for key, shape, tensor in _iter_tensors(ckpt_dir, wanted, dev):
         name = key_map(key)
         if name is None:
             continue
@@ -90,12 +100,12 @@ def load_into(module: nn.Module, ckpt_dir: str, key_map: Callable[[str], Optiona
             duplicated.append(f"{key} -> {name}")
             continue
         seen.add(name)
-        if tuple(tensor.shape) != expected[name]:
-            misshaped.append(f"{key}: checkpoint {tuple(tensor.shape)} vs model {expected[name]}")
+        if shape != expected[name]:
+            misshaped.append(f"{key}: checkpoint {shape} vs model {expected[name]}")
             continue
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
-        state[name] = tensor.to(device if device is not None else "cpu")
+        state[name] = tensor
     missing = sorted(set(expected) - seen)
     if unexpected or misshaped or duplicated or missing:
         parts = []
