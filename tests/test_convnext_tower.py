@@ -131,3 +131,12 @@ def test_random_init_and_config_validation():
     c = ConvNeXtConfig.from_dict(d)
     assert c.hidden_sizes == (8, 16) and c.depths == (1, 1) and not c.layer_scale
     assert c.image_size == 768
+
+
+def test_benchmark_quick_cases_run():
+    """The tower benchmark's CPU smoke cases build, run, and agree with HF."""
+    from hires_lmm.bench.bench_convnext_tower import CONVLLAVA_1536, cases, tower_macs
+    assert round(tower_macs(CONVLLAVA_1536, 1536, 1536) / 1e9) == 1888   # spec 1.7: 1.89 TMAC
+    for case in cases("cpu", quick=True):
+        assert case.ours().shape == case.references["hf_eager"]().flatten(2).transpose(1, 2).shape
+        assert case.max_err() <= case.tol
