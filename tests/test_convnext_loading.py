@@ -158,6 +158,10 @@ def test_no_stem_and_two_towers(hf, tmp_path):
         ConvNeXtTower.from_pretrained(tmp_path / "two.safetensors")
     tower = ConvNeXtTower.from_pretrained(tmp_path / "two.safetensors", prefix="b.")
     assert tower.config.depths == tuple(hf.config.depths)
+    llava = to_naming(hf.state_dict(), "timm", "model.vision_tower.vision_tower.")
+    save_file(llava, str(tmp_path / "llava.safetensors"))
+    tower = ConvNeXtTower.from_pretrained(tmp_path / "llava.safetensors", prefix="model.")
+    assert tower.config.depths == tuple(hf.config.depths)
 
 
 def test_bin_folder_and_converter_round_trip(hf, expected, tmp_path):

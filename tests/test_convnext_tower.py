@@ -140,3 +140,16 @@ def test_benchmark_quick_cases_run():
     for case in cases("cpu", quick=True):
         assert case.ours().shape == case.references["hf_eager"]().flatten(2).transpose(1, 2).shape
         assert case.max_err() <= case.tol
+
+
+def test_compiled_norms_with_reference_blocks(hf, monkeypatch):
+    """The kernels backend's stem/downsampling path (compiled hires_lmm.layer_norm, channels-last
+    convs) with the block op swapped for its reference: runs before the block kernel exists."""
+    monkeypatch.setattr(hires_lmm.ops, "convnext_block", hires_lmm.reference.convnext_block)
+    tower = ConvNeXtTower.from_state_dict(hf.state_dict())
+    assert hires_lmm.get_backend() == "kernels"
+    for dtype, rtol in RTOL.items():
+        x = torch.randn(1, 3, 211, 150)
+        with torch.no_grad():
+            out = tower.to(dtype)(x)
+        assert rel_err(out, hf_tokens(hf, x)) < rtol

@@ -56,7 +56,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from .. import ops
 from ..checkpoint import CheckpointReader, open_checkpoint
 
-__all__ = ["ConvNeXtConfig", "ConvNeXtTower", "ConvNeXtBlock", "convnext_key_map"]
+__all__ = ["ConvNeXtConfig", "ConvNeXtTower", "ConvNeXtBlock", "KeyMap", "convnext_key_map"]
 
 NORM_EPS = 1e-6          # every LayerNorm of the tower (HF hard-codes it)
 MLP_RATIO = 4            # fc1: C -> 4C (HF ConvNextLayer)
@@ -317,7 +317,8 @@ class ConvNeXtTower(nn.Module):
         """Build on meta and load (assign=True) from a {key: tensor} mapping or a
         CheckpointReader, in any of the supported namings. config: inferred when None."""
         src = state_dict if isinstance(state_dict, CheckpointReader) else _DictSource(state_dict)
-        mapping, ignored, unexpected = convnext_key_map(src.keys(), prefix=prefix)
+        keymap = convnext_key_map(src.keys(), prefix=prefix)
+        mapping, unexpected = keymap.mapping, keymap.unexpected
         shapes = {internal: _target_shape(internal, src.shape(key))
                   for internal, key in mapping.items()}
         if config is None:
@@ -330,7 +331,7 @@ class ConvNeXtTower(nn.Module):
         misshaped = [f"{mapping[k]}: checkpoint {tuple(shapes[k])}, model {tuple(params[k].shape)}"
                      for k in params if k in mapping and tuple(shapes[k]) != tuple(params[k].shape)]
         if missing or unexpected or misshaped:
-            raise ValueError(_load_error(config, missing, unexpected, misshaped))
+            raise ValueError(_load_error(config, keymap, missing, unexpected, misshaped))
         if dtype is None:
             dtype = src.get(mapping["stem.weight"]).dtype
         device = torch.device(device if device is not None else "cpu")
@@ -417,21 +418,28 @@ def _find_prefix(keys: Sequence[str]) -> Tuple[str, str]:
         raise ValueError(f"ConvNeXtTower: no ConvNeXt stem found in the checkpoint: expected a key "
                          f"ending in one of {stems}; its first keys are {some}")
     raise ValueError(f"ConvNeXtTower: the checkpoint holds several ConvNeXt stems "
-                     f"{[p + s for (n, p), s in zip(found, [_NAMINGS[n][0] for n, _ in found])]}; "
+                     f"{[p + _NAMINGS[n][0] for n, p in found]}; "
                      f"pass prefix= to pick one")
 
 
-def convnext_key_map(keys, prefix: Optional[str] = None,
-                     naming: Optional[str] = None) -> Tuple[Dict[str, str], List[str], List[str]]:
-    """Map checkpoint keys onto the tower's parameter names.
-    Returns (mapping internal -> checkpoint key, ignored keys, unexpected keys). The naming
-    ("hf", "timm", "original"; open_clip is timm under "visual.trunk.") and the prefix are found
-    from the stem conv key unless given."""
+class KeyMap(NamedTuple):
+    mapping: Dict[str, str]     # tower parameter name -> checkpoint key
+    ignored: List[str]          # outside the prefix, or a known unused part (final norm, head)
+    unexpected: List[str]       # under the prefix but not a tower parameter
+    naming: str                 # "hf", "timm" (open_clip too) or "original"
+    prefix: str
+
+
+def convnext_key_map(keys, prefix: Optional[str] = None, naming: Optional[str] = None) -> KeyMap:
+    """Map checkpoint keys onto the tower's parameter names. The naming ("hf", "timm",
+    "original"; open_clip is timm under "visual.trunk.") and the prefix are found from the stem
+    conv key unless given."""
     keys = list(keys)
     if prefix is None or naming is None:
         if prefix is not None:
             sub = [k[len(prefix):] for k in keys if k.startswith(prefix)]
-            naming, _ = _find_prefix(sub)
+            found_naming, inner = _find_prefix(sub)
+            naming, prefix = naming or found_naming, prefix + inner
         else:
             found_naming, prefix = _find_prefix(keys)
             naming = naming or found_naming
@@ -459,7 +467,7 @@ def convnext_key_map(keys, prefix: Optional[str] = None,
                 ignored.append(k)
             else:
                 unexpected.append(k)
-    return mapping, ignored, unexpected
+    return KeyMap(mapping, ignored, unexpected, naming, prefix)
 
 
 def _target_shape(internal: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -507,7 +515,7 @@ def _infer_config(shapes: Mapping[str, Tuple[int, ...]]) -> ConvNeXtConfig:
                           layer_scale_init_value=1e-6 if layer_scale else 0.0)
 
 
-def _load_error(config, missing, unexpected, misshaped, limit: int = 20) -> str:
+def _load_error(config, keymap, missing, unexpected, misshaped, limit: int = 20) -> str:
     def fmt(title, items):
         if not items:
             return ""
@@ -517,6 +525,7 @@ def _load_error(config, missing, unexpected, misshaped, limit: int = 20) -> str:
 
     return (f"ConvNeXtTower: the checkpoint does not match the config (hidden_sizes="
             f"{list(config.hidden_sizes)}, depths={list(config.depths)}, layer_scale="
-            f"{config.layer_scale}):" + fmt("missing (model parameters without a checkpoint key)",
+            f"{config.layer_scale}; checkpoint naming {keymap.naming!r} under prefix "
+            f"{keymap.prefix!r}):" + fmt("missing (model parameters without a checkpoint key)",
                                             missing)
             + fmt("unexpected checkpoint keys", unexpected) + fmt("mis-shaped", misshaped))
