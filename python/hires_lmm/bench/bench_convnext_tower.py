@@ -7,7 +7,7 @@
   quick=True:  a tiny 5-stage config at 128 / 192 px (a CPU smoke run).
 max_err is relative: max|ours - HF fp32| / max|HF fp32| (HF in fp32 on the same weights), tol 3e-2
 for bf16 and 1e-4 for fp32. When torch.ops.hires_lmm.convnext_block is not built, "ours" runs the
-reference ops and the case name says so. Layer scales are drawn from U(0.05, 0.2) (not the 1e-6
+reference ops and the case name ends in "[ref ops]". Layer scales are drawn from U(0.05, 0.2) (not the 1e-6
 init) so that every block contributes to the output being checked.
 """
 import copy
@@ -59,7 +59,7 @@ def cases(device: str, quick: bool) -> List[Case]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
     backend = "kernels" if hasattr(torch.ops.hires_lmm, "convnext_block") else "reference"
-    note = "" if backend == "kernels" else " (reference ops: convnext_block not built)"
+    note = "" if backend == "kernels" else " [ref ops]"   # convnext_block not built
 
     hf = _hf_model(cfg, device, dtype)
     tower = ConvNeXtTower.from_state_dict(hf.state_dict(), dtype=dtype, device=device)
