@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-import hires_lmm
+import hires_lmm  # noqa: F401  (loads torch.ops.hires_lmm before the HAS_BLOCK_KERNEL check)
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,7 +7,7 @@ import hires_lmm
 from hires_lmm.models import ConvNeXtConfig, ConvNeXtTower
 
 from conftest import DEVICES
-from convnext_hf_utils import BACKENDS, DEPTHS, HIDDEN, SIZES, hf_tokens, make_hf, rel_err
+from convnext_hf_utils import BACKENDS, HIDDEN, SIZES, hf_tokens, make_hf, rel_err
 
 RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 

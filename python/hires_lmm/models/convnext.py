@@ -52,7 +52,6 @@ Checkpoints (`ConvNeXtTower.from_pretrained(path)`):
 """
 import dataclasses
 import json
-import math
 import os
 import re
 from pathlib import Path
