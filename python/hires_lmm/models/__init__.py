@@ -1,0 +1,7 @@
+"""hires_lmm.models: plain nn.Modules built from frozen configs read from config.json; they call
+hires_lmm.ops only, so hires_lmm.set_backend("reference") switches them to the references."""
+from .convnext import ConvNeXtBlock, ConvNeXtConfig, ConvNeXtTower, convnext_key_map
+from .convllava_preprocess import convllava_preprocess, expand2square
+
+__all__ = ["ConvNeXtConfig", "ConvNeXtTower", "ConvNeXtBlock", "convnext_key_map",
+           "convllava_preprocess", "expand2square"]
