@@ -1,4 +1,5 @@
-"""Checkpoint reading shared by the Llama and CLIP models: config.json, safetensors (single file or
+"""Checkpoint loading shared by the Llama and CLIP models: config.json, then the tensors through
+hires_lmm.checkpoint (safetensors single file or
 sharded with model.safetensors.index.json, memory-mapped), PyTorch .bin as a fallback
 (torch.load(weights_only=True)), and one strict load with an explicit key map.
 
@@ -12,6 +13,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
+
+from ..checkpoint import open_checkpoint
 
 __all__ = ["read_config", "checkpoint_keys", "load_into", "CheckpointError"]
 
@@ -28,46 +31,16 @@ def read_config(ckpt_dir: str) -> dict:
         return json.load(f)
 
 
-def _weight_files(ckpt_dir: str):
-    """-> (kind, [files]) with kind in {"safetensors", "bin"}."""
-    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return "safetensors", [os.path.join(ckpt_dir, n) for n in files]
-    single = os.path.join(ckpt_dir, "model.safetensors")
-    if os.path.isfile(single):
-        return "safetensors", [single]
-    index = os.path.join(ckpt_dir, "pytorch_model.bin.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-        return "bin", [os.path.join(ckpt_dir, n) for n in files]
-    single = os.path.join(ckpt_dir, "pytorch_model.bin")
-    if os.path.isfile(single):
-        return "bin", [single]
-    raise FileNotFoundError(
-        f"from_pretrained: argument 'dir' holds no model.safetensors, model.safetensors.index.json "
-        f"or pytorch_model.bin: {ckpt_dir!r}")
-
-
 def _iter_tensors(ckpt_dir: str, wanted: Optional[Callable[[str, tuple], bool]] = None,
                   device="cpu"):
-    """Yield (key, shape, tensor) over every weight file; a tensor is read (onto `device`, straight
-    from the memory-mapped safetensors file) only when wanted(key, shape), else it is None."""
-    kind, files = _weight_files(ckpt_dir)
-    for path in files:
-        if kind == "safetensors":
-            from safetensors import safe_open
-            with safe_open(path, framework="pt", device=str(device)) as f:
-                for key in f.keys():
-                    shape = tuple(f.get_slice(key).get_shape())
-                    yield key, shape, (f.get_tensor(key) if wanted is None or wanted(key, shape) else None)
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            for key, t in sd.items():
-                shape = tuple(t.shape)
-                yield key, shape, (t.to(device) if wanted is None or wanted(key, shape) else None)
+    """Yield (key, shape, tensor) over the checkpoint (hires_lmm.checkpoint.open_checkpoint:
+    sharded or single safetensors, memory-mapped; .bin pickles as a fallback); a tensor is read
+    only when wanted(key, shape), else it is None."""
+    reader = open_checkpoint(ckpt_dir)
+    for key in list(reader.keys()):
+        shape = tuple(reader.shape(key))
+        yield key, shape, (reader.get(key, device=device)
+                           if wanted is None or wanted(key, shape) else None)
 
 
 def checkpoint_keys(ckpt_dir: str):
