@@ -403,3 +403,16 @@ def test_generate_eos_stops_and_pads(tmp_path_factory):
     n1 = 6 if len(hit) == 0 else int(hit[0]) + 1   # sample 1 runs until its own eos
     assert torch.equal(out[1, 7:7 + n1], free[1, 7:7 + n1])
     assert out.shape[1] == 7 + n1 if len(hit) else out.shape[1] == 13
+
+
+def test_generate_dynamic_rope_across_max_positions(tmp_path_factory):
+    """Dynamic NTK: decoding past max_position_embeddings re-derives the frequencies per step
+    (cached keys keep the old rotation), as HF's dynamic_rope_update does."""
+    hf, d = _pair(tmp_path_factory, "dynamic", layers=2)
+    hires_lmm.set_backend("reference")
+    m = Llama.from_pretrained(d)
+    ids = torch.randint(0, VOCAB, (1, 60))
+    out = m.generate(ids, max_new_tokens=8)
+    ref = hf.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                      attention_mask=torch.ones_like(ids), pad_token_id=0)
+    assert torch.equal(out, ref)
