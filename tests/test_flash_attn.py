@@ -226,11 +226,17 @@ def test_flash_attn_math_fallback(causal, monkeypatch):
     assert (out[sum(lq):] == 0).all()  # tokens past cu_seqlens_q[-1] belong to no sequence
 
 
-def test_flash_attn_empty_and_no_keys():
-    q = torch.randn(1, 5, 2, 64)
-    k = torch.randn(1, 0, 2, 64)
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_empty_and_no_keys(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # CUDA: the kernel, not the fallback
+    q = torch.randn(1, 5, 2, 64, dtype=dtype, device=device)
+    k = torch.randn(1, 0, 2, 64, dtype=dtype, device=device)
     assert (ops.flash_attn_func(q, k, k) == 0).all()
+    assert (ops.flash_attn_func(q, k, k, causal=True) == 0).all()
     assert ops.flash_attn_func(q[:, :0], q, q).shape == (1, 0, 2, 64)
+    cu_q = torch.tensor([0, 5], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 0], dtype=torch.int32, device=device)
+    assert (ops.flash_attn_varlen_func(q[0], k[0], k[0], cu_q, cu_k, 5, 0) == 0).all()
 
 
 def test_flash_attn_matches_reference_backend():
