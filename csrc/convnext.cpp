@@ -11,6 +11,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 
@@ -198,21 +199,27 @@ at::Tensor convnext_block(const at::Tensor& x, const at::Tensor& dw_weight,
   at::Tensor out2 = out.view({M, C});
 
 #ifdef HIRES_LMM_WITH_CUDA
+  // 16-byte accesses everywhere in the GEMMs and their epilogues: views with odd offsets take
+  // the fallback (fresh allocations are always aligned).
+  auto aligned = [](const c10::optional<at::Tensor>& t) {
+    return !t.has_value() || reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0;
+  };
   if (x.is_cuda() && x.scalar_type() != at::kFloat &&
-      pointwise_supported(to_dtype(x.scalar_type()), F, C)) {
+      pointwise_supported(to_dtype(x.scalar_type()), F, C) && aligned(x2) && aligned(fc1_weight) &&
+      aligned(fc2_weight) && aligned(fc1_bias) && aligned(fc2_bias) && aligned(gamma)) {
     const c10::cuda::CUDAGuard guard(x.device());
     const auto stream = c10::cuda::getCurrentCUDAStream();
     const DType dt = to_dtype(x.scalar_type());
-    // Missing optional parameters become zeros / ones: the epilogues always read a vector.
-    const at::Tensor b1 = fc1_bias ? fc1_bias->contiguous() : at::zeros({F}, x.options());
-    const at::Tensor b2 = fc2_bias ? fc2_bias->contiguous() : at::zeros({C}, x.options());
-    const at::Tensor g = gamma ? gamma->contiguous() : at::ones({C}, x.options());
+    // A missing bias / gamma is a null pointer: the epilogue broadcasts 0 / 1 instead.
+    const at::Tensor b1 = fc1_bias ? fc1_bias->contiguous() : at::Tensor();
+    const at::Tensor b2 = fc2_bias ? fc2_bias->contiguous() : at::Tensor();
+    const at::Tensor g = gamma ? gamma->contiguous() : at::Tensor();
     const at::Tensor w1 = fc1_weight.contiguous(), w2 = fc2_weight.contiguous();
     at::Tensor hidden = at::empty({M, F}, x.options());
     PointwiseParams p1;
     p1.a = h2.data_ptr();
     p1.w = w1.data_ptr();
-    p1.bias = b1.data_ptr();
+    p1.bias = b1.defined() ? b1.data_ptr() : nullptr;
     p1.out = hidden.data_ptr();
     p1.M = M;
     p1.N = F;
@@ -220,8 +227,8 @@ at::Tensor convnext_block(const at::Tensor& x, const at::Tensor& dw_weight,
     PointwiseParams p2;
     p2.a = hidden.data_ptr();
     p2.w = w2.data_ptr();
-    p2.bias = b2.data_ptr();
-    p2.gamma = g.data_ptr();
+    p2.bias = b2.defined() ? b2.data_ptr() : nullptr;
+    p2.gamma = g.defined() ? g.data_ptr() : nullptr;
     p2.residual = x2.data_ptr();
     p2.out = out2.data_ptr();
     p2.M = M;
@@ -229,12 +236,15 @@ at::Tensor convnext_block(const at::Tensor& x, const at::Tensor& dw_weight,
     p2.K = F;
     std::string err;
 #ifdef HIRES_LMM_WITH_SM90
-    // The Hopper GEMMs are opt-in until a GPU run validates them (HIRES_LMM_CONVNEXT_SM90=1).
-    static const bool use_sm90 = [] {
-      const char* e = std::getenv("HIRES_LMM_CONVNEXT_SM90");
-      return e != nullptr && std::string(e) == "1";
-    }();
-    if (use_sm90) {
+    // The Hopper GEMMs are opt-in until a GPU run validates them (HIRES_LMM_CONVNEXT_SM90=1;
+    // read per call so that tests can switch paths).
+    const char* env = std::getenv("HIRES_LMM_CONVNEXT_SM90");
+    const bool use_sm90 = env != nullptr && std::string(env) == "1";
+    int major = 0;
+    const bool hopper =
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()) ==
+            cudaSuccess && major == 9;
+    if (use_sm90 && hopper) {
       err = launch_fc1_bias_gelu_sm90(p1, dt, stream);
       if (err.empty()) err = launch_fc2_bias_scale_residual_sm90(p2, dt, stream);
       TORCH_CHECK(err.empty(), op, ": CUDA launch failed (sm90a GEMM): ", err);

@@ -311,3 +311,23 @@ def test_opcheck(device):
 def test_build_info_lists_kernels():
     k = hires_lmm.build_info()["kernels"]
     assert "cpu" in k["dwconv_layernorm"] and "cpu" in k["convnext_block"]
+
+
+def _is_hopper():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device", DEVICES[1:])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C,hw", [(192, (9, 15)), (384, (24, 24)), (3072, (3, 5)), (24, (1, 1))])
+@pytest.mark.parametrize("bias,gamma", [(True, True), (False, False)])
+def test_convnext_block_sm90(device, dtype, C, hw, bias, gamma, monkeypatch):
+    """CUDA: the opt-in Hopper GEMMs (HIRES_LMM_CONVNEXT_SM90=1) against the reference."""
+    if not hires_lmm.build_info()["sm90a_kernels"] or not _is_hopper():
+        pytest.skip("needs a build with sm_90a kernels and a compute capability 9.x device")
+    monkeypatch.setenv("HIRES_LMM_CONVNEXT_SM90", "1")
+    p = make_params(C, 4 * C, dtype, device, bias=bias, gamma=gamma)
+    x = make_x((2, *hw, C), dtype, device)
+    got = ops.convnext_block(x, *block_args(p), 1e-6)
+    assert_close(got, ref.convnext_block(x, *block_args(p), 1e-6), dtype, BLOCK_SCALE[dtype])

@@ -3,8 +3,7 @@
 //   fc1: hidden = GELU_erf(a @ w^T + bias)                       a (M,K), w (N,K), hidden (M,N)
 //   fc2: out    = residual + gamma * (a @ w^T + bias)            a (M,K), w (N,K), out (M,N)
 // All matrices row-major, contiguous, of one dtype T (fp16 or bf16); fp32 accumulation; one
-// rounding of the result. bias and gamma are (N,) and never null (the binding passes zeros /
-// ones when a checkpoint has none).
+// rounding of the result. bias and gamma are (N,) or null (the epilogue then broadcasts 0 / 1).
 #pragma once
 #include <cuda_runtime_api.h>
 #include <cstdint>
@@ -17,8 +16,8 @@ namespace hires::convnext {
 struct PointwiseParams {
   const void* a = nullptr;         // (M, K) row-major T
   const void* w = nullptr;         // (N, K) row-major T (nn.Linear weight)
-  const void* bias = nullptr;      // (N,) T
-  const void* gamma = nullptr;     // (N,) T, fc2 only
+  const void* bias = nullptr;      // (N,) T or null (= zeros)
+  const void* gamma = nullptr;     // (N,) T or null (= ones), fc2 only
   const void* residual = nullptr;  // (M, N) row-major T, fc2 only
   void* out = nullptr;             // (M, N) row-major T
   int64_t M = 0, N = 0, K = 0;
