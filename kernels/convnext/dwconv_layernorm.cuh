@@ -161,13 +161,28 @@ dwconv_layernorm_kernel(const DwconvLnParams p, const int P, const int64_t segs)
     for (int64_t cp = lane; cp < npack; cp += Tile::kWarp) {
       const int64_t c = cp * VEC;
       const PackT wv = *reinterpret_cast<const PackT*>(lw + c);
-      PackT bv;
+      PackT bv{};
       if (lb != nullptr) bv = *reinterpret_cast<const PackT*>(lb + c);
+      float yv[VEC];
+      if constexpr (VEC % 4 == 0) {
+        // 16-byte shared loads (lanes VEC floats apart: 2-way conflicts instead of VEC-way).
+#pragma unroll
+        for (int e = 0; e < VEC; e += 4) {
+          const float4 q = *reinterpret_cast<const float4*>(y + c + e);
+          yv[e] = q.x;
+          yv[e + 1] = q.y;
+          yv[e + 2] = q.z;
+          yv[e + 3] = q.w;
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) yv[e] = y[c + e];
+      }
       PackT ov;
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const float bias = lb != nullptr ? to_f32<T>(bv.v[e]) : 0.f;
-        ov.v[e] = from_f32<T>((y[c + e] - mean) * rstd * to_f32<T>(wv.v[e]) + bias);
+        ov.v[e] = from_f32<T>((yv[e] - mean) * rstd * to_f32<T>(wv.v[e]) + bias);
       }
       *reinterpret_cast<PackT*>(o + c) = ov;
     }
