@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# GPU evidence, on a machine with a CUDA GPU and a CUDA torch: build hires_lmm for this GPU, run the
+# GPU tests and the benchmark, and write bench/results/<date>-<gpu>-<commit>.{json,md,png}
+# (also copied to $OUT when set). Commit those files: they are the only evidence that the CUDA
+# kernels work and how fast they are.
+#   bash bench/gpu_validate.sh            # everything
+#   HIRES_LMM_BENCH_ARGS="--only deepstack" bash bench/gpu_validate.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+commit=${HIRES_LMM_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
+export HIRES_LMM_COMMIT=$commit
+
+# CUTLASS headers: an installed nvidia-cutlass, else the wheel carried in .whl/ (third_party/README.md).
+if ! "$PY" -c "import cutlass_library" 2>/dev/null && ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/hires-site .whl/nvidia_cutlass-*.whl
+  export PYTHONPATH=/tmp/hires-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace('NVIDIA ','').replace(' ','-'))") || {
+  echo "gpu_validate: no CUDA device visible"; exit 1; }
+stem="bench/results/$(date +%F)-${gpu}-${commit}"
+mkdir -p bench/results
+log="$stem.log"
+
+echo "== build ($gpu, commit $commit)" | tee "$log"
+t0=$(date +%s)
+MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install --no-build-isolation --no-deps . >>"$log" 2>&1 || {
+  tail -40 "$log"; echo "gpu_validate: build failed"; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$log"
+cd /tmp  # import the installed package, not the source tree
+"$PY" -c "import hires_lmm, json; print(json.dumps(hires_lmm.build_info()))" | tee -a "$OLDPWD/$log"
+cd "$OLDPWD"
+
+echo "== pytest -m gpu" | tee -a "$log"
+"$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --rootdir=. tests 2>&1 | tee "$stem.pytest.txt" | tail -30
+test_rc=${PIPESTATUS[0]}
+
+echo "== benchmark" | tee -a "$log"
+"$PY" -m hires_lmm.bench --device cuda --json "$stem.json" --plot "$stem.png" ${HIRES_LMM_BENCH_ARGS:-} 2>&1 | tee "$stem.bench.txt"
+bench_rc=${PIPESTATUS[0]}
+
+"$PY" -m hires_lmm.bench.report "$stem.json" --pytest "$stem.pytest.txt" > "$stem.md"
+if [ -n "${OUT:-}" ]; then
+  cp "$stem".json "$stem".md "$stem".png "$stem".bench.txt "$stem".pytest.txt "$log" "$OUT"/ 2>/dev/null
+fi
+echo "gpu_validate: tests rc=$test_rc, bench rc=$bench_rc -> $stem.{json,md,png}"
+exit $(( test_rc != 0 || bench_rc != 0 ))

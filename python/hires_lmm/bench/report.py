@@ -1,0 +1,29 @@
+"""python -m hires_lmm.bench.report RESULT.json [--pytest PYTEST.txt] > RESULT.md"""
+import argparse
+import json
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("json")
+    p.add_argument("--pytest", default=None)
+    a = p.parse_args(argv)
+    r = json.load(open(a.json))
+    print(f"# hires_lmm benchmark: {r['gpu']}, commit {r['commit']}, {r['date']}\n")
+    print(f"torch {r['torch']}, CUDA {r['cuda']}, build {r['hires_lmm'].get('cuda_archs')}; "
+          + (f"measured device copy bandwidth {r['copy_bandwidth_gbps']:.0f} GB/s" if r.get("copy_bandwidth_gbps") else ""))
+    if a.pytest:
+        lines = [ln for ln in open(a.pytest).read().splitlines() if ln.strip()]
+        print(f"\nGPU tests (`pytest -m gpu`): `{lines[-1] if lines else 'no output'}`")
+    print("\n| op | case | dtype | ours us | reference | ref us | speedup | GB/s | % copy bw | TFLOP/s | max err | ok |")
+    print("|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|")
+    for x in r["records"]:
+        f = lambda k, fmt: (fmt.format(x[k]) if x.get(k) is not None else "")
+        print(f"| {x['op']} | {x['case']} | {x['dtype']} | {f('ours_us','{:.1f}')} | {x.get('reference') or ''} | "
+              f"{f('reference_us','{:.1f}')} | {f('speedup','{:.2f}x')} | {f('gbps','{:.0f}')} | "
+              f"{f('pct_of_copy_bw','{:.0f}%')} | {f('tflops','{:.1f}')} | {f('max_err','{:.2e}')} | "
+              f"{'' if x.get('ok') is None else ('ok' if x['ok'] else 'FAIL')} |")
+
+
+if __name__ == "__main__":
+    main()
