@@ -4,10 +4,20 @@
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace hires::convnext {
 namespace {
+
+constexpr int kPix = 4;  // output pixels per register tile
+constexpr int kCh = 8;   // channels per register tile
+typedef float V8 __attribute__((vector_size(kCh * sizeof(float))));
+inline V8 load8(const float* p) {
+  V8 v;
+  std::memcpy(&v, p, sizeof(V8));
+  return v;
+}
 
 template <typename T>
 void run(const DwconvLnParams& p) {
@@ -35,7 +45,7 @@ void run(const DwconvLnParams& p) {
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, W * C * K * K));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> in(size_t(K) * Wp * C);  // the 7 input rows of one output row, fp32, padded
-    std::vector<float> acc(C);
+    std::vector<float> ybuf(W * C);  // conv outputs of one output row (the kernel's shared memory)
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / H, h = r % H;
       // 1. Stage the window's input rows in fp32 with zero padding (the kernel's zero fill).
@@ -49,17 +59,42 @@ void run(const DwconvLnParams& p) {
           for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<float>(src[c]);
         }
       }
-      for (int64_t w = 0; w < W; ++w) {
-        // 2. Depthwise conv in fp32: taps row by row, bias added last.
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int kh = 0; kh < K; ++kh) {
-          for (int kw = 0; kw < K; ++kw) {
-            const float* xi = in.data() + (kh * Wp + w + kw) * C;
-            const float* wk = wf.data() + (kh * K + kw) * C;
-            for (int64_t c = 0; c < C; ++c) acc[c] += wk[c] * xi[c];
+      // 2. Depthwise conv in fp32, taps row by row, bias added last (the kernel's order). Tiles
+      //    of kPix pixels x kCh channels keep their sums in registers across the 49 taps, and
+      //    each weight load serves kPix pixels.
+      for (int64_t w0 = 0; w0 < W; w0 += kPix) {
+        const int64_t nr = std::min<int64_t>(kPix, W - w0);
+        for (int64_t c0 = 0; c0 < C; c0 += kCh) {
+          const int64_t cn = std::min<int64_t>(kCh, C - c0);
+          float acc[kPix][kCh] = {};
+          if (nr == kPix && cn == kCh) {
+            // Register tile as 4 vectors of 8 floats (GCC/Clang vector extension): the sums stay
+            // in registers for all 49 taps instead of round-tripping through the stack.
+            V8 a[kPix] = {};
+            for (int kh = 0; kh < K; ++kh) {
+              for (int kw = 0; kw < K; ++kw) {
+                const V8 wv = load8(wf.data() + (kh * K + kw) * C + c0);
+                const float* xi = in.data() + (kh * Wp + w0 + kw) * C + c0;
+                for (int r = 0; r < kPix; ++r) a[r] += wv * load8(xi + r * C);
+              }
+            }
+            for (int r = 0; r < kPix; ++r) std::memcpy(acc[r], &a[r], sizeof(V8));
+          } else {
+            for (int kh = 0; kh < K; ++kh) {
+              for (int kw = 0; kw < K; ++kw) {
+                const float* wk = wf.data() + (kh * K + kw) * C + c0;
+                const float* xi = in.data() + (kh * Wp + w0 + kw) * C + c0;
+                for (int64_t r = 0; r < nr; ++r)
+                  for (int64_t e = 0; e < cn; ++e) acc[r][e] += wk[e] * xi[r * C + e];
+              }
+            }
           }
+          for (int64_t r = 0; r < nr; ++r)
+            for (int64_t e = 0; e < cn; ++e) ybuf[(w0 + r) * C + c0 + e] = acc[r][e] + dbf[c0 + e];
         }
-        for (int64_t c = 0; c < C; ++c) acc[c] += dbf[c];
+      }
+      for (int64_t w = 0; w < W; ++w) {
+        const float* acc = ybuf.data() + w * C;
         // 3. LayerNorm over C, two-pass variance, one rounding.
         float s = 0.f;
         for (int64_t c = 0; c < C; ++c) s += acc[c];
