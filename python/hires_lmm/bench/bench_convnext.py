@@ -7,7 +7,9 @@ torch.compile of the same module.
 `quick` (the CPU smoke run) uses tiny shapes; the targets of issue 3 (block >= 1.5x eager and
 >= 1.1x compile on every stage) are for the full shapes on H100/H200."""
 import argparse
+import dataclasses
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,25 @@ def _eager_dwln(x_nchw, p):
     return F.layer_norm(y, (C,), p["ln_weight"], p["ln_bias"], 1e-6)
 
 
+def _sm90_available():
+    import hires_lmm
+    return (hires_lmm.build_info()["sm90a_kernels"]
+            and torch.cuda.get_device_capability()[0] == 9)
+
+
+def _with_sm90(fn):
+    """Runs fn with HIRES_LMM_CONVNEXT_SM90=1 (the binding reads it per call)."""
+    old = os.environ.get("HIRES_LMM_CONVNEXT_SM90")
+    os.environ["HIRES_LMM_CONVNEXT_SM90"] = "1"
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["HIRES_LMM_CONVNEXT_SM90"]
+        else:
+            os.environ["HIRES_LMM_CONVNEXT_SM90"] = old
+
+
 def _max_err(fn, want_fn):
     @torch.no_grad()
     def err():
@@ -106,6 +127,14 @@ def cases(device: str, quick: bool) -> list:
                 max_err=_max_err(ours, lambda x=x, p32=p32: ref.convnext_block(
                     x.float(), *_block_args(p32), 1e-6)),
                 tol=TOL[dtype]["block"]))
+
+            # -- the same block through the opt-in Hopper GEMMs (compare before making them default)
+            if device == "cuda" and _sm90_available():
+                ours90 = functools.partial(_with_sm90, ours)
+                out.append(dataclasses.replace(out[-1], op="convnext_block_sm90",
+                                               ours=torch.no_grad()(ours90),
+                                               max_err=_max_err(ours90, lambda x=x, p32=p32: ref.convnext_block(
+                                                   x.float(), *_block_args(p32), 1e-6))))
 
             # -- dwconv + LayerNorm alone
             ours_dw = functools.partial(ops.dwconv_layernorm, x, p["dw_weight"], p["dw_bias"],
