@@ -331,3 +331,18 @@ def test_convnext_block_sm90(device, dtype, C, hw, bias, gamma, monkeypatch):
     x = make_x((2, *hw, C), dtype, device)
     got = ops.convnext_block(x, *block_args(p), 1e-6)
     assert_close(got, ref.convnext_block(x, *block_args(p), 1e-6), dtype, BLOCK_SCALE[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph(device):
+    """The fake kernels let torch.compile trace both ops without graph breaks."""
+    C = 16
+    p = make_params(C, 4 * C, torch.float32, device)
+    x = make_x((1, 5, 4, C), torch.float32, device)
+
+    def f(x):
+        h = ops.dwconv_layernorm(x, *dwln_args(p))
+        return ops.convnext_block(h, *block_args(p))
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    assert_close(got, f(x), torch.float32)
