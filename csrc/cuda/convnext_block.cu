@@ -2,6 +2,8 @@
 // builds the CUTLASS arguments (operand strides, the epilogue trees' pointers), checks
 // can_implement() and launches on the caller's stream. Explicit instantiations: fp16 and bf16
 // (2 dtypes x 2 epilogues = 4 GEMM kernels); fp32 takes the binding's documented fallback.
+// Compile cost (nvcc 13.2, sm_80 + sm_90a, one core): ~49 s CPU; the sm_90a file another ~50 s;
+// dwconv_layernorm.cu ~4 s.
 #include "csrc/cuda/convnext_block.h"
 
 #include <climits>
