@@ -1,0 +1,302 @@
+// Binding of the ConvNeXt op family: schemas, argument checks, CPU and CUDA dispatch.
+//   dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
+//   convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight,
+//                  fc2_bias, gamma, eps) = x + gamma * fc2(GELU_erf(fc1(dwconv_layernorm(x))))
+// x is NHWC (B, H, W, C). The fused dwconv + LayerNorm kernel is
+// kernels/convnext/dwconv_layernorm.cuh (CPU twin: csrc/cpu/dwconv_layernorm.cpp). The block's
+// pointwise layers are CUTLASS GEMMs with fused epilogues on CUDA for fp16/bf16 when C and the
+// hidden width are multiples of 8 (csrc/cuda/convnext_block.cu); everywhere else (CPU, fp32,
+// other widths) they run as fp32 at::addmm on row chunks with the same roundings as the kernels
+// (see pointwise_composite).
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include "csrc/common.h"
+#include "csrc/cpu/dwconv_layernorm.h"
+#include "kernels/common/dtype.h"
+#include "kernels/convnext/dwconv_layernorm.h"
+
+#ifdef HIRES_LMM_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include "csrc/cuda/convnext_block.h"
+#include "csrc/cuda/dwconv_layernorm.h"
+#endif
+
+namespace hires::convnext {
+namespace {
+
+constexpr int kK = DwconvLnLimits::kKernel;
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kF32;
+    case at::kHalf: return DType::kF16;
+    case at::kBFloat16: return DType::kBF16;
+    default: TORCH_CHECK(false, "hires_lmm: unsupported dtype ", t);
+  }
+}
+
+// A parameter tensor: same device and dtype as x, the given shape.
+void check_param(const char* op, const at::Tensor& t, const char* arg, const at::Tensor& x,
+                 at::IntArrayRef shape, const char* shape_desc) {
+  check_same_device(t, x, op, arg, "x");
+  HIRES_CHECK(t.scalar_type() == x.scalar_type(), op, arg, "must have the dtype of 'x' (",
+              x.scalar_type(), "), got ", t.scalar_type());
+  HIRES_CHECK(t.sizes() == shape, op, arg, "must have shape ", shape_desc, " = ", shape, ", got ",
+              t.sizes());
+}
+
+void check_opt_param(const char* op, const c10::optional<at::Tensor>& t, const char* arg,
+                     const at::Tensor& x, at::IntArrayRef shape, const char* shape_desc) {
+  if (t.has_value()) check_param(op, *t, arg, x, shape, shape_desc);
+}
+
+// x (B,H,W,C) and the dwconv + LayerNorm parameters.
+void check_dwconv_ln_args(const char* op, const at::Tensor& x, const at::Tensor& dw_weight,
+                          const c10::optional<at::Tensor>& dw_bias, const at::Tensor& ln_weight,
+                          const c10::optional<at::Tensor>& ln_bias, double eps) {
+  check_float(x, op, "x");
+  HIRES_CHECK(x.dim() == 4, op, "x", "must be 4-D (B, H, W, C) channels-last (NHWC), got shape ",
+              x.sizes());
+  const int64_t C = x.size(3);
+  HIRES_CHECK(C > 0, op, "x", "must have at least one channel (last dim), got shape ", x.sizes());
+  HIRES_CHECK(C <= DwconvLnLimits::kMaxChannels, op, "x", "has ", C,
+              " channels; the fused kernel supports up to ", DwconvLnLimits::kMaxChannels);
+  check_same_device(dw_weight, x, op, "dw_weight", "x");
+  HIRES_CHECK(dw_weight.scalar_type() == x.scalar_type(), op, "dw_weight",
+              "must have the dtype of 'x' (", x.scalar_type(), "), got ", dw_weight.scalar_type());
+  HIRES_CHECK(dw_weight.dim() == 4 && dw_weight.size(1) == 1, op, "dw_weight",
+              "must be a depthwise kernel of shape (C, 1, 7, 7) as stored in checkpoints, got ",
+              dw_weight.sizes());
+  HIRES_CHECK(dw_weight.size(2) == kK && dw_weight.size(3) == kK, op, "dw_weight",
+              "must have kernel size 7x7 (shape (C, 1, 7, 7)), got ", dw_weight.size(2), "x",
+              dw_weight.size(3), " (shape ", dw_weight.sizes(), ")");
+  HIRES_CHECK(dw_weight.size(0) == C, op, "x", "has ", C,
+              " channels in its last dim but 'dw_weight' has ", dw_weight.size(0),
+              " (channel mismatch: x must be NHWC (B, H, W, C); was an NCHW tensor passed?)");
+  check_opt_param(op, dw_bias, "dw_bias", x, {C}, "(C,)");
+  check_param(op, ln_weight, "ln_weight", x, {C}, "(C,)");
+  check_opt_param(op, ln_bias, "ln_bias", x, {C}, "(C,)");
+  HIRES_CHECK(eps >= 0.0, op, "eps", "must be >= 0, got ", eps);
+}
+
+// Runs the fused kernel (CUDA) or its twin (CPU): out (B,H,W,C) contiguous of x's dtype.
+at::Tensor dwconv_ln_impl(const at::Tensor& x_in, const at::Tensor& dw_weight,
+                          const c10::optional<at::Tensor>& dw_bias, const at::Tensor& ln_weight,
+                          const c10::optional<at::Tensor>& ln_bias, double eps) {
+  const at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
+  const int64_t C = x.size(3);
+  // (C,1,7,7) -> (49, C): one tap of all channels is contiguous (16-byte loads per tap).
+  const at::Tensor w_t = dw_weight.reshape({C, DwconvLnLimits::kTaps}).t().contiguous();
+  const at::Tensor lw = ln_weight.contiguous();
+  at::Tensor db, lb;
+  DwconvLnParams p;
+  p.x = x.data_ptr();
+  p.sx_b = x.stride(0);
+  p.sx_h = x.stride(1);
+  p.sx_w = x.stride(2);
+  p.w_t = w_t.data_ptr();
+  if (dw_bias) {
+    db = dw_bias->contiguous();
+    p.dw_bias = db.data_ptr();
+  }
+  p.ln_weight = lw.data_ptr();
+  if (ln_bias) {
+    lb = ln_bias->contiguous();
+    p.ln_bias = lb.data_ptr();
+  }
+  p.B = x.size(0);
+  p.H = x.size(1);
+  p.W = x.size(2);
+  p.C = C;
+  p.eps = static_cast<float>(eps);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  p.out = out.data_ptr();
+  if (x.is_cpu()) {
+    dwconv_layernorm_cpu(p, x.scalar_type());
+  } else {
+#ifdef HIRES_LMM_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    const std::string err =
+        launch_dwconv_layernorm(p, to_dtype(x.scalar_type()), c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err.empty(), "dwconv_layernorm: CUDA launch failed: ", err);
+#else
+    TORCH_CHECK(false, "dwconv_layernorm: this build of hires_lmm has no CUDA kernels (built CPU-only)");
+#endif
+  }
+  return out;
+}
+
+at::Tensor dwconv_layernorm(const at::Tensor& x, const at::Tensor& dw_weight,
+                            const c10::optional<at::Tensor>& dw_bias, const at::Tensor& ln_weight,
+                            const c10::optional<at::Tensor>& ln_bias, double eps) {
+  check_dwconv_ln_args("dwconv_layernorm", x, dw_weight, dw_bias, ln_weight, ln_bias, eps);
+  return dwconv_ln_impl(x, dw_weight, dw_bias, ln_weight, ln_bias, eps);
+}
+
+at::Tensor to_f32(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->to(at::kFloat) : at::Tensor();
+}
+
+// The pointwise half of the block without the CUTLASS kernels: h (M,C) of T (the fused kernel's
+// output), fp32 GEMMs on row chunks (bounded fp32 temporaries), the GELU output rounded to T as
+// the CUDA path stores it, one rounding of the result. Used on CPU and as the CUDA fallback.
+void pointwise_composite(const at::Tensor& h, const at::Tensor& x2, const at::Tensor& fc1_weight,
+                         const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                         const c10::optional<at::Tensor>& fc2_bias,
+                         const c10::optional<at::Tensor>& gamma, at::Tensor& out2) {
+  const int64_t M = h.size(0), F = fc1_weight.size(0);
+  const bool lowp = h.scalar_type() != at::kFloat;
+  const at::Tensor w1t = fc1_weight.to(at::kFloat).t();  // (C, F)
+  const at::Tensor w2t = fc2_weight.to(at::kFloat).t();  // (F, C)
+  const at::Tensor b1 = to_f32(fc1_bias), b2 = to_f32(fc2_bias), g = to_f32(gamma);
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(F, 1));
+  for (int64_t r0 = 0; r0 < M; r0 += chunk) {
+    const int64_t r1 = std::min(M, r0 + chunk);
+    const at::Tensor a = h.slice(0, r0, r1).to(at::kFloat);
+    at::Tensor u = b1.defined() ? at::addmm(b1, a, w1t) : at::mm(a, w1t);
+    u = at::gelu(u);  // exact erf form
+    if (lowp) u = u.to(h.scalar_type()).to(at::kFloat);  // the CUDA path stores fc1's output as T
+    at::Tensor v = b2.defined() ? at::addmm(b2, u, w2t) : at::mm(u, w2t);
+    if (g.defined()) v.mul_(g);
+    v.add_(x2.slice(0, r0, r1));  // residual (fp32 add of T values, one rounding below)
+    out2.slice(0, r0, r1).copy_(v);
+  }
+}
+
+at::Tensor convnext_block(const at::Tensor& x, const at::Tensor& dw_weight,
+                          const c10::optional<at::Tensor>& dw_bias, const at::Tensor& ln_weight,
+                          const c10::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
+                          const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                          const c10::optional<at::Tensor>& fc2_bias,
+                          const c10::optional<at::Tensor>& gamma, double eps) {
+  const char* op = "convnext_block";
+  check_dwconv_ln_args(op, x, dw_weight, dw_bias, ln_weight, ln_bias, eps);
+  const int64_t C = x.size(3);
+  check_same_device(fc1_weight, x, op, "fc1_weight", "x");
+  HIRES_CHECK(fc1_weight.scalar_type() == x.scalar_type(), op, "fc1_weight",
+              "must have the dtype of 'x' (", x.scalar_type(), "), got ", fc1_weight.scalar_type());
+  HIRES_CHECK(fc1_weight.dim() == 2 && fc1_weight.size(1) == C && fc1_weight.size(0) > 0, op,
+              "fc1_weight", "must have shape (hidden, C) = (4*", C, ", ", C,
+              ") for ConvNeXt (nn.Linear layout (out, in)), got ", fc1_weight.sizes());
+  const int64_t F = fc1_weight.size(0);
+  check_opt_param(op, fc1_bias, "fc1_bias", x, {F}, "(hidden,)");
+  check_param(op, fc2_weight, "fc2_weight", x, {C, F}, "(C, hidden)");
+  check_opt_param(op, fc2_bias, "fc2_bias", x, {C}, "(C,)");
+  check_opt_param(op, gamma, "gamma", x, {C}, "(C,)");
+
+  const at::Tensor h = dwconv_ln_impl(x, dw_weight, dw_bias, ln_weight, ln_bias, eps);  // (B,H,W,C)
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.numel() / C;
+  at::Tensor out = at::empty(xc.sizes(), xc.options());
+  if (M == 0) return out;
+  const at::Tensor h2 = h.view({M, C}), x2 = xc.view({M, C});
+  at::Tensor out2 = out.view({M, C});
+
+#ifdef HIRES_LMM_WITH_CUDA
+  // 16-byte accesses everywhere in the GEMMs and their epilogues: views with odd offsets take
+  // the fallback (fresh allocations are always aligned).
+  auto aligned = [](const c10::optional<at::Tensor>& t) {
+    return !t.has_value() || reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0;
+  };
+  if (x.is_cuda() && x.scalar_type() != at::kFloat &&
+      pointwise_supported(to_dtype(x.scalar_type()), F, C) && aligned(x2) && aligned(fc1_weight) &&
+      aligned(fc2_weight) && aligned(fc1_bias) && aligned(fc2_bias) && aligned(gamma)) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    const DType dt = to_dtype(x.scalar_type());
+    // A missing bias / gamma is a null pointer: the epilogue broadcasts 0 / 1 instead.
+    const at::Tensor b1 = fc1_bias ? fc1_bias->contiguous() : at::Tensor();
+    const at::Tensor b2 = fc2_bias ? fc2_bias->contiguous() : at::Tensor();
+    const at::Tensor g = gamma ? gamma->contiguous() : at::Tensor();
+    const at::Tensor w1 = fc1_weight.contiguous(), w2 = fc2_weight.contiguous();
+    at::Tensor hidden = at::empty({M, F}, x.options());
+    PointwiseParams p1;
+    p1.a = h2.data_ptr();
+    p1.w = w1.data_ptr();
+    p1.bias = b1.defined() ? b1.data_ptr() : nullptr;
+    p1.out = hidden.data_ptr();
+    p1.M = M;
+    p1.N = F;
+    p1.K = C;
+    PointwiseParams p2;
+    p2.a = hidden.data_ptr();
+    p2.w = w2.data_ptr();
+    p2.bias = b2.defined() ? b2.data_ptr() : nullptr;
+    p2.gamma = g.defined() ? g.data_ptr() : nullptr;
+    p2.residual = x2.data_ptr();
+    p2.out = out2.data_ptr();
+    p2.M = M;
+    p2.N = C;
+    p2.K = F;
+    std::string err;
+#ifdef HIRES_LMM_WITH_SM90
+    // The Hopper GEMMs are opt-in until a GPU run validates them (HIRES_LMM_CONVNEXT_SM90=1;
+    // read per call so that tests can switch paths).
+    const char* env = std::getenv("HIRES_LMM_CONVNEXT_SM90");
+    const bool use_sm90 = env != nullptr && std::string(env) == "1";
+    int major = 0;
+    const bool hopper =
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()) ==
+            cudaSuccess && major == 9;
+    if (use_sm90 && hopper) {
+      err = launch_fc1_bias_gelu_sm90(p1, dt, stream);
+      if (err.empty()) err = launch_fc2_bias_scale_residual_sm90(p2, dt, stream);
+      TORCH_CHECK(err.empty(), op, ": CUDA launch failed (sm90a GEMM): ", err);
+      return out;
+    }
+#endif
+    err = launch_fc1_bias_gelu(p1, dt, stream);
+    if (err.empty()) err = launch_fc2_bias_scale_residual(p2, dt, stream);
+    TORCH_CHECK(err.empty(), op, ": CUDA launch failed: ", err);
+    return out;
+  }
+#endif
+  pointwise_composite(h2, x2.to(at::kFloat), fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, out2);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(hires_lmm, m) {
+  m.def("dwconv_layernorm(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor ln_weight, "
+        "Tensor? ln_bias, float eps) -> Tensor");
+  m.def("convnext_block(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor ln_weight, "
+        "Tensor? ln_bias, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
+        "Tensor? fc2_bias, Tensor? gamma, float eps) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(hires_lmm, CPU, m) {
+  m.impl("dwconv_layernorm", &dwconv_layernorm);
+  m.impl("convnext_block", &convnext_block);
+}
+
+#ifdef HIRES_LMM_WITH_CUDA
+TORCH_LIBRARY_IMPL(hires_lmm, CUDA, m) {
+  m.impl("dwconv_layernorm", &dwconv_layernorm);
+  m.impl("convnext_block", &convnext_block);
+}
+#endif
+
+}  // namespace hires::convnext
+
+namespace {
+struct ConvnextKernels {
+  ConvnextKernels() {
+    for (const char* op : {"dwconv_layernorm", "convnext_block"}) {
+      hires::kernel_registry()[op].insert("cpu");
+#ifdef HIRES_LMM_WITH_CUDA
+      hires::kernel_registry()[op].insert("cuda");
+#endif
+    }
+#ifdef HIRES_LMM_WITH_SM90
+    hires::kernel_registry()["convnext_block"].insert("cuda_sm90a");
+#endif
+  }
+} convnext_kernels;
+}  // namespace

@@ -1,0 +1,54 @@
+// Launcher of kernels/convnext/dwconv_layernorm.cuh: picks the pixel segment P from C (the
+// shared-memory budget), the pack width (16-byte path when C and every stride and pointer allow
+// it) and turns the runtime dtype into a template argument (the only place that does).
+#include "csrc/cuda/dwconv_layernorm.h"
+#include "kernels/convnext/dwconv_layernorm.cuh"
+
+namespace hires::convnext {
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T, int VEC>
+std::string launch(const DwconvLnParams& p, cudaStream_t stream) {
+  using Tile = DwconvLnTile;
+  // P pixels per block: as many as the shared-memory budget holds (whole runs when possible),
+  // never more than the row (rounded up to a run).
+  int64_t P = std::min<int64_t>(Tile::kMaxPixels, DwconvLnLimits::kSmemFloats / p.C);
+  if (P < 1) return "C too large for the kernel's shared memory";
+  if (P >= Tile::kRun) P = P / Tile::kRun * Tile::kRun;
+  P = std::min<int64_t>(P, ceil_div(p.W, Tile::kRun) * Tile::kRun);
+  const int64_t segs = ceil_div(p.W, P);
+  const int64_t blocks = p.B * p.H * segs;
+  if (blocks > 0x7fffffff) return "too many pixel segments for one launch";
+  const size_t smem = size_t(P) * size_t(p.C) * sizeof(float);
+  dwconv_layernorm_kernel<T, VEC><<<unsigned(blocks), Tile::kThreads, smem, stream>>>(p, int(P), segs);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
+}
+
+template <typename T>
+std::string pick_width(const DwconvLnParams& p, cudaStream_t stream) {
+  constexpr int V = 16 / int(sizeof(T));
+  const bool vec_ok = p.C % V == 0 && p.sx_b % V == 0 && p.sx_h % V == 0 && p.sx_w % V == 0 &&
+                      is_aligned(p.x, 16) && is_aligned(p.w_t, 16) && is_aligned(p.ln_weight, 16) &&
+                      is_aligned(p.out, 16) && (p.dw_bias == nullptr || is_aligned(p.dw_bias, 16)) &&
+                      (p.ln_bias == nullptr || is_aligned(p.ln_bias, 16));
+  if (vec_ok) return launch<T, V>(p, stream);
+  return launch<T, 1>(p, stream);
+}
+
+}  // namespace
+
+std::string launch_dwconv_layernorm(const DwconvLnParams& p, DType t, cudaStream_t stream) {
+  if (p.B == 0 || p.H == 0 || p.W == 0 || p.C == 0) return std::string();  // empty: no 0-block grid
+  if (p.C > DwconvLnLimits::kMaxChannels) return "C exceeds the kernel's limit";
+  switch (t) {
+    case DType::kF32: return pick_width<float>(p, stream);
+    case DType::kF16: return pick_width<__half>(p, stream);
+    case DType::kBF16: return pick_width<__nv_bfloat16>(p, stream);
+  }
+  return "unknown dtype";
+}
+
+}  // namespace hires::convnext

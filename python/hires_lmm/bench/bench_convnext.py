@@ -1,0 +1,179 @@
+"""ConvNeXt family benchmark: one ConvNeXt block per ConvLLaVA-1536 stage (B=1, bf16) and the
+fused dwconv + LayerNorm, against PyTorch eager (transformers' ConvNextLayer, channels_last) and
+torch.compile of the same module.
+
+    python -m hires_lmm.bench.bench_convnext [--quick] [--device cpu|cuda]
+
+`quick` (the CPU smoke run) uses tiny shapes; the targets of issue 3 (block >= 1.5x eager and
+>= 1.1x compile on every stage) are for the full shapes on H100/H200."""
+import argparse
+import dataclasses
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops, reference as ref
+from .common import Case, time_us
+
+# ConvLLaVA-1536 stage maps (H = W, C), B = 1 (specs/convllava.md section 1.2).
+STAGES = [(384, 192), (192, 384), (96, 768), (48, 1536), (24, 3072)]
+QUICK_STAGES = [(16, 32), (12, 64), (8, 128)]
+
+# Max-abs-error budgets against the fp32 reference (outputs are O(1..5); bf16 ulp at 4 is 1/32).
+TOL = {torch.bfloat16: {"block": 0.125, "dwln": 0.0625},
+       torch.float16: {"block": 0.02, "dwln": 0.01},
+       torch.float32: {"block": 1e-3, "dwln": 1e-4}}
+
+
+def _params(C, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(dtype=dtype, device=device)
+
+    return dict(dw_weight=r(C, 1, 7, 7, scale=0.2), dw_bias=r(C, scale=0.5),
+                ln_weight=r(C, scale=0.3, shift=1.0), ln_bias=r(C, scale=0.2),
+                fc1_weight=r(4 * C, C, scale=C ** -0.5), fc1_bias=r(4 * C, scale=0.2),
+                fc2_weight=r(C, 4 * C, scale=(4 * C) ** -0.5), fc2_bias=r(C, scale=0.2),
+                gamma=r(C, scale=0.5))
+
+
+def _block_args(p):
+    return (p["dw_weight"], p["dw_bias"], p["ln_weight"], p["ln_bias"], p["fc1_weight"],
+            p["fc1_bias"], p["fc2_weight"], p["fc2_bias"], p["gamma"])
+
+
+def _hf_layer(C, p):
+    """transformers' ConvNextLayer with our parameters, channels_last, in p's dtype."""
+    from transformers import ConvNextConfig
+    from transformers.models.convnext.modeling_convnext import ConvNextLayer
+
+    layer = ConvNextLayer(ConvNextConfig(hidden_act="gelu", layer_scale_init_value=1.0), C).eval()
+    with torch.no_grad():
+        layer.dwconv.weight.copy_(p["dw_weight"].float().cpu())
+        layer.dwconv.bias.copy_(p["dw_bias"].float().cpu())
+        layer.layernorm.weight.copy_(p["ln_weight"].float().cpu())
+        layer.layernorm.bias.copy_(p["ln_bias"].float().cpu())
+        layer.pwconv1.weight.copy_(p["fc1_weight"].float().cpu())
+        layer.pwconv1.bias.copy_(p["fc1_bias"].float().cpu())
+        layer.pwconv2.weight.copy_(p["fc2_weight"].float().cpu())
+        layer.pwconv2.bias.copy_(p["fc2_bias"].float().cpu())
+        layer.layer_scale_parameter.copy_(p["gamma"].float().cpu())
+    dtype, device = p["gamma"].dtype, p["gamma"].device
+    return layer.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+
+
+def _eager_dwln(x_nchw, p):
+    C = x_nchw.shape[1]
+    y = F.conv2d(x_nchw, p["dw_weight"], p["dw_bias"], padding=3, groups=C).permute(0, 2, 3, 1)
+    return F.layer_norm(y, (C,), p["ln_weight"], p["ln_bias"], 1e-6)
+
+
+def _sm90_available():
+    import hires_lmm
+    return (hires_lmm.build_info()["sm90a_kernels"]
+            and torch.cuda.get_device_capability()[0] == 9)
+
+
+def _with_sm90(fn):
+    """Runs fn with HIRES_LMM_CONVNEXT_SM90=1 (the binding reads it per call)."""
+    old = os.environ.get("HIRES_LMM_CONVNEXT_SM90")
+    os.environ["HIRES_LMM_CONVNEXT_SM90"] = "1"
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ["HIRES_LMM_CONVNEXT_SM90"]
+        else:
+            os.environ["HIRES_LMM_CONVNEXT_SM90"] = old
+
+
+def _max_err(fn, want_fn):
+    @torch.no_grad()
+    def err():
+        return (fn().float() - want_fn().float()).abs().max().item()
+    return err
+
+
+def cases(device: str, quick: bool) -> list:
+    stages = QUICK_STAGES if quick else STAGES
+    dtypes = [torch.bfloat16] if device == "cuda" else [torch.float32, torch.bfloat16]
+    out = []
+    for dtype in dtypes:
+        for hw, C in stages:
+            p = _params(C, dtype, device)
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(1, hw, hw, C, generator=g).to(device=device, dtype=dtype)  # NHWC
+            x_nchw = x.permute(0, 3, 1, 2)  # the same memory: an NCHW channels_last tensor
+            assert x_nchw.is_contiguous(memory_format=torch.channels_last)
+            M = hw * hw
+            esize = x.element_size()
+            p32 = {k: v.float() for k, v in p.items()}
+            tag = f"{hw}x{hw}x{C}"
+
+            # -- the whole block
+            layer = _hf_layer(C, p)
+            compiled = torch.compile(layer)
+            ours = functools.partial(ops.convnext_block, x, *_block_args(p), 1e-6)
+            out.append(Case(
+                op="convnext_block", case=tag, dtype=dtype,
+                ours=torch.no_grad()(ours),
+                references={"hf_eager": torch.no_grad()(functools.partial(layer, x_nchw)),
+                            "torch_compile": torch.no_grad()(functools.partial(compiled, x_nchw))},
+                bytes=(2 * M * C + 2 * M * 4 * C + 8 * C * C) * esize,  # x, out, hidden (w+r), weights
+                flops=2.0 * 2 * M * C * 4 * C + 2.0 * 49 * M * C,
+                max_err=_max_err(ours, lambda x=x, p32=p32: ref.convnext_block(
+                    x.float(), *_block_args(p32), 1e-6)),
+                tol=TOL[dtype]["block"]))
+
+            # -- the same block through the opt-in Hopper GEMMs (compare before making them default)
+            if device == "cuda" and _sm90_available():
+                ours90 = functools.partial(_with_sm90, ours)
+                out.append(dataclasses.replace(out[-1], op="convnext_block_sm90",
+                                               ours=torch.no_grad()(ours90),
+                                               max_err=_max_err(ours90, lambda x=x, p32=p32: ref.convnext_block(
+                                                   x.float(), *_block_args(p32), 1e-6))))
+
+            # -- dwconv + LayerNorm alone
+            ours_dw = functools.partial(ops.dwconv_layernorm, x, p["dw_weight"], p["dw_bias"],
+                                        p["ln_weight"], p["ln_bias"], 1e-6)
+            eager_dw = functools.partial(_eager_dwln, x_nchw, p)
+            out.append(Case(
+                op="dwconv_layernorm", case=tag, dtype=dtype,
+                ours=torch.no_grad()(ours_dw),
+                references={"eager": torch.no_grad()(eager_dw),
+                            "torch_compile": torch.no_grad()(
+                                functools.partial(torch.compile(_eager_dwln), x_nchw, p))},
+                bytes=2 * M * C * esize,
+                flops=2.0 * 49 * M * C,
+                max_err=_max_err(ours_dw, lambda x=x, p32=p32: ref.dwconv_layernorm(
+                    x.float(), p32["dw_weight"], p32["dw_bias"], p32["ln_weight"],
+                    p32["ln_bias"], 1e-6)),
+                tol=TOL[dtype]["dwln"]))
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile reference")
+    args = ap.parse_args(argv)
+    print("case | dtype | ours us | reference us | speedup | TFLOP/s or GB/s | max err (tol)")
+    for c in cases(args.device, args.quick):
+        t = time_us(c.ours, args.device)
+        rate = (f"{c.flops / t / 1e6:.2f} TFLOP/s" if c.op == "convnext_block"
+                else f"{c.bytes / t / 1e3:.1f} GB/s")
+        err = c.max_err() if c.max_err else float("nan")
+        for name, fn in c.references.items():
+            if args.no_compile and name == "torch_compile":
+                continue
+            tr = time_us(fn, args.device)
+            print(f"{c.op} {c.case} | {str(c.dtype).replace('torch.', '')} | {t:.1f} | "
+                  f"{name} {tr:.1f} | {tr / t:.2f}x | {rate} | {err:.3g} ({c.tol:g})")
+
+
+if __name__ == "__main__":
+    main()
