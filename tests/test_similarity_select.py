@@ -56,8 +56,9 @@ def check_topk(idx, local, text, mask, k, atol):
                 f"row {b}: a dropped token scores higher than a kept one")
 
 
-def check_topp(idx, lengths, local, text, mask, p, double_softmax, atol=1e-5):
-    scores = slime_router_scores(local, text, mask).cpu()
+def check_topp(idx, lengths, local, text, mask, p, double_softmax, atol=1e-5, scores=None):
+    if scores is None:
+        scores = slime_router_scores(local, text, mask).cpu()
     probs = slime_probs(scores, double_softmax)
     cum, _ = slime_cumsum(probs)
     idx, lengths = idx.cpu(), lengths.cpu()
@@ -271,3 +272,51 @@ def test_compile_fullgraph():
     exp = f(local, text)
     torch.testing.assert_close(got[0], exp[0])
     assert torch.equal(got[1], exp[1])
+
+
+# ---- CUDA-only limits and paths (run on the next GPU session) ------------------------------------
+
+
+
+@pytest.mark.parametrize("N,T,D", [(8192, 3, 64), (100, 4, 16384), (1008, 64, 4096), (5000, 2, 24)])
+@pytest.mark.gpu
+def test_cuda_limits_against_cpu_twin(N, T, D):
+    if not torch.cuda.is_available() or hires_lmm.build_info()["cuda"] is None:
+        pytest.skip("no CUDA device / CPU-only build")
+    local, text = make((2, N, T, D), torch.bfloat16, "cpu", seed=4)
+    mask = uneven_mask(2, T, "cpu")
+    k = max(1, (N * 4) // 7)
+    i_cpu, s_cpu = ops.similarity_topk(local, text, k, mask)
+    i_gpu, s_gpu = ops.similarity_topk(local.cuda(), text.cuda(), k, mask.cuda())
+    torch.testing.assert_close(s_gpu.cpu(), s_cpu, atol=1e-4 * T, rtol=1e-4)
+    for b in range(2):  # the same selection up to near-ties, by the values
+        chosen = torch.zeros(N, dtype=torch.bool)
+        chosen[i_gpu[b].cpu()] = True
+        assert (i_gpu[b, 1:] > i_gpu[b, :-1]).all()
+        if k < N:
+            assert s_cpu[b][chosen].min() >= s_cpu[b][~chosen].max() - 2e-4 * T
+    for pre in (0.5, None):
+        i_gpu, n_gpu = ops.similarity_topp(local.cuda(), text.cuda(), 0.9, mask.cuda(), 1.0, pre)
+        check_topp(i_gpu, n_gpu, local, text, mask, 0.9, pre is not None, scores=s_cpu)
+
+
+@pytest.mark.gpu
+def test_cuda_too_many_tokens_and_graph_capture():
+    if not torch.cuda.is_available() or hires_lmm.build_info()["cuda"] is None:
+        pytest.skip("no CUDA device / CPU-only build")
+    with pytest.raises(RuntimeError, match="local_tokens.*8192"):
+        ops.similarity_topk(torch.randn(1, 8193, 8, device="cuda"), torch.randn(1, 2, 8, device="cuda"), 3)
+    local = torch.randn(2, 1008, 256, device="cuda", dtype=torch.bfloat16)
+    text = torch.randn(2, 64, 256, device="cuda", dtype=torch.bfloat16)
+    mask = uneven_mask(2, 64, "cuda")
+    ops.similarity_topp(local, text, 0.95, mask)  # warm-up outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):  # fails if anything in the ops synchronizes with the host
+        idx, lengths = ops.similarity_topp(local, text, 0.95, mask)
+        kept = ops.gather_tokens(local, idx)
+    local.copy_(torch.randn_like(local))
+    g.replay()
+    torch.cuda.synchronize()
+    ridx, rn = ops.similarity_topp(local, text, 0.95, mask)
+    assert torch.equal(idx, ridx) and torch.equal(lengths, rn)
+    torch.testing.assert_close(kept, ops.gather_tokens(local, ridx), atol=0, rtol=0)
