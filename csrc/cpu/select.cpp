@@ -31,16 +31,23 @@ void scores_cpu(const SimilaritySelectParams& p, std::vector<float>& dir) {
       w[r] = 1.f / std::max(std::sqrt(ss), kCosEps);
     }
   });
+  // the kernel's order: kDirGroups partial sums over t = g (mod kDirGroups), added in group order
+  constexpr int64_t kDirGroups = 8;  // SelectTile::kDirWarps
   dir.assign(B * D, 0.f);
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> part(kDirGroups * D);
     for (int64_t b = begin; b < end; ++b) {
-      float* o = dir.data() + b * D;
+      std::fill(part.begin(), part.end(), 0.f);
       for (int64_t t = 0; t < T; ++t) {
         const float wt = w[b * T + t];
         if (wt == 0.f) continue;
+        float* o = part.data() + (t % kDirGroups) * D;
         const TT* x = text + b * p.text_stride_b + t * p.text_stride_t;
         for (int64_t d = 0; d < D; ++d) o[d] += wt * static_cast<float>(x[d]);
       }
+      float* o = dir.data() + b * D;
+      for (int64_t g = 0; g < kDirGroups; ++g)
+        for (int64_t d = 0; d < D; ++d) o[d] += part[g * D + d];
     }
   });
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));

@@ -37,9 +37,10 @@ std::string launch_text(const SimilaritySelectParams& p, cudaStream_t stream) {
   std::string err = last_error();
   if (!err.empty()) return err;
   const int64_t packs = p.dim / (vec ? V : 1);
-  const dim3 g2(unsigned(ceil_div(packs, SelectTile::kDirThreads)), unsigned(p.batch));
-  if (vec) text_dir_kernel<TT, V><<<g2, SelectTile::kDirThreads, 0, stream>>>(p);
-  else text_dir_kernel<TT, 1><<<g2, SelectTile::kDirThreads, 0, stream>>>(p);
+  const dim3 g2(unsigned(ceil_div(packs, SelectTile::kWarp)), unsigned(p.batch));
+  const int threads = SelectTile::kDirWarps * SelectTile::kWarp;
+  if (vec) text_dir_kernel<TT, V><<<g2, threads, 0, stream>>>(p);
+  else text_dir_kernel<TT, 1><<<g2, threads, 0, stream>>>(p);
   return last_error();
 }
 

@@ -14,8 +14,9 @@
 //   mask (B,T) bool contiguous or null; scores (B,N) fp32; indices (B,out_cols) int64.
 // Kernels (three launches on one stream, CUDA-graph capturable):
 //   1. text_weight_kernel: one warp per text row (B*T rows): w; block 0 also zeroes the counters.
-//   2. text_dir_kernel: one thread per VEC columns of one batch row, summing over t in order
-//      (deterministic; no atomics).
+//   2. text_dir_kernel: 32 packs of columns x 8 warps per block; warp w sums the rows t = w (mod 8),
+//      then the 8 partials are added in warp order (deterministic; no atomics). The CPU twin sums
+//      in the same order.
 //   3. score_select_kernel: grid (ceil(N / kScoreWarps), B); one warp per local token (16-byte
 //      loads, dir in shared memory), a matrix-vector product. The last block of a row to finish
 //      (threadfence + atomic counter, the "last block" pattern) reads the row's N scores back
@@ -34,7 +35,7 @@ struct SelectTile {
   static constexpr int kWarp = 32;
   static constexpr int kNormWarps = 8;                        // kernel 1: text rows per block
   static constexpr int kNormThreads = kNormWarps * kWarp;
-  static constexpr int kDirThreads = 64;                      // kernel 2: packs per block
+  static constexpr int kDirWarps = 8;                         // kernel 2: text-row groups per block
   static constexpr int kScoreWarps = 16;                      // kernel 3: local tokens per block
   static constexpr int kScoreThreads = kScoreWarps * kWarp;   // also the selection block size
   static constexpr int kGatherWarps = 8;                      // gather: output rows per block
@@ -258,28 +259,48 @@ text_weight_kernel(const SimilaritySelectParams p) {
 }
 
 // ---- kernel 2: text direction --------------------------------------------------------------
+// Block: kDirWarps warps over one batch row and 32 packs of columns; lane -> one pack, warp w ->
+// text rows t = w, w + kDirWarps, ... (loads of several rows in flight per thread); the warps'
+// partial sums are added in warp order through shared memory (deterministic, no atomics).
 template <typename TT, int VEC>
-__global__ void __launch_bounds__(SelectTile::kDirThreads)
+__global__ void __launch_bounds__(SelectTile::kDirWarps * SelectTile::kWarp)
 text_dir_kernel(const SimilaritySelectParams p) {
   using PackT = Pack<TT, VEC>;
+  constexpr int kCols = SelectTile::kWarp * VEC;  // columns per block
+  __shared__ float part[SelectTile::kDirWarps][kCols];
+  const int lane = threadIdx.x % SelectTile::kWarp, warp = threadIdx.x / SelectTile::kWarp;
   const int64_t b = blockIdx.y;
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // pack index in the row
-  if (c >= p.dim / VEC) return;
-  const TT* x = static_cast<const TT*>(p.text) + b * p.text_stride_b + c * VEC;
-  const float* w = p.text_weight + b * p.t;
+  const int64_t c = int64_t(blockIdx.x) * SelectTile::kWarp + lane;  // pack index in the row
   float acc[VEC];
 #pragma unroll
   for (int j = 0; j < VEC; ++j) acc[j] = 0.f;
-  for (int64_t t = 0; t < p.t; ++t) {
-    const float wt = w[t];
-    if (wt == 0.f) continue;  // masked token: uniform over the block, no divergence
-    const PackT v = *reinterpret_cast<const PackT*>(x + t * p.text_stride_t);
+  if (c < p.dim / VEC) {
+    const TT* x = static_cast<const TT*>(p.text) + b * p.text_stride_b + c * VEC;
+    const float* w = p.text_weight + b * p.t;
+#pragma unroll 4
+    for (int64_t t = warp; t < p.t; t += SelectTile::kDirWarps) {
+      const float wt = w[t];
+      const PackT v = *reinterpret_cast<const PackT*>(x + t * p.text_stride_t);
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) acc[j] = fmaf(wt, to_f32<TT>(v.v[j]), acc[j]);
+      for (int j = 0; j < VEC; ++j) {
+        // masked rows (wt == 0) add nothing, even if they hold inf/nan; a select, not a branch
+        const float f = wt != 0.f ? to_f32<TT>(v.v[j]) : 0.f;
+        acc[j] = fmaf(wt, f, acc[j]);
+      }
+    }
   }
-  float* o = p.text_dir + b * p.dim + c * VEC;
 #pragma unroll
-  for (int j = 0; j < VEC; ++j) o[j] = acc[j];
+  for (int j = 0; j < VEC; ++j) part[warp][j * SelectTile::kWarp + lane] = acc[j];  // conflict-free
+  __syncthreads();
+  for (int e = threadIdx.x; e < kCols; e += blockDim.x) {
+    const int64_t col = int64_t(blockIdx.x) * kCols + e;
+    if (col >= p.dim) break;
+    float sum = 0.f;
+    const int slot = (e % VEC) * SelectTile::kWarp + e / VEC;  // column e = lane * VEC + j
+#pragma unroll
+    for (int w = 0; w < SelectTile::kDirWarps; ++w) sum += part[w][slot];
+    p.text_dir[b * p.dim + col] = sum;
+  }
 }
 
 // ---- kernel 3: scores + selection ----------------------------------------------------------
