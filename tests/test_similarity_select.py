@@ -306,6 +306,11 @@ def test_cuda_too_many_tokens_and_graph_capture():
         pytest.skip("no CUDA device / CPU-only build")
     with pytest.raises(RuntimeError, match="local_tokens.*8192"):
         ops.similarity_topk(torch.randn(1, 8193, 8, device="cuda"), torch.randn(1, 2, 8, device="cuda"), 3)
+    with pytest.raises(RuntimeError, match="text_embeds.*device"):
+        ops.similarity_topk(torch.randn(1, 10, 8, device="cuda"), torch.randn(1, 2, 8), 3)
+    with pytest.raises(RuntimeError, match="text_mask.*device"):
+        ops.similarity_topk(torch.randn(1, 10, 8, device="cuda"), torch.randn(1, 2, 8, device="cuda"), 3,
+                            torch.ones(1, 2, dtype=torch.bool))
     local = torch.randn(2, 1008, 256, device="cuda", dtype=torch.bfloat16)
     text = torch.randn(2, 64, 256, device="cuda", dtype=torch.bfloat16)
     mask = uneven_mask(2, 64, "cuda")

@@ -19,15 +19,39 @@ int64_t find_visual(const int64_t* index, int64_t n, int64_t row) {
   return (lo < n && index[lo] == row) ? lo : -1;
 }
 
+// Sums with kLanes independent accumulators so the compiler can vectorize them (a single fp32
+// accumulator is a serial dependency chain); the lanes are added at the end.
+constexpr int kLanes = 16;
+
+float sum_of(const float* x, int64_t n, float shift, bool square) {
+  float acc[kLanes] = {};
+  int64_t c = 0;
+  if (square) {
+    for (; c + kLanes <= n; c += kLanes)
+      for (int j = 0; j < kLanes; ++j) acc[j] += (x[c + j] - shift) * (x[c + j] - shift);
+    for (; c < n; ++c) acc[0] += (x[c] - shift) * (x[c] - shift);
+  } else {
+    for (; c + kLanes <= n; c += kLanes)
+      for (int j = 0; j < kLanes; ++j) acc[j] += x[c + j];
+    for (; c < n; ++c) acc[0] += x[c];
+  }
+  float s = 0.f;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
 template <typename T, typename E>
 void run(const InjectNormParams& p, Norm norm) {
   const int64_t D = p.dim;
   const T* hidden = static_cast<const T*>(p.hidden);
   const E* embeds = static_cast<const E*>(p.embeds);
-  const T* w = static_cast<const T*>(p.weight);
-  const T* b = static_cast<const T*>(p.bias);
   T* normed = static_cast<T*>(p.normed);
   T* injected = static_cast<T*>(p.injected);
+  // weight and bias once in fp32
+  std::vector<float> w(norm == Norm::kNone ? 0 : D), b(D, 0.f);
+  for (int64_t c = 0; c < int64_t(w.size()); ++c) w[c] = static_cast<float>(static_cast<const T*>(p.weight)[c]);
+  if (p.bias != nullptr)
+    for (int64_t c = 0; c < D; ++c) b[c] = static_cast<float>(static_cast<const T*>(p.bias)[c]);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> x(D);
@@ -46,28 +70,14 @@ void run(const InjectNormParams& p, Norm norm) {
         for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(x[c]);
       }
       if (norm == Norm::kNone) continue;
-      // 3. fp32 statistics; 4. normalize
-      float shift = 0.f;
-      if (norm == Norm::kLayer) {
-        float s = 0.f;
-        for (int64_t c = 0; c < D; ++c) s += x[c];
-        shift = s / float(D);
-      }
-      float ss = 0.f;
-      for (int64_t c = 0; c < D; ++c) {
-        const float d = x[c] - shift;
-        ss += d * d;
-      }
-      const float rstd = 1.f / std::sqrt(ss / float(D) + p.eps);
+      // 3. fp32 statistics (two-pass variance for LayerNorm); 4. normalize
+      const float shift = norm == Norm::kLayer ? sum_of(x.data(), D, 0.f, false) / float(D) : 0.f;
+      const float rstd = 1.f / std::sqrt(sum_of(x.data(), D, shift, true) / float(D) + p.eps);
       T* o = normed + row * D;
       if (norm == Norm::kRms) {
-        for (int64_t c = 0; c < D; ++c)
-          o[c] = static_cast<T>(static_cast<float>(w[c]) * round_to<T>(x[c] * rstd));
+        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(w[c] * round_to<T>(x[c] * rstd));
       } else {
-        for (int64_t c = 0; c < D; ++c) {
-          const float bc = b != nullptr ? static_cast<float>(b[c]) : 0.f;
-          o[c] = static_cast<T>((x[c] - shift) * rstd * static_cast<float>(w[c]) + bc);
-        }
+        for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>((x[c] - shift) * rstd * w[c] + b[c]);
       }
     }
   });

@@ -6,8 +6,9 @@
 namespace hires::deepstack {
 namespace {
 
-constexpr int kMaxPacks = 4;         // packs per thread in the vector path (64 B in flight)
-constexpr int kMaxScalars = 16;      // elements per thread in the scalar fallback
+// Every path holds kElemsPerThread elements per thread: 4 packs of 8 for 16-bit types (64 B in
+// flight per thread), 8 packs of 4 for fp32, 32 scalars in the unaligned fallback.
+constexpr int kElems = InjectNormTile::kElemsPerThread;
 
 template <typename T> constexpr int vec_width() { return 16 / int(sizeof(T)); }
 
@@ -43,8 +44,9 @@ std::string pick_width(const InjectNormParams& p, cudaStream_t stream) {
                       (p.bias == nullptr || is_aligned(p.bias, 16)) &&
                       (p.normed == nullptr || is_aligned(p.normed, 16)) &&
                       (p.injected == nullptr || is_aligned(p.injected, 16));
-  if (vec_ok) return launch<T, E, kNorm, V, kMaxPacks>(p, stream);
-  return launch<T, E, kNorm, 1, kMaxScalars>(p, stream);
+  static_assert(kElems % V == 0, "whole packs per thread");
+  if (vec_ok) return launch<T, E, kNorm, V, kElems / V>(p, stream);
+  return launch<T, E, kNorm, 1, kElems>(p, stream);
 }
 
 template <typename T, typename E>
@@ -70,9 +72,8 @@ std::string pick_embeds(const InjectNormParams& p, DType e, Norm norm, cudaStrea
 }  // namespace
 
 int64_t max_dim(DType t) {
-  // The scalar fallback bounds every dtype; the vector path reaches further when it applies.
-  (void)t;
-  return int64_t(InjectNormTile::kMaxThreadsPerRow) * kMaxScalars;
+  (void)t;  // the same for every dtype and path
+  return int64_t(InjectNormTile::kMaxThreadsPerRow) * kElems;
 }
 
 std::string launch_inject_norm(const InjectNormParams& p, DType t, DType e, Norm norm,

@@ -14,7 +14,7 @@
 //   from device memory and written once per output (one pass). The row -> embeds-row lookup is a
 //   binary search in `index`, issued after the row's loads so its latency hides behind them; no
 //   inverse map, no nonzero, no host sync: CUDA-graph capturable.
-// Limits: dim <= threads_per_row(<=1024) * MAXV * VEC; VEC > 1 needs dim % VEC == 0 and every
+// Limits: dim <= kMaxThreadsPerRow * kElemsPerThread = 16384 (MAXV * VEC == kElemsPerThread); VEC > 1 needs dim % VEC == 0 and every
 //   pointer and row stride aligned to its pack (the launcher checks and falls back to VEC = 1).
 #pragma once
 #include "kernels/common/numeric.cuh"
@@ -24,7 +24,8 @@ namespace hires::deepstack {
 
 struct InjectNormTile {
   static constexpr int kWarp = 32;
-  static constexpr int kMaxThreadsPerRow = 1024;
+  static constexpr int kMaxThreadsPerRow = 512;   // launch bound 512 leaves 128 registers: no spills
+  static constexpr int kElemsPerThread = 32;      // row elements one thread holds in registers
   static constexpr int kMinThreadsPerBlock = 128;  // small rows: pack several per block
   static constexpr int kMaxWarpsPerRow = kMaxThreadsPerRow / kWarp;
   static constexpr int kMaxRowsPerBlock = kMinThreadsPerBlock / kWarp;

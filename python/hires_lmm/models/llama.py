@@ -1,0 +1,380 @@
+"""Llama / Vicuna decoder (Hugging Face names) with DeepStack-L injection and a KV cache.
+
+    model = Llama.from_pretrained("path/to/llama", dtype=torch.bfloat16, device="cuda")
+    logits = model(input_ids)                                             # (B, S, V)
+    logits = model(inputs_embeds=e, visual_pos_masks=m,                   # DeepStack-L
+                   deepstack_visual_embeds=[ds0, ds1, ds2])
+    out_ids = model.generate(input_ids, max_new_tokens=32)                # greedy
+
+Every op goes through hires_lmm.ops (rms_norm, flash_attn_func, deepstack_inject_rms_norm,
+visual_index), so hires_lmm.set_backend("reference") switches the whole model to PyTorch.
+
+DeepStack-L (Qwen3-VL semantics, specs/deepstack.md 3.4): level k (rows in the row-major (b, s)
+order of `hidden[visual_pos_masks]`) is added to the residual stream after decoder layer k, for
+k < min(len(levels), num_hidden_layers); extra levels are ignored like HF's range(). The add is
+fused into the next norm (layer k+1's input_layernorm, or the final norm after the last layer)
+through ops.deepstack_inject_rms_norm, so no separate pass over the hidden states exists. The
+visual index is built once per forward. Decode steps (no visual_pos_masks) inject nothing.
+
+Not supported: attention masks / padding inside a batch (prompts of one batch must have the same
+length, or be right-padded with the padded logits ignored), rope types other than default,
+linear, dynamic and llama3 (an error names the type)."""
+import dataclasses
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ._weights import load_into, read_config
+
+__all__ = ["LlamaConfig", "Llama", "KVCache", "rope_inv_freq"]
+
+_ROPE_TYPES = ("linear", "dynamic", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # None (plain RoPE) or a dict with "rope_type" in _ROPE_TYPES and that type's parameters
+    # ("factor"; llama3 also "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings").
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        """From an HF config.json dict: transformers 4.x keys (rope_theta, rope_scaling with
+        "type" or "rope_type") and 5.x keys (rope_parameters holding rope_theta and rope_type)."""
+        d = d.get("text_config", d) if "hidden_size" not in d else d
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        rope = dict(rope)
+        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        rtype = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+        rope.pop("type", None)
+        rope.pop("rope_theta", None)
+        if rtype == "default":
+            scaling = None
+        elif rtype in _ROPE_TYPES:
+            scaling = {"rope_type": rtype, **rope}
+        else:
+            raise ValueError(f"LlamaConfig: argument 'rope_scaling' has rope_type {rtype!r}; "
+                             f"supported: default, {', '.join(_ROPE_TYPES)}")
+        n_heads = d["num_attention_heads"]
+        head_dim = d.get("head_dim") or d["hidden_size"] // n_heads
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"LlamaConfig: argument 'hidden_act' must be 'silu', got {act!r}")
+        return cls(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=n_heads,
+            num_key_value_heads=d.get("num_key_value_heads") or n_heads,
+            head_dim=head_dim, rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=scaling, max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)), hidden_act=act)
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"LlamaConfig: argument 'num_key_value_heads' ({self.num_key_value_heads}) "
+                             f"must divide num_attention_heads ({self.num_attention_heads})")
+
+
+# ---- RoPE (HF modeling_rope_utils formulas) ----------------------------------------------------
+def rope_inv_freq(cfg: LlamaConfig, seq_len: Optional[int] = None, device=None):
+    """-> (inv_freq (head_dim/2,) fp32, attention_scaling). seq_len only matters for "dynamic"
+    (the largest position + 1 of the current forward, as HF's dynamic_rope_update)."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    exps = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(torch.float) / dim
+    sc = cfg.rope_scaling
+    rtype = None if sc is None else sc["rope_type"]
+    if rtype == "dynamic":
+        # _compute_dynamic_ntk_parameters: base grows once seq_len > max_position_embeddings
+        # (computed in fp32 tensors like HF's forward-time update).
+        mp = cfg.max_position_embeddings
+        s = torch.tensor(max(int(seq_len or mp), mp), dtype=torch.int64, device=device)
+        factor = sc["factor"]
+        base = base * ((factor * s / mp) - (factor - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / (base ** exps)
+    if rtype == "linear":
+        inv_freq = inv_freq / sc["factor"]
+    elif rtype == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_ctx = sc["original_max_position_embeddings"]
+        low_freq_wavelen, high_freq_wavelen = old_ctx / lo, old_ctx / hi
+        wavelen = 2 * math.pi / inv_freq
+        inv_l = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, inv_l)
+    return inv_freq, 1.0
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _apply_rope(x, cos, sin):
+    # x (B, S, H, D); cos/sin (B, S, D) of x's dtype (HF casts them before the multiply)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + _rotate_half(x) * sin
+
+
+# ---- KV cache -----------------------------------------------------------------------------------
+class KVCache:
+    """Per-layer K/V buffers (B, capacity, Hkv, D), preallocated and grown by doubling when a
+    forward needs more room. `length` tokens are valid; views [:, :length] go to attention."""
+
+    def __init__(self, num_layers: int, capacity: int = 0):
+        self.num_layers = num_layers
+        self.capacity = capacity
+        self.length = 0
+        self.k: List[Optional[torch.Tensor]] = [None] * num_layers
+        self.v: List[Optional[torch.Tensor]] = [None] * num_layers
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        """Write k/v (B, S, Hkv, D) at [start, start+S) of `layer`; return the valid views."""
+        end = start + k.shape[1]
+        buf = self.k[layer]
+        if buf is None or buf.shape[1] < end or buf.shape[0] != k.shape[0] or buf.dtype != k.dtype:
+            cap = max(end, self.capacity, 2 * (buf.shape[1] if buf is not None else 0))
+            newk = k.new_empty((k.shape[0], cap) + tuple(k.shape[2:]))
+            newv = v.new_empty((v.shape[0], cap) + tuple(v.shape[2:]))
+            if buf is not None and start > 0:
+                newk[:, :start] = self.k[layer][:, :start]
+                newv[:, :start] = self.v[layer][:, :start]
+            self.k[layer], self.v[layer] = newk, newv
+        self.k[layer][:, start:end] = k
+        self.v[layer][:, start:end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end]
+
+
+# ---- modules ------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        b = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.hq * self.d, bias=b)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=b)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=b)
+        self.o_proj = nn.Linear(self.hq * self.d, cfg.hidden_size, bias=b)
+
+    def forward(self, x, cos, sin, cache: Optional[KVCache], layer: int, start: int):
+        B, S, _ = x.shape
+        q = _apply_rope(self.q_proj(x).view(B, S, self.hq, self.d), cos, sin)
+        k = _apply_rope(self.k_proj(x).view(B, S, self.hkv, self.d), cos, sin)
+        v = self.v_proj(x).view(B, S, self.hkv, self.d)
+        if cache is not None:
+            k, v = cache.update(layer, k, v, start)
+        # GQA without repeating K/V; causal is aligned bottom-right, which is what a cache needs.
+        o = ops.flash_attn_func(q, k, v, softmax_scale=self.d ** -0.5, causal=True)
+        return self.o_proj(o.reshape(B, S, self.hq * self.d))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        b = cfg.mlp_bias
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=b)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=b)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block. forward takes the residual stream `h` and `normed` =
+    input_layernorm(h) (computed by the caller so a DeepStack add can be fused into it)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, normed, cos, sin, cache, layer: int, start: int):
+        h = h + self.self_attn(normed, cos, sin, cache, layer, start)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def _llama_key(key: str) -> Optional[str]:
+    """HF checkpoint name -> our parameter name (None: ignored)."""
+    if key.endswith("rotary_emb.inv_freq"):       # old checkpoints stored the RoPE buffer
+        return None
+    if key.startswith("model."):
+        return key[len("model."):]
+    return key                                    # lm_head.weight (and anything unexpected)
+
+
+class Llama(nn.Module):
+    """LlamaForCausalLM-compatible decoder; parameters carry HF names without the `model.` prefix."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+        self._inv_freq = {}
+
+    # -- loading --
+    @classmethod
+    def from_pretrained(cls, ckpt_dir: str, dtype: Optional[torch.dtype] = None, device=None) -> "Llama":
+        """config.json + safetensors (single, or sharded with model.safetensors.index.json).
+        Built on meta and loaded strictly; dtype None keeps the checkpoint's dtype."""
+        config = LlamaConfig.from_dict(read_config(ckpt_dir))
+        with torch.device("meta"):
+            model = cls(config)
+        tied = config.tie_word_embeddings
+
+        def key_map(key):
+            if tied and key == "lm_head.weight":   # a tied checkpoint may still carry the copy
+                return None
+            return _llama_key(key)
+
+        load_into(model, ckpt_dir, key_map, dtype=dtype, device=device)
+        return model.eval()
+
+    # -- helpers --
+    def _rope(self, position_ids, dtype):
+        dev = position_ids.device
+        if self.config.rope_scaling is not None and self.config.rope_scaling["rope_type"] == "dynamic":
+            inv, scale = rope_inv_freq(self.config, int(position_ids.max()) + 1, dev)
+        else:
+            if dev not in self._inv_freq:
+                self._inv_freq[dev] = rope_inv_freq(self.config, None, dev)
+            inv, scale = self._inv_freq[dev]
+        freqs = position_ids[..., None].float() * inv
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+    def _lm_head_weight(self):
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    # -- forward --
+    def forward(self, input_ids=None, inputs_embeds=None, visual_pos_masks=None,
+                deepstack_visual_embeds: Optional[Sequence[torch.Tensor]] = None,
+                position_ids=None, past_key_values: Optional[KVCache] = None,
+                cache: Optional[KVCache] = None, use_cache: bool = False):
+        """input_ids (B, S) int64 or inputs_embeds (B, S, hidden); visual_pos_masks (B, S) bool;
+        deepstack_visual_embeds: list of (mask.sum(), hidden) tensors, level k added after decoder
+        layer k; position_ids (B, S) (default: cache length + arange(S)); past_key_values / cache:
+        a KVCache to extend. Returns logits (B, S, V), or (logits, cache) with use_cache=True or a
+        cache given."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Llama.forward: give exactly one of argument 'input_ids' or 'inputs_embeds'")
+        if past_key_values is not None and cache is not None and past_key_values is not cache:
+            raise ValueError("Llama.forward: argument 'cache' and 'past_key_values' are aliases; give one")
+        cache = cache if cache is not None else past_key_values
+        return_cache = use_cache or cache is not None
+        if use_cache and cache is None:
+            cache = KVCache(self.config.num_hidden_layers)
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S, _ = h.shape
+        start = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + S, device=h.device).unsqueeze(0).expand(B, S)
+        cos, sin = self._rope(position_ids, h.dtype)
+
+        levels, index = self._deepstack_levels(h, visual_pos_masks, deepstack_visual_embeds)
+        eps = self.config.rms_norm_eps
+        pending = None                                  # level to add before the next norm
+        for i, layer in enumerate(self.layers):
+            w = layer.input_layernorm.weight
+            if pending is not None:
+                normed, h = ops.deepstack_inject_rms_norm(h, pending, index, w, eps)
+            else:
+                normed = ops.rms_norm(h, w, eps)
+            h = layer(h, normed, cos, sin, cache, i, start)
+            pending = levels[i] if i < len(levels) else None
+        if pending is not None:                         # level after the last layer -> final norm
+            h, _ = ops.deepstack_inject_rms_norm(h, pending, index, self.norm.weight, eps)
+        else:
+            h = ops.rms_norm(h, self.norm.weight, eps)
+        logits = F.linear(h, self._lm_head_weight())
+        if cache is not None:
+            cache.length = start + S
+        return (logits, cache) if return_cache else logits
+
+    def _deepstack_levels(self, h, mask, levels):
+        """-> (levels to inject, at most num_hidden_layers of them; visual_index or None)."""
+        if levels is None or len(levels) == 0:
+            return [], None
+        if mask is None:
+            raise ValueError("Llama.forward: argument 'visual_pos_masks' is required with "
+                             "deepstack_visual_embeds")
+        B, S = h.shape[:2]
+        if mask.shape != (B, S) or mask.dtype != torch.bool:
+            raise ValueError(f"Llama.forward: argument 'visual_pos_masks' must be a ({B}, {S}) bool "
+                             f"tensor, got {tuple(mask.shape)} {mask.dtype}")
+        levels = list(levels)[: self.config.num_hidden_layers]   # HF: range(len(levels)) over layers
+        index = ops.visual_index(mask.to(h.device))
+        n = index.numel()
+        for k, e in enumerate(levels):
+            if e.dim() != 2 or e.shape[0] != n or e.shape[1] != h.shape[-1]:
+                raise ValueError(f"Llama.forward: argument 'deepstack_visual_embeds[{k}]' must be "
+                                 f"({n}, {h.shape[-1]}) (visual_pos_masks.sum() rows), got "
+                                 f"{tuple(e.shape)}")
+        return [e.to(h.device) for e in levels], index
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, eos_token_id: Optional[int] = None,
+                 inputs_embeds=None, visual_pos_masks=None, deepstack_visual_embeds=None):
+        """Greedy decoding: one prefill (with DeepStack injection when given), then one token per
+        step from the KV cache (steps inject nothing). input_ids (B, S) -> (B, S + new) ids; with
+        inputs_embeds only the generated ids (B, new) are returned. Sequences that emitted
+        eos_token_id keep emitting it; the loop stops when all have."""
+        prompt = input_ids if inputs_embeds is None else None
+        S = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+        cache = KVCache(self.config.num_hidden_layers, capacity=S + max_new_tokens)
+        logits, cache = self(input_ids=None if inputs_embeds is not None else input_ids,
+                             inputs_embeds=inputs_embeds, visual_pos_masks=visual_pos_masks,
+                             deepstack_visual_embeds=deepstack_visual_embeds, cache=cache)
+        out = []
+        done = None
+        for step in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)
+            if eos_token_id is not None:
+                if done is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done = (nxt == eos_token_id) if done is None else done | (nxt == eos_token_id)
+            out.append(nxt)
+            if step + 1 == max_new_tokens or (done is not None and bool(done.all())):
+                break
+            logits, cache = self(input_ids=nxt[:, None], cache=cache)
+        B = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
+        new = torch.stack(out, 1) if out else torch.empty((B, 0), dtype=torch.long)
+        return new if prompt is None else torch.cat([prompt, new.to(prompt.device)], 1)
