@@ -289,3 +289,28 @@ def test_slime_visual_load_checkpoint():
         dst.load_checkpoint(bad)
     with pytest.raises(ValueError, match="mm_projector_type"):
         SliMEConfig.from_dict({"mm_projector_type": "mlp2x_gelu"})
+
+
+def test_slime_visual_from_pretrained(tmp_path):
+    from safetensors.torch import save_file
+    hires_lmm.set_backend("reference")
+    cfg = {"hidden_size": 32, "mm_hidden_size": 128, "mm_resampler_dim": 16, "mm_resampler_topp": 0.95,
+           "mm_resampler_temp": 1.0, "seperator": 11, "mm_projector_type": "gated",
+           "mm_resampler_type": "cosine", "model_type": "llava_llama"}
+    (tmp_path / "config.json").write_text(__import__("json").dumps(cfg))
+    src = SliMEVisual(SliMEConfig.from_dict(cfg)).eval()
+    sd = {}
+    for k, v in src.state_dict().items():
+        pre = "model.mm_projector." if k.startswith("projector.") else "model.sampler.post_qformer."
+        sd[pre + k.split(".", 1)[1]] = v.clone().contiguous()
+    sd["model.embed_tokens.weight"] = torch.zeros(3, 32)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    model = SliMEVisual.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert model.config.seperator == 11 and model.config.presoftmax_temperature == 0.5
+    feats, text, sep = torch.randn(5, 576, 128), torch.randn(7, 32), torch.randn(32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(feats, (2, 2), text, sep), src(feats, (2, 2), text, sep))
+    del sd["model.mm_projector.w_gate"]
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="w_gate"):
+        SliMEVisual.from_pretrained(str(tmp_path))

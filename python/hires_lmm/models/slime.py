@@ -341,6 +341,26 @@ class SliMEVisual(nn.Module):
         kept = self.select(local, text_embeds, text_mask)
         return torch.cat([g, separator_embed.to(g.dtype).view(1, -1), kept], dim=0)
 
+    @classmethod
+    def key_map(cls, key: str) -> Optional[str]:
+        """SliME checkpoint key -> our name, or None for keys this module does not own."""
+        for src, dst in cls.KEY_PREFIXES.items():
+            if key.startswith(src):
+                return dst + key[len(src):]
+        return None
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir: str, dtype: Optional[torch.dtype] = None, device=None,
+                        presoftmax_temperature: Optional[float] = 0.5) -> "SliMEVisual":
+        """Config from ckpt_dir/config.json, built on meta, the projector and sampler keys loaded
+        strictly through hires_lmm.checkpoint (safetensors, sharded or not; .bin fallback)."""
+        from ._weights import load_into, read_config
+        config = SliMEConfig.from_dict(read_config(ckpt_dir), presoftmax_temperature)
+        with torch.device("meta"):
+            model = cls(config)
+        load_into(model, ckpt_dir, cls.key_map, dtype=dtype, device=device)
+        return model.eval()
+
     def load_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> None:
         """Load SliME's keys with the explicit prefix map; missing, unexpected (under the mapped
         prefixes) or mis-shaped keys raise one error listing them."""
