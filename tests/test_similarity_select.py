@@ -325,3 +325,13 @@ def test_cuda_too_many_tokens_and_graph_capture():
     ridx, rn = ops.similarity_topp(local, text, 0.95, mask)
     assert torch.equal(idx, ridx) and torch.equal(lengths, rn)
     torch.testing.assert_close(kept, ops.gather_tokens(local, ridx), atol=0, rtol=0)
+
+
+def test_bench_select_quick(tmp_path):
+    import json
+    from hires_lmm.bench.__main__ import main
+    out = tmp_path / "r.json"
+    assert main(["--device", "cpu", "--quick", "--only", "select", "--iters", "3", "--json", str(out)]) == 0
+    recs = json.loads(out.read_text())["records"]
+    assert {r["reference"] for r in recs} == {"slime_eager", "torch_efficient"}
+    assert all(r["ok"] for r in recs)
