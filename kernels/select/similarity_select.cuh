@@ -21,7 +21,8 @@
 //      loads, dir in shared memory), a matrix-vector product. The last block of a row to finish
 //      (threadfence + atomic counter, the "last block" pattern) reads the row's N scores back
 //      from L2 and runs the selection in shared memory: softmaxes, a bitonic sort of P = pow2 >=
-//      N 64-bit keys, fp64 block scan, ascending compaction of the kept flags.
+//      max(N, 64) 64-bit keys (strides >= 32 in shared memory, strides < 32 with warp shuffles),
+//      fp64 block scan, ascending compaction of the kept flags.
 // Limits: N <= SelectTile::kMaxSortKeys (8192: the keys live in shared memory), D <= 32768 (dir
 //   in shared memory), B <= 65535 (gridDim.y). VEC > 1 needs D % VEC == 0, strides % VEC == 0
 //   and 16-byte aligned bases (the launcher checks and falls back to VEC = 1).
@@ -47,8 +48,10 @@ struct SelectTile {
 // Shared-memory layout of kernel 3 (bytes): region 0 holds dir (D floats) during the scores and
 // the P sort keys during the selection (the same bytes, one after the other); region 1 holds N
 // floats (softmax staging) and then N int flags.
+// Sort size: the power of two >= n, at least 64 (whole warps in the register stages of the sort;
+// positions >= n hold the padding key 0, which sorts last).
 __host__ __device__ inline int64_t select_pow2(int64_t n) {
-  int64_t p = 1;
+  int64_t p = 64;
   while (p < n) p <<= 1;
   return p;
 }
@@ -151,14 +154,19 @@ __device__ __forceinline__ void block_softmax(float* v, int n, float temp, Selec
   __syncthreads();
 }
 
-// Sort P (a power of two) keys descending in place (bitonic network; P/2 pairs per stage).
+// Sort P (a power of two, >= 64) keys descending in place: a bitonic network. Stages with a
+// stride >= 32 compare pairs in shared memory (one barrier each); the stages with strides 16..1 of
+// each size run in registers, the partner being lane ^ stride of the same warp (positions
+// i = threadIdx.x + m * blockDim.x: 32 consecutive positions per warp, so a warp is either wholly
+// inside [0, P) or wholly outside), one barrier per size.
 __device__ __forceinline__ void bitonic_sort_desc(uint64_t* keys, int P) {
   for (int size = 2; size <= P; size <<= 1) {
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+    int stride = size >> 1;
+    for (; stride >= SelectTile::kWarp; stride >>= 1) {
       for (int t = threadIdx.x; t < P / 2; t += blockDim.x) {
         const int i = 2 * t - (t & (stride - 1));  // lower element of pair t
         const int j = i + stride;
-        const bool desc = (i & size) == 0;          // the last stage (size == P) is all descending
+        const bool desc = (i & size) == 0;          // the last size (size == P) is all descending
         const uint64_t a = keys[i], c = keys[j];
         if ((a < c) == desc) {
           keys[i] = c;
@@ -167,6 +175,17 @@ __device__ __forceinline__ void bitonic_sort_desc(uint64_t* keys, int P) {
       }
       __syncthreads();
     }
+    for (int i = threadIdx.x; i < P; i += blockDim.x) {  // warp-uniform trip count (see above)
+      uint64_t v = keys[i];
+      const bool desc = (i & size) == 0;
+      for (int st = stride; st > 0; st >>= 1) {
+        const uint64_t other = __shfl_xor_sync(0xffffffffu, v, st);
+        const bool lower = (i & st) == 0;
+        v = (lower == desc) ? (v > other ? v : other) : (v < other ? v : other);
+      }
+      keys[i] = v;
+    }
+    __syncthreads();
   }
 }
 
