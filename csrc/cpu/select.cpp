@@ -1,0 +1,159 @@
+#include "csrc/cpu/select.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <vector>
+
+namespace hires::select {
+namespace {
+
+// Steps 1-3 of similarity_select.cuh: weights w[b,t] = mask / max(|text|, eps), the direction
+// dir[b] = sum_t w[b,t] text[b,t] (fp32, t in order), scores[b,i] = (l . dir) / max(|l|, eps).
+template <typename TL, typename TT>
+void scores_cpu(const SimilaritySelectParams& p, std::vector<float>& dir) {
+  const int64_t B = p.batch, N = p.n, T = p.t, D = p.dim;
+  const TT* text = static_cast<const TT*>(p.text);
+  const TL* local = static_cast<const TL*>(p.local);
+  std::vector<float> w(B * T, 0.f);
+  at::parallel_for(0, B * T, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / T, t = r % T;
+      if (p.mask != nullptr && !p.mask[b * T + t]) continue;
+      const TT* x = text + b * p.text_stride_b + t * p.text_stride_t;
+      float ss = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float v = static_cast<float>(x[d]);
+        ss += v * v;
+      }
+      w[r] = 1.f / std::max(std::sqrt(ss), kCosEps);
+    }
+  });
+  // the kernel's order: kDirGroups partial sums over t = g (mod kDirGroups), added in group order
+  constexpr int64_t kDirGroups = 8;  // SelectTile::kDirWarps
+  dir.assign(B * D, 0.f);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> part(kDirGroups * D);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(part.begin(), part.end(), 0.f);
+      for (int64_t t = 0; t < T; ++t) {
+        const float wt = w[b * T + t];
+        if (wt == 0.f) continue;
+        float* o = part.data() + (t % kDirGroups) * D;
+        const TT* x = text + b * p.text_stride_b + t * p.text_stride_t;
+        for (int64_t d = 0; d < D; ++d) o[d] += wt * static_cast<float>(x[d]);
+      }
+      float* o = dir.data() + b * D;
+      for (int64_t g = 0; g < kDirGroups; ++g)
+        for (int64_t d = 0; d < D; ++d) o[d] += part[g * D + d];
+    }
+  });
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  at::parallel_for(0, B * N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / N, i = r % N;
+      const TL* l = local + b * p.local_stride_b + i * p.local_stride_n;
+      const float* o = dir.data() + b * D;
+      float dot = 0.f, ll = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float v = static_cast<float>(l[d]);
+        dot += v * o[d];
+        ll += v * v;
+      }
+      p.scores[r] = dot / std::max(std::sqrt(ll), kCosEps);
+    }
+  });
+}
+
+// softmax(x / temp) over n values in place, fp32: max, exp(x - max), sum, divide.
+void softmax_inplace(float* x, int64_t n, float temp) {
+  float m = -INFINITY;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = x[i] / temp;
+    m = std::max(m, x[i]);
+  }
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - m);
+    s += x[i];
+  }
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] / s;
+}
+
+// Step 4: selection of one row; writes indices[0, out_cols) and, for top-p, the length.
+void select_row(const SimilaritySelectParams& p, int64_t b) {
+  const int64_t N = p.n;
+  const float* s = p.scores + b * N;
+  std::vector<float> v(s, s + N);
+  int64_t keep = p.k;
+  if (p.mode == SelectMode::kTopP) {
+    if (p.presoftmax) softmax_inplace(v.data(), N, p.presoftmax_temperature);
+    softmax_inplace(v.data(), N, p.temperature);
+  }
+  std::vector<uint64_t> keys(N);
+  for (int64_t i = 0; i < N; ++i) keys[i] = rank_key(v[i], i);
+  std::sort(keys.begin(), keys.end(), std::greater<uint64_t>());
+  if (p.mode == SelectMode::kTopP) {
+    // cumulative sums in fp64, each rounded to fp32, compared with float32(p)
+    double cum = 0.0;
+    int64_t c = 0;
+    for (int64_t j = 0; j < N; ++j) {
+      cum += double(key_value(keys[j]));
+      if (float(cum) <= p.p) ++c;
+    }
+    keep = std::min<int64_t>(c + 1, N);
+    p.lengths[b] = keep;
+  }
+  std::vector<uint8_t> flag(N, 0);
+  for (int64_t j = 0; j < keep; ++j) flag[key_index(keys[j])] = 1;
+  int64_t* out = p.indices + b * p.out_cols;
+  int64_t pos = 0;
+  for (int64_t i = 0; i < N; ++i)
+    if (flag[i]) out[pos++] = i;
+  for (; pos < p.out_cols; ++pos) out[pos] = -1;
+}
+
+template <typename T>
+void gather_impl(const GatherParams& p) {
+  const T* tokens = static_cast<const T*>(p.tokens);
+  T* out = static_cast<T*>(p.out);
+  const int64_t D = p.dim;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
+  at::parallel_for(0, p.batch * p.k, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / p.k;
+      const int64_t i = p.indices[r];
+      T* o = out + r * D;
+      if (i < 0 || i >= p.n) {
+        std::fill(o, o + D, static_cast<T>(0.f));
+        continue;
+      }
+      const T* x = tokens + b * p.tokens_stride_b + i * p.tokens_stride_n;
+      std::copy(x, x + D, o);
+    }
+  });
+}
+
+}  // namespace
+
+void similarity_select_cpu(const SimilaritySelectParams& p, at::ScalarType local_t, at::ScalarType text_t) {
+  std::vector<float> dir;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, local_t, "similarity_select_cpu", [&] {
+    using TL = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, text_t, "similarity_select_cpu", [&] {
+      scores_cpu<TL, scalar_t>(p, dir);
+    });
+  });
+  at::parallel_for(0, p.batch, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) select_row(p, b);
+  });
+}
+
+void gather_tokens_cpu(const GatherParams& p, at::ScalarType t) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "gather_tokens_cpu",
+                                  [&] { gather_impl<scalar_t>(p); });
+}
+
+}  // namespace hires::select
