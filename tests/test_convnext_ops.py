@@ -101,6 +101,37 @@ def test_dwconv_layernorm_noncontiguous(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2, 70, 8), (1, 2, 7, 4096), (1, 2, 3, 12288)])
+def test_dwconv_layernorm_segments(device, dtype, shape):
+    """CUDA launch geometry (tests/test_kernel_tiling_emulation.py models it): W > P gives two
+    pixel segments per row (P = 64, tail 6); C = 4096 gives P = 3 < kRun; C = 12288 (the limit)
+    gives P = 1 and 48 KiB of shared memory."""
+    C = shape[-1]
+    p = make_params(C, 8, dtype, device)
+    x = make_x(shape, dtype, device)
+    assert_close(ops.dwconv_layernorm(x, *dwln_args(p)), ref.dwconv_layernorm(x, *dwln_args(p)), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_misaligned_storage(device, dtype):
+    """x at a 1-element storage offset (C % 8 == 0): the CUDA dwconv kernel takes its scalar path
+    and convnext_block its fallback GEMMs; fc weights with hidden % 8 != 0 take the fallback."""
+    C = 16
+    p = make_params(C, 4 * C, dtype, device)
+    n = 2 * 5 * 9 * C
+    x = make_x((n + 1,), dtype, device)[1:].view(2, 5, 9, C)
+    assert_close(ops.dwconv_layernorm(x, *dwln_args(p)), ref.dwconv_layernorm(x, *dwln_args(p)), dtype)
+    assert_close(ops.convnext_block(x, *block_args(p)), ref.convnext_block(x, *block_args(p)), dtype,
+                 BLOCK_SCALE[dtype])
+    q = make_params(C, 4 * C - 4, dtype, device)
+    xa = make_x((2, 5, 9, C), dtype, device)
+    assert_close(ops.convnext_block(xa, *block_args(q)), ref.convnext_block(xa, *block_args(q)), dtype,
+                 BLOCK_SCALE[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_dwconv_layernorm_matches_hf_math(device):
     """HF ConvNextLayer's first half: NCHW conv2d, permute, LayerNorm(eps=1e-6)."""
     C = 40
