@@ -186,9 +186,11 @@ def test_convnext_block_checkpoint_widths(device, dtype, C):
 @pytest.mark.parametrize("device", DEVICES[1:])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M_hw", [(1, 1), (9, 15), (24, 24), (33, 7)])
-def test_convnext_block_gemm_tiles(device, dtype, M_hw):
-    """CUDA: M = H*W from 1 to ~1k crosses the GEMM tile tails (M, and N = 4C, C = 192)."""
-    C = 192
+@pytest.mark.parametrize("C", [192, 200])
+def test_convnext_block_gemm_tiles(device, dtype, M_hw, C):
+    """CUDA: M = H*W from 1 to ~1k crosses the GEMM tile tails (M, and N = 4C, C = 192); C = 200
+    adds an N tail to fc1 (800 = 6 * 128 + 32, with CTAs of the 8-wide swizzle past the last
+    column), a K tail to fc1 (200 = 6 * 32 + 8) and an N tail to fc2."""
     p = make_params(C, 4 * C, dtype, device)
     x = make_x((2, *M_hw, C), dtype, device)
     got = ops.convnext_block(x, *block_args(p), 1e-6)
