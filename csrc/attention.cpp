@@ -322,32 +322,13 @@ TORCH_LIBRARY_FRAGMENT(hires_lmm, m) {
         "SymInt max_seqlen_q, SymInt max_seqlen_k, float? softmax_scale=None, bool causal=False) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(hires_lmm, CPU, m) {
-  m.impl("flash_attn_func", &flash_attn_func);
-  m.impl("flash_attn_varlen_func", &flash_attn_varlen_func);
+HIRES_BIND_CPU_CUDA(bind_attention) {
+  b.impl("flash_attn_func", &flash_attn_func)
+      .impl("flash_attn_varlen_func", &flash_attn_varlen_func);
 }
-
-#ifdef HIRES_LMM_WITH_CUDA
-TORCH_LIBRARY_IMPL(hires_lmm, CUDA, m) {
-  m.impl("flash_attn_func", &flash_attn_func);
-  m.impl("flash_attn_varlen_func", &flash_attn_varlen_func);
-}
-#endif
 
 }  // namespace hires::attention
 
-namespace {
-struct AttentionKernels {
-  AttentionKernels() {
-    for (const char* op : {"flash_attn_func", "flash_attn_varlen_func"}) {
-      hires::kernel_registry()[op].insert("cpu");
-#ifdef HIRES_LMM_WITH_CUDA
-      hires::kernel_registry()[op].insert("cuda");
-#endif
 #ifdef HIRES_LMM_WITH_SM90
-      if (std::string(op) == "flash_attn_func") hires::kernel_registry()[op].insert("cuda_sm90a");
+HIRES_REGISTER_KERNEL("flash_attn_func", "cuda_sm90a");
 #endif
-    }
-  }
-} attention_kernels;
-}  // namespace

@@ -37,6 +37,36 @@ std::map<std::string, std::set<std::string>>& kernel_registry();
 struct KernelRegistrar {
   KernelRegistrar(const char* op, const char* device) { kernel_registry()[op].insert(device); }
 };
+
+// Binds op functions to the CPU key and, in CUDA builds, the CUDA key (every binding function
+// dispatches on its tensors' device itself), recording each (op, device) for build_info():
+//   HIRES_BIND_CPU_CUDA(bind_family) { b.impl("op", &op).impl("op2", &op2); }
+class Binder {
+ public:
+  Binder(torch::Library& m, const char* device) : m_(m), device_(device) {}
+  template <typename F>
+  Binder& impl(const char* name, F&& fn) {
+    m_.impl(name, std::forward<F>(fn));
+    kernel_registry()[name].insert(device_);
+    return *this;
+  }
+
+ private:
+  torch::Library& m_;
+  const char* device_;
+};
+#ifdef HIRES_LMM_WITH_CUDA
+#define HIRES_BIND_CUDA_(fn) \
+  TORCH_LIBRARY_IMPL(hires_lmm, CUDA, m) { ::hires::Binder b(m, "cuda"); fn(b); }
+#else
+#define HIRES_BIND_CUDA_(fn)
+#endif
+#define HIRES_BIND_CPU_CUDA(fn)                                                  \
+  static void fn(::hires::Binder& b);                                            \
+  TORCH_LIBRARY_IMPL(hires_lmm, CPU, m) { ::hires::Binder b(m, "cpu"); fn(b); }  \
+  HIRES_BIND_CUDA_(fn)                                                           \
+  static void fn(::hires::Binder& b)
+
 #define HIRES_CONCAT_(a, b) a##b
 #define HIRES_CONCAT(a, b) HIRES_CONCAT_(a, b)
 #define HIRES_REGISTER_KERNEL(op, device) \

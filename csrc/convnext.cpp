@@ -271,32 +271,13 @@ TORCH_LIBRARY_FRAGMENT(hires_lmm, m) {
         "Tensor? fc2_bias, Tensor? gamma, float eps) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(hires_lmm, CPU, m) {
-  m.impl("dwconv_layernorm", &dwconv_layernorm);
-  m.impl("convnext_block", &convnext_block);
+HIRES_BIND_CPU_CUDA(bind_convnext) {
+  b.impl("dwconv_layernorm", &dwconv_layernorm)
+      .impl("convnext_block", &convnext_block);
 }
-
-#ifdef HIRES_LMM_WITH_CUDA
-TORCH_LIBRARY_IMPL(hires_lmm, CUDA, m) {
-  m.impl("dwconv_layernorm", &dwconv_layernorm);
-  m.impl("convnext_block", &convnext_block);
-}
-#endif
 
 }  // namespace hires::convnext
 
-namespace {
-struct ConvnextKernels {
-  ConvnextKernels() {
-    for (const char* op : {"dwconv_layernorm", "convnext_block"}) {
-      hires::kernel_registry()[op].insert("cpu");
-#ifdef HIRES_LMM_WITH_CUDA
-      hires::kernel_registry()[op].insert("cuda");
-#endif
-    }
 #ifdef HIRES_LMM_WITH_SM90
-    hires::kernel_registry()["convnext_block"].insert("cuda_sm90a");
+HIRES_REGISTER_KERNEL("convnext_block", "cuda_sm90a");
 #endif
-  }
-} convnext_kernels;
-}  // namespace

@@ -194,39 +194,13 @@ TORCH_LIBRARY_FRAGMENT(hires_lmm, m) {
   m.def("layer_norm(Tensor x, Tensor weight, Tensor? bias, float eps) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(hires_lmm, CPU, m) {
-  m.impl("visual_index", &visual_index);
-  m.impl("deepstack_inject", &deepstack_inject);
-  m.impl("deepstack_inject_rms_norm", &deepstack_inject_rms_norm);
-  m.impl("deepstack_inject_layer_norm", &deepstack_inject_layer_norm);
-  m.impl("rms_norm", &rms_norm);
-  m.impl("layer_norm", &layer_norm);
+HIRES_BIND_CPU_CUDA(bind_deepstack) {
+  b.impl("visual_index", &visual_index)
+      .impl("deepstack_inject", &deepstack_inject)
+      .impl("deepstack_inject_rms_norm", &deepstack_inject_rms_norm)
+      .impl("deepstack_inject_layer_norm", &deepstack_inject_layer_norm)
+      .impl("rms_norm", &rms_norm)
+      .impl("layer_norm", &layer_norm);
 }
-
-
-#ifdef HIRES_LMM_WITH_CUDA
-TORCH_LIBRARY_IMPL(hires_lmm, CUDA, m) {
-  m.impl("visual_index", &visual_index);
-  m.impl("deepstack_inject", &deepstack_inject);
-  m.impl("deepstack_inject_rms_norm", &deepstack_inject_rms_norm);
-  m.impl("deepstack_inject_layer_norm", &deepstack_inject_layer_norm);
-  m.impl("rms_norm", &rms_norm);
-  m.impl("layer_norm", &layer_norm);
-}
-#endif
 
 }  // namespace hires::deepstack
-
-namespace {
-struct DeepstackKernels {
-  DeepstackKernels() {
-    for (const char* op : {"visual_index", "deepstack_inject", "deepstack_inject_rms_norm",
-                           "deepstack_inject_layer_norm", "rms_norm", "layer_norm"}) {
-      hires::kernel_registry()[op].insert("cpu");
-#ifdef HIRES_LMM_WITH_CUDA
-      hires::kernel_registry()[op].insert("cuda");
-#endif
-    }
-  }
-} deepstack_kernels;
-}  // namespace

@@ -199,31 +199,10 @@ TORCH_LIBRARY_FRAGMENT(hires_lmm, m) {
   m.def("gather_tokens(Tensor tokens, Tensor indices) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(hires_lmm, CPU, m) {
-  m.impl("similarity_topk", &similarity_topk);
-  m.impl("similarity_topp", &similarity_topp);
-  m.impl("gather_tokens", &gather_tokens);
+HIRES_BIND_CPU_CUDA(bind_select) {
+  b.impl("similarity_topk", &similarity_topk)
+      .impl("similarity_topp", &similarity_topp)
+      .impl("gather_tokens", &gather_tokens);
 }
-
-#ifdef HIRES_LMM_WITH_CUDA
-TORCH_LIBRARY_IMPL(hires_lmm, CUDA, m) {
-  m.impl("similarity_topk", &similarity_topk);
-  m.impl("similarity_topp", &similarity_topp);
-  m.impl("gather_tokens", &gather_tokens);
-}
-#endif
 
 }  // namespace hires::select
-
-namespace {
-struct SelectKernels {
-  SelectKernels() {
-    for (const char* op : {"similarity_topk", "similarity_topp", "gather_tokens"}) {
-      hires::kernel_registry()[op].insert("cpu");
-#ifdef HIRES_LMM_WITH_CUDA
-      hires::kernel_registry()[op].insert("cuda");
-#endif
-    }
-  }
-} select_kernels;
-}  // namespace
