@@ -82,7 +82,9 @@ at::Tensor prepare(const at::Tensor& t) {
     for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && (t.stride(d) % 8 == 0);
     ok = ok && (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0);
   }
-  return ok ? t : t.contiguous();
+  // clone, not contiguous(): a tensor that is already contiguous (a misaligned storage offset, or
+  // an odd stride on a size-1 dim) would come back unchanged and still fail the kernel's needs.
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
 double resolve_scale(const c10::optional<double>& softmax_scale, int64_t D) {

@@ -397,6 +397,26 @@ def test_flash_attn_cuda_varlen_graph_capture():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_flash_attn_cuda_misaligned_contiguous_views():
+    """Contiguous tensors the 16-byte cp.async cannot read directly (storage offset not a multiple
+    of 8 elements; an odd stride on a size-1 dim) are copied by the binding, not passed through."""
+    dtype = torch.bfloat16
+    B, S, H, D = 2, 70, 2, 64
+    gen = torch.Generator().manual_seed(7)
+    base = [_rand((B * S * H * D + 1,), dtype, "cuda", gen) for _ in range(3)]
+    q, k, v = (x[1:].view(B, S, H, D) for x in base)  # contiguous, data_ptr % 16 == 2
+    assert q.is_contiguous() and q.data_ptr() % 16 != 0
+    out = ops.flash_attn_func(q, k, v, causal=True)
+    exp = ops.flash_attn_func(q.clone(), k.clone(), v.clone(), causal=True)
+    torch.testing.assert_close(out, exp, atol=0, rtol=0)
+    q1 = torch.as_strided(_rand((S * H * D,), dtype, "cuda", gen), (1, S, H, D), (3, H * D, D, 1))
+    assert q1.is_contiguous() and q1.stride(0) % 8 != 0
+    out = ops.flash_attn_func(q1, k[:1].clone(), v[:1].clone())
+    torch.testing.assert_close(out, ops.flash_attn_func(q1.clone(), k[:1].clone(), v[:1].clone()), atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 def test_flash_attn_cuda_large_prefill():
     """Llama-like prefill (S=2048, 32 heads, D=128, causal) and a CLIP-L batch against fp64."""
     for (B, S, H, D, causal) in [(1, 2048, 32, 128, True), (8, 577, 16, 64, False)]:

@@ -278,7 +278,8 @@ def test_compile_fullgraph():
 
 
 
-@pytest.mark.parametrize("N,T,D", [(8192, 3, 64), (100, 4, 16384), (1008, 64, 4096), (5000, 2, 24)])
+@pytest.mark.parametrize("N,T,D", [(8192, 3, 64), (100, 4, 16384), (1008, 64, 4096), (5000, 2, 24),
+                                   (3000, 3, 64)])  # 3000: exactly 48 KiB of dynamic smem
 @pytest.mark.gpu
 def test_cuda_limits_against_cpu_twin(N, T, D):
     if not torch.cuda.is_available() or hires_lmm.build_info()["cuda"] is None:

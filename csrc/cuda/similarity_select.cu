@@ -55,7 +55,10 @@ std::string launch_score(const SimilaritySelectParams& p, cudaStream_t stream) {
            std::to_string(p.dim) + ", " + std::to_string(p.n) + " tokens); this device allows " +
            std::to_string(optin);
   }
-  if (smem > 48 * 1024) {
+  // Always set (not only above 48 KiB): the default limit is 48 KiB for dynamic + static
+  // (SelectScratch) together, so e.g. N in (2048, 4096] with D <= 8192 (exactly 48 KiB dynamic)
+  // would fail to launch without it.
+  {
     const cudaError_t e = cudaFuncSetAttribute(score_select_kernel<TL, VEC>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (e != cudaSuccess) return std::string(cudaGetErrorString(e));
