@@ -25,6 +25,8 @@ namespace hires::deepstack {
 struct InjectNormTile {
   static constexpr int kWarp = 32;
   static constexpr int kMaxThreadsPerRow = 512;   // launch bound 512 leaves 128 registers: no spills
+                                                  // on the 16-byte paths (the unaligned scalar
+                                                  // fallback spills a few bytes; it is a fallback)
   static constexpr int kElemsPerThread = 32;      // row elements one thread holds in registers
   static constexpr int kMinThreadsPerBlock = 128;  // small rows: pack several per block
   static constexpr int kMaxWarpsPerRow = kMaxThreadsPerRow / kWarp;
