@@ -3,6 +3,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace hires::deepstack {
@@ -58,8 +59,12 @@ void run(const InjectNormParams& p, Norm norm) {
     for (int64_t row = begin; row < end; ++row) {
       // 1. load; 2. inject with HF's roundings
       const T* h = hidden + row * p.hidden_stride;
-      for (int64_t c = 0; c < D; ++c) x[c] = static_cast<float>(h[c]);
       const int64_t r = p.num_visual > 0 ? find_visual(p.index, p.num_visual, row) : -1;
+      if (norm == Norm::kNone && r < 0) {  // plain copy of a text row: no conversion needed
+        std::memcpy(injected + row * D, h, sizeof(T) * D);
+        continue;
+      }
+      for (int64_t c = 0; c < D; ++c) x[c] = static_cast<float>(h[c]);
       if (r >= 0) {
         const E* e = embeds + r * p.embeds_stride;
         for (int64_t c = 0; c < D; ++c)
