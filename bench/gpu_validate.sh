@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU evidence, on a machine with a CUDA GPU and a CUDA torch: build hires_lmm for this GPU, run the
-# GPU tests and the benchmark, and write bench/results/<date>-<gpu>-<commit>.{json,md,png}
+# GPU tests, the benchmark and compute-sanitizer over bench/sanitize_smoke.py, and write bench/results/<date>-<gpu>-<commit>.{json,md,png}
 # (also copied to $OUT when set). Commit those files: they are the only evidence that the CUDA
 # kernels work and how fast they are.
 #   bash bench/gpu_validate.sh            # everything
@@ -41,9 +41,22 @@ echo "== benchmark" | tee -a "$log"
 "$PY" -m hires_lmm.bench --device cuda --json "$stem.json" --plot "$stem.png" ${HIRES_LMM_BENCH_ARGS:-} 2>&1 | tee "$stem.bench.txt"
 bench_rc=${PIPESTATUS[0]}
 
+echo "== compute-sanitizer (memcheck, racecheck) over bench/sanitize_smoke.py" | tee -a "$log"
+san_rc=0
+if command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool $tool --error-exitcode 1 "$PY" bench/sanitize_smoke.py >>"$stem.sanitizer.txt" 2>&1 || san_rc=1
+    echo "$tool: rc=$san_rc" | tee -a "$stem.sanitizer.txt"
+  done
+else
+  "$PY" bench/sanitize_smoke.py >"$stem.sanitizer.txt" 2>&1 || san_rc=1
+  echo "compute-sanitizer not found; smoke run without it: rc=$san_rc" | tee -a "$stem.sanitizer.txt"
+fi
+tail -3 "$stem.sanitizer.txt"
+
 "$PY" -m hires_lmm.bench.report "$stem.json" --pytest "$stem.pytest.txt" > "$stem.md"
 if [ -n "${OUT:-}" ]; then
-  cp "$stem".json "$stem".md "$stem".png "$stem".bench.txt "$stem".pytest.txt "$log" "$OUT"/ 2>/dev/null
+  cp "$stem".json "$stem".md "$stem".png "$stem".bench.txt "$stem".pytest.txt "$stem".sanitizer.txt "$log" "$OUT"/ 2>/dev/null
 fi
-echo "gpu_validate: tests rc=$test_rc, bench rc=$bench_rc -> $stem.{json,md,png}"
-exit $(( test_rc != 0 || bench_rc != 0 ))
+echo "gpu_validate: tests rc=$test_rc, bench rc=$bench_rc, sanitizer rc=$san_rc -> $stem.{json,md,png}"
+exit $(( test_rc != 0 || bench_rc != 0 || san_rc != 0 ))

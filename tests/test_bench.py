@@ -20,3 +20,15 @@ def test_bench_deepstack_json_and_plot(tmp_path):
         assert x["ours_us"] > 0 and x["ok"] is True
         assert "gbps" in x or "tflops" in x
     assert png.stat().st_size > 1000
+
+
+def test_sanitize_smoke_plumbing_on_cpu():
+    """bench/sanitize_smoke.py (run under compute-sanitizer by gpu_validate.sh) stays runnable."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "bench", "sanitize_smoke.py")],
+                       env={**os.environ, "HIRES_LMM_SMOKE_DEVICE": "cpu"}, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "0 mismatches" in r.stdout
