@@ -4,6 +4,7 @@
     hires_lmm.build_info()               # version, torch, CUDA, arches, kernels per device
     hires_lmm.ops.deepstack_inject_rms_norm(hidden, embeds, index, weight, 1e-6)
     hires_lmm.set_backend("reference")   # every op -> its PyTorch reference (hires_lmm.reference)
+    hires_lmm.accelerate(hf_model)       # our kernels inside a Hugging Face transformers model
 """
 import torch  # noqa: F401  (loads libtorch before the extension)
 
@@ -11,6 +12,7 @@ from . import _C
 from ._version import __version__
 from ._backend import get_backend, set_backend, use_backend
 from . import reference, ops  # noqa: E402
+from .accelerate import accelerate  # noqa: E402
 
 
 def build_info() -> dict:
@@ -26,5 +28,5 @@ def set_value_checks(enabled: bool) -> None:
     _C.set_value_checks(bool(enabled))
 
 
-__all__ = ["build_info", "set_backend", "get_backend", "use_backend", "set_value_checks", "ops",
+__all__ = ["accelerate", "build_info", "set_backend", "get_backend", "use_backend", "set_value_checks", "ops",
            "reference", "__version__"]
