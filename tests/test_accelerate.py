@@ -187,6 +187,69 @@ def test_qwen3vl_deepstack_alone_is_bit_exact(device):
     assert _counts()["deepstack"] == 3 and len(calls) == 1
 
 
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_qwen3vl_full_model_with_vision(device):
+    """Qwen3VLForConditionalGeneration end to end: vision blocks (per-image attention, LayerNorms,
+    DeepStack mergers) and the text model with DeepStack, all patched through one call."""
+    from transformers.models.qwen3_vl import configuration_qwen3_vl as qc
+    text = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=256,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3]})
+    vis = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+               spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+               num_position_embeddings=64, deepstack_visual_indexes=[0, 1, 2])
+    cfg = qc.Qwen3VLConfig(text_config=text, vision_config=vis, image_token_id=90,
+                           video_token_id=91, vision_start_token_id=92, vision_end_token_id=93)
+    torch.manual_seed(0)
+    m = qwen3_vl.Qwen3VLForConditionalGeneration(cfg).eval().to(device)
+    grid = torch.tensor([[1, 8, 8], [1, 4, 4]], device=device)  # 16 + 4 merged tokens
+    g = torch.Generator().manual_seed(6)
+    pix = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 4 * 4, generator=g).to(device)
+    ids = torch.randint(0, 80, (2, 30), generator=g)
+    ids[0, 2], ids[0, 3:19], ids[0, 19] = 92, 90, 93
+    ids[1, 5], ids[1, 6:10], ids[1, 10] = 92, 90, 93
+    ids = ids.to(device)
+    inputs = dict(input_ids=ids, pixel_values=pix, image_grid_thw=grid,
+                  mm_token_type_ids=(ids == 90).int())
+    with torch.no_grad():
+        ref = m(**inputs).logits
+        hires_lmm.accelerate(m)
+        assert m.config.vision_config._attn_implementation == "hires_lmm"
+        assert m.config.text_config._attn_implementation == "hires_lmm"
+        got = m(**inputs).logits
+    c = _counts()
+    # vision: 3 blocks x 2 images (HF splits by cu_seqlens), text: 4 layers
+    assert c["attention"] == 3 * 2 + 4 and c["deepstack"] == 3 and c["layer_norm"] == 10
+    assert "attention_fallback" not in c
+    _close(got, ref, torch.float32)
+
+
+def test_clip_full_model_text_is_causal():
+    tc = transformers.CLIPTextConfig(vocab_size=99, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                                     pad_token_id=1)
+    vc = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                                       patch_size=8)
+    cfg = transformers.CLIPConfig(text_config=tc.to_dict(), vision_config=vc.to_dict(),
+                                  projection_dim=32)
+    torch.manual_seed(0)
+    m = transformers.CLIPModel(cfg).eval()
+    ids = torch.randint(2, 99, (2, 9), generator=torch.Generator().manual_seed(7))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(input_ids=ids, pixel_values=x)
+        hires_lmm.accelerate(m)
+        got = m(input_ids=ids, pixel_values=x)
+    assert _counts()["attention"] == 4 and "attention_fallback" not in _counts()
+    for k in ("logits_per_image", "text_embeds", "image_embeds"):
+        _close(got[k], ref[k], torch.float32)
+
+
 # ---- idempotence, undo, selection -------------------------------------------------------------
 def test_idempotent_and_undo():
     m = _llama(torch.float32, "cpu")
