@@ -31,15 +31,6 @@ namespace {
 
 constexpr int64_t kMaxHeadDimCpu = 512;  // CPU twin: per-thread tiles of kBlockM x D floats
 
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kF32;
-    case at::kHalf: return DType::kF16;
-    case at::kBFloat16: return DType::kBF16;
-    default: TORCH_CHECK(false, "hires_lmm: unsupported dtype ", t);
-  }
-}
-
 // Checks shared by both ops. `tok` is the token dimension (1 dense, 0 varlen); the last three
 // dims are (tokens, heads, head_dim).
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

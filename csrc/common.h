@@ -4,6 +4,8 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include "kernels/common/dtype.h"
+
 #include <map>
 #include <set>
 #include <string>
@@ -15,6 +17,16 @@ namespace hires {
   TORCH_CHECK((cond), op, ": argument '", arg, "' ", __VA_ARGS__)
 
 inline const char* dtype_name(at::ScalarType t) { return c10::toString(t); }
+
+// torch dtype -> the kernels' torch-free tag (callers have checked is_float_dtype).
+inline DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kF32;
+    case at::kHalf: return DType::kF16;
+    case at::kBFloat16: return DType::kBF16;
+    default: TORCH_CHECK(false, "hires_lmm: unsupported dtype ", t);
+  }
+}
 
 inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;

@@ -32,15 +32,6 @@ namespace {
 
 constexpr int kK = DwconvLnLimits::kKernel;
 
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kF32;
-    case at::kHalf: return DType::kF16;
-    case at::kBFloat16: return DType::kBF16;
-    default: TORCH_CHECK(false, "hires_lmm: unsupported dtype ", t);
-  }
-}
-
 // A parameter tensor: same device and dtype as x, the given shape.
 void check_param(const char* op, const at::Tensor& t, const char* arg, const at::Tensor& x,
                  at::IntArrayRef shape, const char* shape_desc) {

@@ -21,15 +21,6 @@ namespace {
 
 constexpr int64_t kMaxDim = 16384;  // registers per row in the CUDA kernel (csrc/cuda/deepstack.cu)
 
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kF32;
-    case at::kHalf: return DType::kF16;
-    case at::kBFloat16: return DType::kBF16;
-    default: TORCH_CHECK(false, "hires_lmm: unsupported dtype ", t);
-  }
-}
-
 // Checks that cost a device->host sync (see csrc/common.h): index range and strict order.
 void check_index_values(const char* op, const at::Tensor& index, int64_t rows) {
   if (index.numel() == 0 || !value_checks_enabled() || cuda_stream_capturing(index)) return;

@@ -20,14 +20,6 @@ namespace hires::select {
 namespace {
 
 #ifdef HIRES_LMM_WITH_CUDA
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kF32;
-    case at::kHalf: return DType::kF16;
-    case at::kBFloat16: return DType::kBF16;
-    default: TORCH_CHECK(false, "hires_lmm: unsupported dtype ", t);
-  }
-}
 #endif
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }

@@ -132,15 +132,6 @@ template <typename T> struct Tag;
 template <> struct Tag<__nv_bfloat16> { using type = bf16_tag; };
 template <> struct Tag<__half> { using type = f16_tag; };
 
-template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<uint32_t*>(&v);
-}
 
 // Tensor maps (built by the launcher): q over (D, Sq, Hq, B), k/v over (D, Sk, Hkv, B), boxes of
 // (64, kBlockM or kBlockN, 1, 1) with SWIZZLE_128B; out-of-range rows are zero-filled.

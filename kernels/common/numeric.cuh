@@ -41,6 +41,18 @@ template <> struct DTypeOf<DType::kF32> { using type = float; };
 template <> struct DTypeOf<DType::kF16> { using type = __half; };
 template <> struct DTypeOf<DType::kBF16> { using type = __nv_bfloat16; };
 
+// Two floats -> one 32-bit register of two 16-bit T, rounded to nearest even (lo = first, the
+// lower column / k index: the mma fragment order).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
