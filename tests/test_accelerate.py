@@ -368,3 +368,16 @@ def test_norm_dtype_mismatch_falls_back():
     assert out.dtype == torch.float32 and _counts()["rms_norm_fallback"] == 1
     hires_lmm.accelerate(m, undo=True)
     assert torch.equal(norm(x), out)
+
+
+def test_output_attentions_falls_back_to_eager_weights():
+    m = _llama(torch.float32, "cpu", attn="eager")
+    ids = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = m(ids, output_attentions=True)
+        hires_lmm.accelerate(m)
+        got = m(ids, output_attentions=True)
+    assert _counts()["attention_fallback_output_attentions"] == 2 and "attention" not in _counts()
+    assert len(got.attentions) == 2
+    for a, b in zip(got.attentions, ref.attentions):
+        torch.testing.assert_close(a, b)

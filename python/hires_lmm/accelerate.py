@@ -45,7 +45,9 @@ What is patched (each family can be turned off by its keyword):
 Idempotent: a second call on a patched model returns it unchanged. Reversible:
 `accelerate(model, undo=True)` restores the original forwards and attention implementations.
 `model._hires_lmm_patched` reports what was patched (module counts per family);
-`accelerate.call_counts` (a Counter) counts kernel calls and fallbacks at run time.
+`accelerate.call_counts` (a Counter) counts kernel calls and fallbacks at run time (in eager
+mode; under torch.compile the patched forwards trace into the graph and count once, at trace
+time).
 """
 from __future__ import annotations
 
