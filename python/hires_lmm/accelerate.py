@@ -218,6 +218,14 @@ def _fallback_attention(module, query, key, value, attention_mask, dropout, scal
     if orig == "eager":
         fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if fn is not None:
+            causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+            Sq, Sk = query.shape[2], key.shape[2]
+            if attention_mask is None and causal and Sq > 1:
+                # sdpa_mask skipped the causal mask (no padding); eager relies on the mask alone
+                if Sk > Sq:  # empty static-cache slots, as in hires_attention_forward
+                    key, value, Sk = key[:, :, :Sq], value[:, :, :Sq], Sq
+                attention_mask = torch.ones(Sq, Sk, dtype=torch.bool,
+                                            device=query.device).tril()[None, None]
             if attention_mask is not None and attention_mask.dtype == torch.bool:
                 # our mask function is sdpa_mask (True = attend); eager adds a float mask
                 attention_mask = torch.where(attention_mask, 0.0,
