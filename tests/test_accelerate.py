@@ -381,3 +381,15 @@ def test_output_attentions_falls_back_to_eager_weights():
     assert len(got.attentions) == 2
     for a, b in zip(got.attentions, ref.attentions):
         torch.testing.assert_close(a, b)
+
+
+def test_llama_generate_with_static_cache():
+    """Static cache: the prefill has no mask and Sk (cache length) > Sq, so the empty slots are
+    sliced off before our kernel (as SDPA does); decode steps carry a mask and fall back."""
+    m = _llama(torch.float32, "cpu")
+    ids = torch.randint(0, 101, (1, 7), generator=torch.Generator().manual_seed(9))
+    ref = m.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    hires_lmm.accelerate(m)
+    got = m.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
+    assert torch.equal(got, ref)
+    assert _counts()["attention"] == 2 and _counts()["attention_fallback_mask"] == 2 * 4
