@@ -1,0 +1,120 @@
+"""hires_lmm.bench.sass: the static SASS report (parsers on synthetic cuobjdump text, occupancy
+arithmetic, launch configurations) and, on a CUDA build, the report of the built extension."""
+import json
+
+import pytest
+
+import hires_lmm
+from hires_lmm.bench import sass
+
+RES_USAGE = """
+Fatbin elf code:
+================
+arch = sm_80
+identifier = /x/csrc/cuda/flash_attn.cu
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _ZN5hires9attention16flash_fwd_kernelI13__nv_bfloat16Li128EEEvNS0_11FlashParamsE:
+  REG:241 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:900 TEXTURE:0 SURFACE:0 SAMPLER:0
+ Function _Z3fooPf:
+  REG:40 STACK:16 SHARED:1024 LOCAL:8 CONSTANT[0]:360 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+# A loop (0x0030 .. 0x00a0, closed by the backward BRA) with 2 HMMA, 1 LDSM, a 128-bit cp.async,
+# one spill store; a second, smaller loop without MMAs; straight-line code around them.
+SASS = """
+Fatbin elf code:
+================
+arch = sm_80
+
+	code for sm_80
+		Function : _Z3fooPf
+        /*0000*/                   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;  /* 0x0 */
+        /*0010*/                   LDG.E.128 R4, [R2.64] ;  /* 0x0 */
+        /*0020*/                   LDG.E.U16 R8, [R2.64] ;  /* 0x0 */
+        /*0030*/                   LDSM.16.M88.4 R12, [R20] ;  /* 0x0 */
+        /*0040*/                   HMMA.16816.F32.BF16 R24, R12, R16, R24 ;  /* 0x0 */
+        /*0050*/                   HMMA.16816.F32.BF16 R28, R12, R18, R28 ;  /* 0x0 */
+        /*0060*/                   LDGSTS.E.BYPASS.LTC128B.128 [R3], [R22.64], P6 ;  /* 0x0 */
+        /*0070*/                   STL [R1+0x10], R124 ;  /* 0x0 */
+        /*0080*/                   MUFU.EX2 R5, R5 ;  /* 0x0 */
+        /*0090*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;  /* 0x0 */
+        /*00a0*/               @P0 BRA 0x30 ;  /* 0x0 */
+        /*00b0*/                   FFMA R1, R2, R3, R4 ;  /* 0x0 */
+        /*00c0*/                   FADD R1, R2, R3 ;  /* 0x0 */
+        /*00d0*/              @!P1 BRA 0xb0 ;  /* 0x0 */
+        /*00e0*/                   STG.E.128 [R2.64], R4 ;  /* 0x0 */
+        /*00f0*/                   STG.E.U16 [R2.64], R4 ;  /* 0x0 */
+        /*0100*/                   EXIT ;  /* 0x0 */
+        /*0110*/                   BRA 0x110;  /* 0x0 */
+"""
+
+
+def test_parse_res_usage():
+    res = sass.parse_res_usage(RES_USAGE)
+    flash = res[("sm_80", "_ZN5hires9attention16flash_fwd_kernelI13__nv_bfloat16Li128EEEvNS0_11FlashParamsE")]
+    assert flash == dict(regs=241, stack=0, shared=0, local=0)
+    assert res[("sm_80", "_Z3fooPf")] == dict(regs=40, stack=16, shared=1024, local=8)
+
+
+def test_main_loop_mix_and_local_accesses():
+    insns = sass.parse_sass(SASS)[("sm_80", "_Z3fooPf")]
+    assert len(insns) == 18
+    info = sass.analyse_function(insns)
+    ml = info["main_loop"]
+    # the MMA loop wins over the FFMA loop; the self-loop at 0x110 (a trap) holds no work
+    assert (ml["start"], ml["end"], ml["instructions"]) == ("0x30", "0xa0", 8)
+    assert ml["mix"] == {"barrier": 1, "cp.async128": 1, "ldsm": 1, "local": 1, "mma": 2, "mufu": 1}
+    tot = info["totals"]
+    assert tot["ldg128"] == 1 and tot["ldg16"] == 1 and tot["stg128"] == 1 and tot["stg16"] == 1
+    assert tot["fp"] == 2 and tot["local"] == 1
+
+
+def test_classify_widths():
+    assert sass.classify("LDG.E.128.CONSTANT") == "ldg128"
+    assert sass.classify("LDG.E.64") == "ldg64"
+    assert sass.classify("LDG.E") == "ldg32"
+    assert sass.classify("STG.E.U8") == "stg8"
+    assert sass.classify("HGMMA.64x128x16.F32.BF16") == "mma"
+    assert sass.classify("SYNCS.ARRIVE.TRANS64.RED.A1T0") == "barrier"
+    assert sass.classify("LDL.64") == "local"
+    assert sass.classify("IMAD") is None
+
+
+def test_occupancy_arithmetic():
+    # 241 registers -> 7936 per warp (units of 256), 4 warps -> 2 blocks by registers; 80 KiB of
+    # shared memory + 1 KiB reserved -> 2 blocks of 164 KiB on sm_80.
+    blocks, occ, limiter = sass.occupancy("sm_80", 241, 128, 81920)
+    assert blocks == 2 and occ == pytest.approx(8 / 64)
+    # 32 registers, 256 threads, no smem: limited by threads (8 blocks of 8 warps = 64 warps)
+    assert sass.occupancy("sm_90a", 32, 256, 0) == (8, 1.0, "threads")
+    # more shared memory than a block may have: nothing runs
+    assert sass.occupancy("sm_80", 32, 128, 200 * 1024)[0] == 0
+
+
+def test_launch_configs_follow_the_tiles():
+    assert sass.launch_config("void hires::attention::flash_fwd_kernel<__nv_bfloat16, 128>(hires::attention::FlashParams)") \
+        == (128, (64 * 128 + 4 * 64 * 128) * 2, "D=128")
+    threads, smem, note = sass.launch_config(
+        "void hires::deepstack::inject_norm_kernel<__nv_bfloat16, __nv_bfloat16, (hires::deepstack::Norm)1, 8, 4>(hires::deepstack::InjectNormParams)")
+    assert threads == 128 and smem == 0   # 4096 / 8 / 4 = 128 threads per row, one row per block
+    assert sass.launch_config("void unknown_kernel<int>(int)") is None
+
+
+def test_report_of_the_built_extension(tmp_path, capsys):
+    info = hires_lmm.build_info()
+    out = tmp_path / "sass.json"
+    rc = sass.main(["--summary", "--json", str(out), "--filter", "flash_fwd_kernel"])
+    text = capsys.readouterr().out
+    if not info["cuda"]:
+        assert rc == 0 and "no CUDA kernels" in text and not out.exists()
+        return
+    assert sass.find_cuobjdump() is not None, "CUDA build without cuobjdump: install cuda-toolkit[cuobjdump]"
+    rows = json.loads(out.read_text())
+    archs = {r["arch"] for r in rows}
+    assert archs == set(info["cuda_archs"])
+    for r in rows:
+        assert r["regs"] > 0 and r["threads"] == 128
+        assert r["main_loop"]["mix"].get("mma", 0) > 0, r["kernel"]   # the QK^T / PV loop
