@@ -169,7 +169,7 @@ SAFETENSORS_DAMAGE = {
     "empty": lambda f: f.write_bytes(b""),
     "header_length": lambda f: f.write_bytes((10 ** 15).to_bytes(8, "little") + f.read_bytes()[8:]),
     "header_json": lambda f: f.write_bytes(f.read_bytes()[:8] + b"#" + f.read_bytes()[9:]),
-    "garbage": lambda f: f.write_bytes(os.urandom(300)),
+    "garbage": lambda f: f.write_bytes(bytes(range(255, -1, -1)) * 2),
 }
 
 
@@ -194,17 +194,12 @@ class _Evil:
         return (os.system, ("touch /tmp/hires_lmm_pwned_by_checkpoint",))
 
 
-def _bin_variants(tmp_path):
-    good_sd = _state("llama")
-    torch.save(good_sd, tmp_path / "ok.bin")
+def _damaged_bin_bytes(case, tmp_path):
+    torch.save(_state("llama"), tmp_path / "ok.bin")
     data = (tmp_path / "ok.bin").read_bytes()
-    return {
-        "empty": b"",
-        "truncated": data[: len(data) // 2],
-        "garbage": b"\x80\x02garbage and more garbage" * 5,
-        "text": b"this is not a pickle",
-        "old_truncated": None,     # filled below (non-zip pickle cut short)
-    }
+    return {"empty": b"", "truncated": data[: len(data) // 2],
+            "garbage": b"\x80\x02garbage and more garbage" * 5,
+            "text": b"this is not a pickle"}[case]
 
 
 @pytest.mark.parametrize("case", ["empty", "truncated", "garbage", "text", "old_truncated", "evil",
@@ -221,7 +216,7 @@ def test_damaged_bin(good, tmp_path, case):
         torch.save(_state("llama"), f, _use_new_zipfile_serialization=False)
         _truncate(f, lambda n: n // 2)
     else:
-        f.write_bytes(_bin_variants(tmp_path)[case])
+        f.write_bytes(_damaged_bin_bytes(case, tmp_path))
     (src / "config.json").write_text(json.dumps(LLAMA_CFG))
     if os.path.exists("/tmp/hires_lmm_pwned_by_checkpoint"):
         os.unlink("/tmp/hires_lmm_pwned_by_checkpoint")
@@ -556,3 +551,20 @@ def test_convert_single_damaged_file(tmp_path, capsys):
     (tmp_path / "x.bin").write_bytes(b"")
     assert convert_main([str(tmp_path / "x.bin"), str(tmp_path / "x.safetensors")]) == 1
     assert "x.bin" in capsys.readouterr().err
+
+
+def test_convert_single_bin_ignores_other_pickles(tmp_path, capsys):
+    """A Trainer folder: pytorch_model.bin + training_args.bin (an arbitrary pickle, never
+    loaded): the checkpoint converts, the other pickle is neither run nor copied."""
+    sd = _state("llama")
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(LLAMA_CFG))
+    torch.save(sd, src / "pytorch_model.bin")
+    torch.save({"args": _Evil()}, src / "training_args.bin")
+    if os.path.exists("/tmp/hires_lmm_pwned_by_checkpoint"):
+        os.unlink("/tmp/hires_lmm_pwned_by_checkpoint")
+    assert convert_main([str(src), str(dst)]) == 0
+    assert not os.path.exists("/tmp/hires_lmm_pwned_by_checkpoint")
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
+    assert set(load_file(str(dst / "model.safetensors"))) == set(sd)

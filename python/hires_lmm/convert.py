@@ -73,8 +73,9 @@ def convert_folder(src, dst) -> List[Path]:
     With `pytorch_model.bin.index.json` the index decides: exactly its shards are converted (one
     safetensors shard per pickle shard, same keys), after checking that every shard it names
     exists inside the folder and that the shards and the index agree (no key in two shards, none
-    missing); `model.safetensors.index.json` is written from it. Without an index every
-    .bin/.pt/.pth file is converted (a key in two files is an error). Nothing is written before
+    missing); `model.safetensors.index.json` is written from it. Without an index,
+    `pytorch_model.bin` when present, else every .bin/.pt/.pth file (a key in two files is an
+    error). Other pickles are left out (logged), other files copied. Nothing is written before
     these checks pass; every failure is a CheckpointError naming the file. Shards are read one
     at a time, memory-mapped."""
     src, dst = Path(src), Path(dst)
@@ -83,6 +84,8 @@ def convert_folder(src, dst) -> List[Path]:
         reader = _from_index(bin_index)
     else:
         pickles = sorted(f for f in src.iterdir() if f.is_file() and f.suffix in _PICKLE_SUFFIXES)
+        if (src / "pytorch_model.bin").is_file():     # open_checkpoint's choice: this file only
+            pickles = [src / "pytorch_model.bin"]     # (not e.g. a Trainer's training_args.bin)
         if not pickles:
             raise CheckpointNotFoundError(f"hires_lmm.convert: no .bin/.pt/.pth files in {src}")
         reader = CheckpointReader(pickles, str(src))
@@ -113,8 +116,12 @@ def convert_folder(src, dst) -> List[Path]:
             json.dump(index, fh, indent=2)
         written.append(dst / "model.safetensors.index.json")
     for f in src.iterdir():
-        if f.is_file() and f not in by_file and f != bin_index and f.suffix not in _PICKLE_SUFFIXES:
-            shutil.copy2(f, dst / f.name)
+        if f.is_file() and f not in by_file and f != bin_index:
+            if f.suffix in _PICKLE_SUFFIXES:
+                logger.warning("hires_lmm.convert: %s is not part of the checkpoint (not in its "
+                               "index / not pytorch_model.bin): neither converted nor copied", f)
+            else:
+                shutil.copy2(f, dst / f.name)
     return written
 
 

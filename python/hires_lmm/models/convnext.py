@@ -46,9 +46,12 @@ Checkpoints (`ConvNeXtTower.from_pretrained(path)`):
   Keys outside the prefix (LLM, projector, text tower, open_clip's visual.head) are ignored, and
   so are the pooled-output norms and heads under it (HF `layernorm.*`, `pooler.*`,
   `hidden_states_norms.*`; timm `head.*`, `norm_pre.*`; original `norm.*`, `head.*`). Everything
-  else under the prefix must map: missing, unexpected or mis-shaped keys raise one ValueError
-  listing all of them. timm conv-MLP checkpoints (fc weights stored as (out, in, 1, 1)) are
-  flattened to (out, in).
+  else under the prefix must map: missing, unexpected or mis-shaped keys raise one
+  hires_lmm.CheckpointError (a ValueError) listing all of them. timm conv-MLP checkpoints (fc
+  weights stored as (out, in, 1, 1)) are flattened to (out, in). Before anything is built the
+  config (from config.json: types and ranges, see ConvNeXtConfig) is checked against the keys'
+  stages and blocks; dtype=None needs one floating dtype across the tower's tensors (mixed: an
+  error naming them; pass dtype= to cast).
 """
 import dataclasses
 import json
@@ -358,7 +361,12 @@ class ConvNeXtTower(nn.Module):
         shapes = {internal: _target_shape(internal, src.shape(key))
                   for internal, key in mapping.items()}
         if config is None:
-            config = _infer_config(shapes)
+            try:
+                config = _infer_config(shapes)
+            except ValueError as e:
+                where = getattr(src, "description", None) or "the state dict"
+                raise CheckpointError(f"ConvNeXtTower: cannot infer the config from the shapes "
+                                      f"in {where}: {e}") from None
         else:
             _check_counts(config, shapes, keymap, source)
         with torch.device("meta"):
