@@ -568,3 +568,11 @@ def test_convert_single_bin_ignores_other_pickles(tmp_path, capsys):
     assert not os.path.exists("/tmp/hires_lmm_pwned_by_checkpoint")
     assert sorted(p.name for p in dst.iterdir()) == ["config.json", "model.safetensors"]
     assert set(load_file(str(dst / "model.safetensors"))) == set(sd)
+
+
+def test_config_from_json_names_the_file(tmp_path):
+    f = tmp_path / "config.json"
+    f.write_text('{"depths": [1, 1.5], "hidden_sizes": [8, 16], "num_stages": 2}')
+    _raises(lambda: ConvNeXtConfig.from_json(f), str(f), "depths[1]")
+    f.write_text('{"hidden_size": 32,')
+    _raises(lambda: SliMEConfig.from_json(str(tmp_path)), str(f), "line 1")

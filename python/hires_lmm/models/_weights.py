@@ -31,7 +31,7 @@ from torch import nn
 from ..checkpoint import (CheckpointError, CheckpointNotFoundError, CheckpointReader,
                           open_checkpoint, read_json)
 
-__all__ = ["read_config", "checkpoint_keys", "load_into", "CheckpointError",
+__all__ = ["read_config", "config_from_file", "checkpoint_keys", "load_into", "CheckpointError",
            "CheckpointNotFoundError", "open_pretrained", "Pretrained", "check_kind",
            "parse_config", "check_count", "describe_checkpoint", "check_int", "check_real",
            "check_bool", "check_str", "check_int_list", "MAX_LAYERS", "MAX_SIZE"]
@@ -112,6 +112,20 @@ def read_config(ckpt_dir: str) -> dict:
         raise CheckpointError(f"config file {path} must hold a JSON object, got a "
                               f"{type(d).__name__}")
     return d
+
+
+def config_from_file(path, factory: Callable[[dict], object], owner: str):
+    """factory(json of path) with every failure (unreadable or invalid JSON, not an object, a bad
+    field) a CheckpointError naming the file."""
+    d = read_json(path, "config file")
+    if not isinstance(d, dict):
+        raise CheckpointError(f"config file {path} must hold a JSON object, got a "
+                              f"{type(d).__name__}")
+    try:
+        return factory(d)
+    except (ValueError, TypeError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise CheckpointError(f"{owner}: config file {path}: {msg}") from None
 
 
 def checkpoint_keys(ckpt_dir: str):

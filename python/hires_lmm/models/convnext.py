@@ -54,7 +54,6 @@ Checkpoints (`ConvNeXtTower.from_pretrained(path)`):
   error naming them; pass dtype= to cast).
 """
 import dataclasses
-import json
 import os
 import re
 from pathlib import Path
@@ -155,8 +154,9 @@ class ConvNeXtConfig:
 
     @classmethod
     def from_json(cls, path) -> "ConvNeXtConfig":
-        with open(path) as fh:
-            return cls.from_dict(json.load(fh))
+        """From a config.json; errors (invalid JSON, a bad field) name the file."""
+        from ._weights import config_from_file
+        return config_from_file(path, cls.from_dict, "ConvNeXtConfig.from_json")
 
     def to_hf_dict(self) -> dict:
         """The config as an HF ConvNextConfig dict (for transformers.ConvNextConfig(**d))."""

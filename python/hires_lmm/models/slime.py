@@ -14,7 +14,6 @@ The selector has two variants (specs/slime.md 3.4): presoftmax_temperature=0.5 i
 softmax of the first commit, which the released checkpoints were trained and evaluated with
 (K ~ ceil(0.95 N)); None is the single softmax of the code at HEAD."""
 import dataclasses
-import json
 import math
 import os
 from typing import Dict, Optional, Tuple
@@ -321,10 +320,12 @@ class SliMEConfig:
 
     @classmethod
     def from_json(cls, path: str, presoftmax_temperature: Optional[float] = 0.5) -> "SliMEConfig":
+        """From a config.json (or the folder holding it); errors name the file."""
+        from ._weights import config_from_file
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        with open(path) as f:
-            return cls.from_dict(json.load(f), presoftmax_temperature)
+        return config_from_file(path, lambda d: cls.from_dict(d, presoftmax_temperature),
+                                "SliMEConfig.from_json")
 
 
 class SliMEVisual(nn.Module):
