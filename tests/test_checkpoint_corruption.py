@@ -103,6 +103,7 @@ def good(tmp_path_factory):
         (d / "config.json").write_text(json.dumps(CONFIGS[kind]))
         save_file(_state(kind), str(d / "model.safetensors"))
         out[kind] = d
+    Llama.from_pretrained(out["llama"])   # torch's one-time imports on the first meta build
     return out
 
 
@@ -576,3 +577,64 @@ def test_config_from_json_names_the_file(tmp_path):
     _raises(lambda: ConvNeXtConfig.from_json(f), str(f), "depths[1]")
     f.write_text('{"hidden_size": 32,')
     _raises(lambda: SliMEConfig.from_json(str(tmp_path)), str(f), "line 1")
+
+
+# ---- seeded fuzz: only CheckpointError ever escapes ---------------------------------------------
+_FUZZ_VALUES = [None, 0, -1, 1, 2, 3, 7, 10 ** 12, 1e12, 1.5, -0.5, "16", True, False, [], {},
+                [1, 2], {"rope_type": "llama3"}, float("nan"), float("inf")]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fuzz_config_values(good, tmp_path, kind):
+    """100 seeded (field, value) corruptions per model: each either loads or raises CheckpointError
+    naming the field (or, for a well-formed value the weights do not fit, the mismatch); no other
+    exception type, no hang."""
+    import random
+    rng = random.Random(1234 + KINDS.index(kind))
+    fields = sorted(CONFIGS[kind]) + ["head_dim", "rope_scaling", "vision_config", "text_config"]
+    d = _copy(good[kind], tmp_path)
+    base = (d / "config.json").read_text()
+    for _ in range(100):
+        field, value = rng.choice(fields), rng.choice(_FUZZ_VALUES)
+        cfg = json.loads(base)
+        cfg[field] = value
+        (d / "config.json").write_text(json.dumps(cfg))
+        t0 = time.perf_counter()
+        try:
+            LOADERS[kind](d)
+        except CheckpointError as e:
+            msg = str(e)
+            assert (field in msg or "does not match" in msg or "nothing was built" in msg
+                    or "not a" in msg), (field, value, msg)
+        assert time.perf_counter() - t0 < 5.0, (field, value)
+
+
+@pytest.mark.parametrize("kind", ["llama", "convnext"])
+def test_fuzz_safetensors_bytes(good, tmp_path, kind):
+    """60 seeded byte flips in the header and the data of model.safetensors: each case loads (a flip
+    in the data) or raises CheckpointError naming the file; no other exception type."""
+    import random
+    rng = random.Random(99)
+    d = _copy(good[kind], tmp_path)
+    data = (d / "model.safetensors").read_bytes()
+    n_header = 8 + int.from_bytes(data[:8], "little")
+    for i in range(60):
+        buf = bytearray(data)
+        lo, hi = (0, n_header) if i % 4 else (n_header, len(data))   # mostly the header
+        for _ in range(rng.randint(1, 3)):
+            buf[rng.randrange(lo, hi)] = rng.randrange(256)
+        (d / "model.safetensors").write_bytes(bytes(buf))
+        try:
+            LOADERS[kind](d)
+        except CheckpointError as e:
+            assert "model.safetensors" in str(e) or "does not match" in str(e) or "mix" in str(e), str(e)
+
+
+def test_tied_config_with_a_different_lm_head(good, tmp_path):
+    """tie_word_embeddings = true would drop lm_head.weight: allowed only when it is a copy."""
+    sd = _state("llama")
+    d = _config(_copy(good["llama"], tmp_path), tie_word_embeddings=True)
+    _raises(lambda: Llama.from_pretrained(d), "tie_word_embeddings", "lm_head.weight", "config.json")
+    save_file({**sd, "lm_head.weight": sd["model.embed_tokens.weight"].clone()}, str(d / "model.safetensors"))
+    m = Llama.from_pretrained(d)
+    assert m.lm_head is None

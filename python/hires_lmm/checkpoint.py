@@ -22,14 +22,14 @@ Rules (each broken one raises CheckpointError, a ValueError, naming the file and
   - a key may live in one file only: the same key in two files or shards is an error, never
     "the last one wins";
   - with an index, the index decides: its `weight_map` must be a {key: shard file} object, every
-    shard it names must exist inside the checkpoint folder (no absolute paths, no `..`), every key
-    it lists must be in the shard it names, and every key of a shard must be listed for that
+    shard it names must exist inside the checkpoint folder (no absolute paths, no `..`; the names
+    are checked as written, so symlinked files such as the Hugging Face cache's still load), every
+    key it lists must be in the shard it names, and every key of a shard must be listed for that
     shard;
   - a file or shard that is missing raises CheckpointNotFoundError (a CheckpointError and a
     FileNotFoundError).
 """
 import json
-import logging
 import os
 import re
 import zipfile
@@ -41,7 +41,6 @@ import torch
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "CheckpointReader", "open_checkpoint",
            "load_pickle_state_dict", "read_json"]
 
-logger = logging.getLogger(__name__)
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # Wrappers some training codes put around the state dict (FB ConvNeXt: {"model": ...}).

@@ -22,7 +22,6 @@ dtypes is refused (the error names the keys of each dtype) unless dtype= picks o
 import math
 import os
 import re
-from pathlib import Path
 from typing import Callable, Dict, Iterable, List, NamedTuple, Optional
 
 import torch

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ._weights import load_into, read_config
+from ._weights import load_into
 
 __all__ = ["ClipVisionConfig", "ClipVisionTower"]
 
@@ -76,7 +76,7 @@ class ClipVisionConfig:
         """Types and ranges (ValueError naming the field): sizes are integers in [1, bound],
         num_attention_heads divides hidden_size, patch_size <= image_size, layer_norm_eps a
         finite number in (0, 1), hidden_act one of the supported activations."""
-        from ._weights import MAX_LAYERS, MAX_SIZE, check_int, check_real, check_str
+        from ._weights import MAX_LAYERS, MAX_SIZE, check_int, check_real
         o = "ClipVisionConfig"
         check_int(o, "hidden_size", self.hidden_size, 1, MAX_SIZE)
         check_int(o, "intermediate_size", self.intermediate_size, 1, MAX_SIZE)

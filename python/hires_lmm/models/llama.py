@@ -338,16 +338,26 @@ class Llama(nn.Module):
         layers the keys hold; then built on meta and loaded strictly (hires_lmm.models._weights).
         dtype None keeps the checkpoint's dtype (mixed floating dtypes: an error, pass dtype=).
         Every problem raises hires_lmm.CheckpointError naming the file or the field."""
-        from ._weights import check_count, check_kind, layer_indices, open_pretrained, parse_config
+        from ._weights import (CheckpointError, check_count, check_kind, layer_indices,
+                               open_pretrained, parse_config)
         pre = open_pretrained("Llama.from_pretrained", ckpt_dir)
         check_kind(pre, "Llama")
         config = parse_config(pre, LlamaConfig.from_dict)
         layers = layer_indices(pre.reader.keys(), r"(?:model\.)?layers\.(\d+)\.")
         check_count(pre, "num_hidden_layers", config.num_hidden_layers,
                     layers[-1] + 1 if layers else 0, "decoder layers (model.layers.N.*)")
+        tied = config.tie_word_embeddings
+        r = pre.reader
+        if tied and "lm_head.weight" in r and "model.embed_tokens.weight" in r:
+            # a tied checkpoint may carry the copy; a different matrix would be dropped silently
+            head, emb = r.get("lm_head.weight"), r.get("model.embed_tokens.weight")
+            if head.shape != emb.shape or not torch.equal(head, emb.to(head.dtype)):
+                raise CheckpointError(
+                    f"{pre.owner}: config file {pre.config_path} says tie_word_embeddings = true "
+                    f"but lm_head.weight in {r.file('lm_head.weight')} differs from "
+                    f"model.embed_tokens.weight; set it to false to load both")
         with torch.device("meta"):
             model = cls(config)
-        tied = config.tie_word_embeddings
 
         def key_map(key):
             if tied and key == "lm_head.weight":   # a tied checkpoint may still carry the copy
