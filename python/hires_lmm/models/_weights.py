@@ -127,6 +127,17 @@ def config_from_file(path, factory: Callable[[dict], object], owner: str):
         raise CheckpointError(f"{owner}: config file {path}: {msg}") from None
 
 
+def _iter_tensors(ckpt_dir: str, wanted: Optional[Callable[[str, tuple], bool]] = None,
+                  device="cpu"):
+    """Yield (key, shape, tensor) over the checkpoint, shard by shard; a tensor is read only when
+    wanted(key, shape), else it is None. (Kept for callers of the earlier helper.)"""
+    reader = open_checkpoint(ckpt_dir)
+    for key in list(reader.keys()):
+        shape = tuple(reader.shape(key))
+        yield key, shape, (reader.get(key, device=device)
+                           if wanted is None or wanted(key, shape) else None)
+
+
 def checkpoint_keys(ckpt_dir: str):
     """All tensor names in the checkpoint (reads headers only for safetensors)."""
     return list(open_checkpoint(ckpt_dir).keys())
