@@ -13,6 +13,7 @@ from ._version import __version__
 from ._backend import get_backend, set_backend, use_backend
 from . import reference, ops  # noqa: E402
 from .accelerate import accelerate  # noqa: E402
+from .checkpoint import CheckpointError  # noqa: E402
 
 
 def build_info() -> dict:
@@ -28,5 +29,5 @@ def set_value_checks(enabled: bool) -> None:
     _C.set_value_checks(bool(enabled))
 
 
-__all__ = ["accelerate", "build_info", "set_backend", "get_backend", "use_backend", "set_value_checks", "ops",
+__all__ = ["accelerate", "CheckpointError", "build_info", "set_backend", "get_backend", "use_backend", "set_value_checks", "ops",
            "reference", "__version__"]

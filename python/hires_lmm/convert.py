@@ -10,9 +10,15 @@ each shard `pytorch_model-0000k-of-0000n.bin` becomes `model-0000k-of-0000n.safe
 becomes `model.safetensors.index.json`, and every other file (config.json, tokenizer, ...) is
 copied. Tensors that share storage (tied weights) are written as separate copies, as safetensors
 requires. Wrappers such as {"model": state_dict} are unwrapped; non-tensor entries are dropped.
+With `pytorch_model.bin.index.json` the index decides which shards are converted and is checked
+first (hires_lmm.checkpoint's rules: every shard present inside the folder, no key in two shards,
+shards and index agree). Shards are converted one at a time. Any damage (a missing shard, a
+truncated or refused pickle, ...) exits with status 1 and a message naming the file; nothing is
+skipped silently.
 """
 import argparse
 import json
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -20,11 +26,13 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .checkpoint import load_pickle_state_dict
+from .checkpoint import (CheckpointError, CheckpointNotFoundError, CheckpointReader, _from_index,
+                         load_pickle_state_dict)
 
 __all__ = ["convert_file", "convert_folder", "main"]
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+logger = logging.getLogger(__name__)
 
 
 def _safetensors_name(name: str) -> str:
@@ -60,45 +68,61 @@ def convert_file(src, dst, metadata: Optional[Dict[str, str]] = None) -> List[st
 
 
 def convert_folder(src, dst) -> List[Path]:
-    """Every pickle of a folder (sharded or not) -> safetensors in dst; returns the files written."""
+    """Every pickle of a folder (sharded or not) -> safetensors in dst; returns the files written.
+
+    With `pytorch_model.bin.index.json` the index decides: exactly its shards are converted (one
+    safetensors shard per pickle shard, same keys), after checking that every shard it names
+    exists inside the folder and that the shards and the index agree (no key in two shards, none
+    missing); `model.safetensors.index.json` is written from it. Without an index,
+    `pytorch_model.bin` when present, else every .bin/.pt/.pth file (a key in two files is an
+    error). Other pickles are left out (logged), other files copied. Nothing is written before
+    these checks pass; every failure is a CheckpointError naming the file. Shards are read one
+    at a time, memory-mapped."""
     src, dst = Path(src), Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
     bin_index = src / "pytorch_model.bin.index.json"
-    pickles = sorted(f for f in src.iterdir() if f.is_file() and f.suffix in _PICKLE_SUFFIXES)
-    if not pickles:
-        raise FileNotFoundError(f"hires_lmm.convert: no .bin/.pt/.pth files in {src}")
+    if bin_index.exists():
+        reader = _from_index(bin_index)
+    else:
+        pickles = sorted(f for f in src.iterdir() if f.is_file() and f.suffix in _PICKLE_SUFFIXES)
+        if (src / "pytorch_model.bin").is_file():     # open_checkpoint's choice: this file only
+            pickles = [src / "pytorch_model.bin"]     # (not e.g. a Trainer's training_args.bin)
+        if not pickles:
+            raise CheckpointNotFoundError(f"hires_lmm.convert: no .bin/.pt/.pth files in {src}")
+        reader = CheckpointReader(pickles, str(src))
+    shards = reader.files()
+    by_file: Dict[Path, List[str]] = {f: [] for f in shards}
+    for k in reader.keys():
+        by_file[reader.file(k)].append(k)
+    out_names = {f: _safetensors_name(f.name) for f in shards}
+    if len(set(out_names.values())) != len(out_names):
+        raise CheckpointError(f"hires_lmm.convert: shards of {src} would get the same output name: "
+                              f"{sorted(str(f) for f in shards)}")
+    from safetensors.torch import save_file
+    dst.mkdir(parents=True, exist_ok=True)
     written, weight_map, total = [], {}, 0
-    for f in pickles:
-        out = dst / _safetensors_name(f.name)
-        keys = convert_file(f, out)
+    for f in shards:                                  # one shard in memory (mapped) at a time
+        sd = _unshare({k: reader.get(k) for k in by_file[f]})
+        out = dst / out_names[f]
+        save_file(sd, str(out), metadata={"format": "pt"})
         written.append(out)
-        for k in keys:
+        for k, t in sd.items():
             weight_map[k] = out.name
-    if bin_index.exists() or len(pickles) > 1:
-        from safetensors import safe_open
-        for out in written:
-            with safe_open(str(out), framework="pt") as fh:
-                for k in fh.keys():
-                    sl = fh.get_slice(k)
-                    n = 1
-                    for s in sl.get_shape():
-                        n *= s
-                    total += n * torch.empty((), dtype=_st_dtype(sl.get_dtype())).element_size()
+            total += t.numel() * t.element_size()
+        del sd
+        logger.info("hires_lmm.convert: %s -> %s (%d tensors)", f, out, len(by_file[f]))
+    if bin_index.exists() or len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         with open(dst / "model.safetensors.index.json", "w") as fh:
             json.dump(index, fh, indent=2)
         written.append(dst / "model.safetensors.index.json")
     for f in src.iterdir():
-        if f.is_file() and f.suffix not in _PICKLE_SUFFIXES and f != bin_index:
-            shutil.copy2(f, dst / f.name)
+        if f.is_file() and f not in by_file and f != bin_index:
+            if f.suffix in _PICKLE_SUFFIXES:
+                logger.warning("hires_lmm.convert: %s is not part of the checkpoint (not in its "
+                               "index / not pytorch_model.bin): neither converted nor copied", f)
+            else:
+                shutil.copy2(f, dst / f.name)
     return written
-
-
-def _st_dtype(name: str) -> torch.dtype:
-    return {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-            "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}[name]
 
 
 def main(argv=None) -> int:
@@ -108,16 +132,20 @@ def main(argv=None) -> int:
     ap.add_argument("dst", help="the .safetensors file (for a file) or the output folder")
     args = ap.parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
-    if src.is_dir():
-        files = convert_folder(src, dst)
-    elif src.is_file():
-        if dst.suffix != ".safetensors":
-            dst = dst / _safetensors_name(src.name)
-        convert_file(src, dst)
-        files = [dst]
-    else:
-        print(f"hires_lmm.convert: {src} does not exist", file=sys.stderr)
-        return 2
+    try:
+        if src.is_dir():
+            files = convert_folder(src, dst)
+        elif src.is_file():
+            if dst.suffix != ".safetensors":
+                dst = dst / _safetensors_name(src.name)
+            convert_file(src, dst)
+            files = [dst]
+        else:
+            print(f"hires_lmm.convert: {src} does not exist", file=sys.stderr)
+            return 2
+    except CheckpointError as e:
+        print(f"hires_lmm.convert: error: {e}", file=sys.stderr)
+        return 1
     for f in files:
         print(f)
     return 0

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ._weights import load_into, read_config
+from ._weights import load_into
 
 __all__ = ["ClipVisionConfig", "ClipVisionTower"]
 
@@ -58,14 +58,40 @@ class ClipVisionConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ClipVisionConfig":
-        """A CLIPVisionConfig dict, or a CLIPConfig dict with `vision_config`."""
+        """A CLIPVisionConfig dict, or a CLIPConfig dict with `vision_config`. Absent or null
+        fields take HF CLIPVisionConfig's defaults; every value is checked (__post_init__)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"ClipVisionConfig: expected a config object (dict), got "
+                             f"{type(d).__name__}")
         if "vision_config" in d:
             d = d["vision_config"] or {}
-        kw = {f.name: d.get(f.name, _DEFAULTS[f.name]) for f in dataclasses.fields(cls)}
-        if kw["hidden_act"] not in _ACTS:
-            raise ValueError(f"ClipVisionConfig: argument 'hidden_act' must be one of "
-                             f"{sorted(_ACTS)}, got {kw['hidden_act']!r}")
+            if not isinstance(d, dict):
+                raise ValueError(f"ClipVisionConfig: field 'vision_config' must be an object, got "
+                                 f"{type(d).__name__}")
+        kw = {f.name: _DEFAULTS[f.name] if d.get(f.name) is None else d[f.name]
+              for f in dataclasses.fields(cls)}
         return cls(**kw)
+
+    def __post_init__(self):
+        """Types and ranges (ValueError naming the field): sizes are integers in [1, bound],
+        num_attention_heads divides hidden_size, patch_size <= image_size, layer_norm_eps a
+        finite number in (0, 1), hidden_act one of the supported activations."""
+        from ._weights import MAX_LAYERS, MAX_SIZE, check_int, check_real
+        o = "ClipVisionConfig"
+        check_int(o, "hidden_size", self.hidden_size, 1, MAX_SIZE)
+        check_int(o, "intermediate_size", self.intermediate_size, 1, MAX_SIZE)
+        check_int(o, "num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)
+        check_int(o, "num_attention_heads", self.num_attention_heads, 1, self.hidden_size)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"{o}: field 'num_attention_heads' ({self.num_attention_heads}) must "
+                             f"divide hidden_size ({self.hidden_size})")
+        check_int(o, "num_channels", self.num_channels, 1, 1 << 10)
+        check_int(o, "image_size", self.image_size, 1, 1 << 15)
+        check_int(o, "patch_size", self.patch_size, 1, self.image_size)
+        check_real(o, "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, lo_open=True, hi_open=True)
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in _ACTS:
+            raise ValueError(f"ClipVisionConfig: argument 'hidden_act' must be one of "
+                             f"{sorted(_ACTS)}, got {self.hidden_act!r}")
 
     @property
     def num_patches(self) -> int:
@@ -188,12 +214,25 @@ class ClipVisionTower(nn.Module):
     @classmethod
     def from_pretrained(cls, ckpt_dir: str, dtype: Optional[torch.dtype] = None,
                         device=None) -> "ClipVisionTower":
-        from ._weights import checkpoint_keys
-        config = ClipVisionConfig.from_dict(read_config(ckpt_dir))
+        """config.json (CLIPConfig or CLIPVisionConfig) + safetensors (single or sharded) or .bin.
+        Checked before anything is built: the keys hold a CLIP vision tower (else the error says
+        what the checkpoint is), the config's types and ranges, num_hidden_layers against the
+        encoder layers the keys hold; then built on meta and loaded strictly. dtype None keeps
+        the checkpoint's dtype (mixed floating dtypes: an error, pass dtype=). Every problem
+        raises hires_lmm.CheckpointError naming the file or the field."""
+        from ._weights import check_count, check_kind, layer_indices, open_pretrained, parse_config
+        pre = open_pretrained("ClipVisionTower.from_pretrained", ckpt_dir)
+        check_kind(pre, "ClipVisionTower")
+        config = parse_config(pre, ClipVisionConfig.from_dict)
+        llava = any(k.startswith(_LLAVA_PREFIX) for k in pre.reader.keys())
+        ours = [n for n in map(lambda k: _clip_key(k, llava), pre.reader.keys()) if n is not None]
+        layers = layer_indices(ours, r"encoder\.layers\.(\d+)\.")
+        check_count(pre, "num_hidden_layers", config.num_hidden_layers,
+                    layers[-1] + 1 if layers else 0, "encoder layers (encoder.layers.N.*)")
         with torch.device("meta"):
             model = cls(config)
-        llava = any(k.startswith(_LLAVA_PREFIX) for k in checkpoint_keys(ckpt_dir))
-        load_into(model, ckpt_dir, lambda k: _clip_key(k, llava), dtype=dtype, device=device)
+        load_into(model, ckpt_dir, lambda k: _clip_key(k, llava), dtype=dtype, device=device,
+                  reader=pre.reader)
         return model.eval()
 
     def _patch_index(self, B: int, S: int, device):

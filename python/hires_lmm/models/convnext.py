@@ -46,12 +46,14 @@ Checkpoints (`ConvNeXtTower.from_pretrained(path)`):
   Keys outside the prefix (LLM, projector, text tower, open_clip's visual.head) are ignored, and
   so are the pooled-output norms and heads under it (HF `layernorm.*`, `pooler.*`,
   `hidden_states_norms.*`; timm `head.*`, `norm_pre.*`; original `norm.*`, `head.*`). Everything
-  else under the prefix must map: missing, unexpected or mis-shaped keys raise one ValueError
-  listing all of them. timm conv-MLP checkpoints (fc weights stored as (out, in, 1, 1)) are
-  flattened to (out, in).
+  else under the prefix must map: missing, unexpected or mis-shaped keys raise one
+  hires_lmm.CheckpointError (a ValueError) listing all of them. timm conv-MLP checkpoints (fc
+  weights stored as (out, in, 1, 1)) are flattened to (out, in). Before anything is built the
+  config (from config.json: types and ranges, see ConvNeXtConfig) is checked against the keys'
+  stages and blocks; dtype=None needs one floating dtype across the tower's tensors (mixed: an
+  error naming them; pass dtype= to cast).
 """
 import dataclasses
-import json
 import os
 import re
 from pathlib import Path
@@ -86,17 +88,25 @@ class ConvNeXtConfig:
     image_size: int = 224                  # informational (the tower takes any size)
 
     def __post_init__(self):
-        object.__setattr__(self, "hidden_sizes", tuple(int(c) for c in self.hidden_sizes))
-        object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
-        if self.num_stages < 1:
-            raise ValueError(f"ConvNeXtConfig: 'num_stages' must be >= 1, got {self.num_stages}")
+        """Types and ranges (ValueError naming the field): hidden_sizes and depths are lists of
+        integers (not floats: nothing is truncated) with num_stages entries, widths in [1, 2^20],
+        depths in [0, 1024], num_stages in [1, 16]; eps and layer scale finite numbers."""
+        from ._weights import MAX_LAYERS, MAX_SIZE, check_int, check_int_list, check_real, check_str
+        o = "ConvNeXtConfig"
+        check_int(o, "num_stages", self.num_stages, 1, 16)
+        object.__setattr__(self, "hidden_sizes",
+                           check_int_list(o, "hidden_sizes", self.hidden_sizes, 1, MAX_SIZE))
+        object.__setattr__(self, "depths", check_int_list(o, "depths", self.depths, 0, MAX_LAYERS))
         for name in ("hidden_sizes", "depths"):
             if len(getattr(self, name)) != self.num_stages:
                 raise ValueError(f"ConvNeXtConfig: '{name}' has {len(getattr(self, name))} entries, "
                                  f"expected num_stages = {self.num_stages}")
-        if any(c <= 0 for c in self.hidden_sizes) or any(d < 0 for d in self.depths):
-            raise ValueError(f"ConvNeXtConfig: 'hidden_sizes' must be positive and 'depths' >= 0, "
-                             f"got {self.hidden_sizes}, {self.depths}")
+        check_int(o, "num_channels", self.num_channels, 1, 1 << 10)
+        check_int(o, "patch_size", self.patch_size, 1, 1 << 10)
+        check_int(o, "image_size", self.image_size, 1, 1 << 16)
+        check_real(o, "layer_scale_init_value", self.layer_scale_init_value, 0.0)
+        check_real(o, "layer_norm_eps", self.layer_norm_eps, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_str(o, "hidden_act", self.hidden_act)
         if self.hidden_act != "gelu":
             raise ValueError(f"ConvNeXtConfig: 'hidden_act' must be 'gelu' (exact erf GELU, the "
                              f"one hires_lmm.ops.convnext_block computes), got {self.hidden_act!r}")
@@ -120,23 +130,33 @@ class ConvNeXtConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> "ConvNeXtConfig":
         """From an HF ConvNextConfig dict (config.json). HF builds stage i from hidden_sizes[i] and
-        depths[i] for i < num_stages, so longer lists are cut to num_stages (shorter ones raise)."""
-        num_stages = int(d.get("num_stages", cls.num_stages))
-        hs = list(d.get("hidden_sizes", cls.hidden_sizes))
-        dp = list(d.get("depths", cls.depths))
+        depths[i] for i < num_stages, so longer lists are cut to num_stages (shorter ones raise).
+        Absent or null fields take HF's defaults; every value is checked (__post_init__)."""
+        from ._weights import check_int, check_int_list
+        if not isinstance(d, Mapping):
+            raise ValueError(f"ConvNeXtConfig: expected a config object (dict), got {type(d).__name__}")
+
+        def get(name):
+            v = d.get(name)
+            return getattr(cls, name) if v is None else v
+
+        num_stages = check_int("ConvNeXtConfig", "num_stages", get("num_stages"), 1, 16)
+        hs = list(check_int_list("ConvNeXtConfig", "hidden_sizes", get("hidden_sizes"), 1))
+        dp = list(check_int_list("ConvNeXtConfig", "depths", get("depths"), 0))
         for name, v in (("hidden_sizes", hs), ("depths", dp)):
             if len(v) < num_stages:
                 raise ValueError(f"ConvNeXtConfig: '{name}' has {len(v)} entries, expected "
                                  f"num_stages = {num_stages}")
         kw = {f.name: d[f.name] for f in dataclasses.fields(cls)
-              if f.name in d and f.name not in ("hidden_sizes", "depths", "num_stages")}
+              if d.get(f.name) is not None and f.name not in ("hidden_sizes", "depths", "num_stages")}
         return cls(hidden_sizes=tuple(hs[:num_stages]), depths=tuple(dp[:num_stages]),
                    num_stages=num_stages, **kw)
 
     @classmethod
     def from_json(cls, path) -> "ConvNeXtConfig":
-        with open(path) as fh:
-            return cls.from_dict(json.load(fh))
+        """From a config.json; errors (invalid JSON, a bad field) name the file."""
+        from ._weights import config_from_file
+        return config_from_file(path, cls.from_dict, "ConvNeXtConfig.from_json")
 
     def to_hf_dict(self) -> dict:
         """The config as an HF ConvNextConfig dict (for transformers.ConvNextConfig(**d))."""
@@ -295,33 +315,60 @@ class ConvNeXtTower(nn.Module):
     def from_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None,
                         prefix: Optional[str] = None,
                         config: Optional[ConvNeXtConfig] = None) -> "ConvNeXtTower":
-        """Load a tower from a folder (config.json + safetensors, single or sharded) or a single
-        checkpoint file (config inferred from the shapes); see the module docstring for the key
-        names. dtype: default the checkpoint's (the stem conv weight's). device: default cpu.
-        prefix: the text before the tower's keys, found by itself when None."""
+        """Load a tower from a folder (config.json + safetensors, single or sharded, or .bin) or a
+        single checkpoint file (config inferred from the shapes); see the module docstring for the
+        key names. dtype: default the checkpoint's (its tower tensors must then share one floating
+        dtype; mixed: an error naming them). device: default cpu. prefix: the text before the
+        tower's keys, found by itself when None. Checked before anything is built: a ConvNeXt stem
+        in the keys (else the error says what the checkpoint is), the config's types and ranges,
+        and its stages and blocks against the keys. Every problem raises
+        hires_lmm.CheckpointError naming the file or the field."""
+        from ._weights import CheckpointError, describe_checkpoint, read_config
         p = Path(os.fspath(path))
+        d, source = None, str(p)
         if config is None and p.is_dir() and (p / "config.json").exists():
-            with open(p / "config.json") as fh:
-                d = json.load(fh)
+            d = read_config(p)
             if _is_convnext_config(d):
-                config = ConvNeXtConfig.from_dict(d)
+                source = str(p / "config.json")
+                try:
+                    config = ConvNeXtConfig.from_dict(d)
+                except (ValueError, TypeError) as e:
+                    raise CheckpointError(f"ConvNeXtTower.from_pretrained: config file {source}: "
+                                          f"{e}") from None
         reader = open_checkpoint(p)
+        stems = [s for s, _, _ in _NAMINGS.values()]
+        if not any(k == s or k.endswith("." + s) for k in reader.keys() for s in stems):
+            raise CheckpointError(f"ConvNeXtTower.from_pretrained({str(p)!r}): not a ConvNeXt tower "
+                                  f"checkpoint: no ConvNeXt stem found (a key ending in one of "
+                                  f"{stems}); {describe_checkpoint(d, reader.keys())}")
         return cls.from_state_dict(reader, config=config, dtype=dtype, device=device,
-                                   prefix=prefix)
+                                   prefix=prefix, source=source)
 
     @classmethod
     def from_state_dict(cls, state_dict, config: Optional[ConvNeXtConfig] = None,
                         dtype: Optional[torch.dtype] = None, device=None,
-                        prefix: Optional[str] = None) -> "ConvNeXtTower":
+                        prefix: Optional[str] = None,
+                        source: Optional[str] = None) -> "ConvNeXtTower":
         """Build on meta and load (assign=True) from a {key: tensor} mapping or a
-        CheckpointReader, in any of the supported namings. config: inferred when None."""
+        CheckpointReader, in any of the supported namings. config: inferred when None (else its
+        stages and blocks are checked against the keys before building). dtype: None keeps the
+        checkpoint's (one floating dtype, else CheckpointError). source: the config's file, for
+        messages."""
+        from ._weights import CheckpointError
         src = state_dict if isinstance(state_dict, CheckpointReader) else _DictSource(state_dict)
         keymap = convnext_key_map(src.keys(), prefix=prefix)
         mapping, unexpected = keymap.mapping, keymap.unexpected
         shapes = {internal: _target_shape(internal, src.shape(key))
                   for internal, key in mapping.items()}
         if config is None:
-            config = _infer_config(shapes)
+            try:
+                config = _infer_config(shapes)
+            except ValueError as e:
+                where = getattr(src, "description", None) or "the state dict"
+                raise CheckpointError(f"ConvNeXtTower: cannot infer the config from the shapes "
+                                      f"in {where}: {e}") from None
+        else:
+            _check_counts(config, shapes, keymap, source)
         with torch.device("meta"):
             model = cls(config)
         params = dict(model.named_parameters())
@@ -330,19 +377,60 @@ class ConvNeXtTower(nn.Module):
         misshaped = [f"{mapping[k]}: checkpoint {tuple(shapes[k])}, model {tuple(params[k].shape)}"
                      for k in params if k in mapping and tuple(shapes[k]) != tuple(params[k].shape)]
         if missing or unexpected or misshaped:
-            raise ValueError(_load_error(config, keymap, missing, unexpected, misshaped))
+            raise CheckpointError(_load_error(config, keymap, missing, unexpected, misshaped))
+        dtypes = {k: src.dtype(mapping[k]) for k in params}
+        notfloat = [f"{mapping[k]}: {dt}" for k, dt in dtypes.items()
+                    if not (isinstance(dt, torch.dtype) and dt.is_floating_point)]
+        if notfloat:
+            raise CheckpointError(f"ConvNeXtTower: checkpoint keys must hold floating-point "
+                                  f"tensors; these do not: {notfloat[:20]}")
         if dtype is None:
-            dtype = src.get(mapping["stem.weight"]).dtype
+            kinds = {}
+            for k, dt in dtypes.items():
+                kinds.setdefault(dt, []).append(mapping[k])
+            if len(kinds) > 1:
+                parts = [f"{dt} ({len(ks)} keys, e.g. {ks[:3]})" for dt, ks in kinds.items()]
+                raise CheckpointError(f"ConvNeXtTower: the checkpoint's tower tensors mix floating "
+                                      f"dtypes: {'; '.join(parts)}; pass dtype= to cast all of "
+                                      f"them to one")
+            dtype = next(iter(kinds))
         device = torch.device(device if device is not None else "cpu")
+        order = {key: i for i, key in enumerate(src.keys())}
         sd = {}
-        for k in params:
+        for k in sorted(params, key=lambda k: order[mapping[k]]):   # shard by shard
             t = src.get(mapping[k])
-            if not t.is_floating_point():
-                raise ValueError(f"ConvNeXtTower: checkpoint key {mapping[k]!r} has dtype "
-                                 f"{t.dtype}, expected a floating-point tensor")
             sd[k] = t.reshape(params[k].shape).to(device=device, dtype=dtype)
         model.load_state_dict(sd, strict=True, assign=True)
         return model.eval()
+
+
+def _check_counts(config: ConvNeXtConfig, shapes, keymap, source: Optional[str]) -> None:
+    """Before building: every stage and block the config asks for has keys in the checkpoint
+    (a config with 10**6 blocks fails here instead of building them)."""
+    from ._weights import CheckpointError
+    have_stages = sorted({int(m.group(1)) for k in shapes for m in [_STAGE_RX.match(k)] if m})
+    n_stages = max(have_stages[-1] + 1 if have_stages else 0, 1)
+    depths = [0] * max(n_stages, config.num_stages)
+    for k in shapes:
+        m = _BLOCK_RX.match(k)
+        if m:
+            depths[int(m.group(1))] = max(depths[int(m.group(1))], int(m.group(2)) + 1)
+    missing = []
+    for i, want in enumerate(config.depths):
+        if want > depths[i]:
+            n = want - depths[i]
+            missing.append(f"stages.{i}.blocks.{depths[i]}.*" + (
+                "" if n == 1 else f" .. stages.{i}.blocks.{want - 1}.* ({n} blocks)"))
+    if config.num_stages > n_stages:
+        missing.insert(0, f"stages {n_stages}..{config.num_stages - 1} (num_stages = "
+                          f"{config.num_stages}, the checkpoint has {n_stages})")
+    if missing:
+        where = f"config file {source}" if source else "the config"
+        raise CheckpointError(
+            f"ConvNeXtTower: {where} asks for more than the checkpoint holds (depths="
+            f"{list(config.depths)} vs the checkpoint's {depths[:n_stages]}; naming "
+            f"{keymap.naming!r} under prefix {keymap.prefix!r}); missing (nothing was built): "
+            + "; ".join(missing))
 
 
 class _DictSource:
@@ -354,6 +442,9 @@ class _DictSource:
 
     def shape(self, key):
         return tuple(self._d[key].shape)
+
+    def dtype(self, key):
+        return self._d[key].dtype
 
     def get(self, key):
         return self._d[key]
@@ -490,6 +581,9 @@ def _infer_config(shapes: Mapping[str, Tuple[int, ...]]) -> ConvNeXtConfig:
     if not stages:
         raise ValueError("ConvNeXtTower: cannot infer the config: the checkpoint has no stages")
     num_stages = stages[-1] + 1
+    if num_stages > 16:
+        raise ValueError(f"ConvNeXtTower: cannot infer the config: the checkpoint's keys name stage "
+                         f"{stages[-1]} (at most 16 stages are supported)")
     depths, widths = [0] * num_stages, [0] * num_stages
     for k in shapes:
         m = _BLOCK_RX.match(k)

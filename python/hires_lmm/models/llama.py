@@ -59,11 +59,35 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
         """From an HF config.json dict: transformers 4.x keys (rope_theta, rope_scaling with
-        "type" or "rope_type") and 5.x keys (rope_parameters holding rope_theta and rope_type)."""
-        d = d.get("text_config", d) if "hidden_size" not in d else d
+        "type" or "rope_type") and 5.x keys (rope_parameters holding rope_theta and rope_type).
+        Required: vocab_size, hidden_size, intermediate_size, num_hidden_layers,
+        num_attention_heads (a `text_config` object is read when the top level has no
+        hidden_size). Absent or null optional fields take HF's defaults; every value is checked
+        (types and ranges, __post_init__): a bad one raises ValueError naming the field."""
+        from ._weights import MAX_HEADS as _MAX_HEADS, MAX_SIZE as _MAX_SIZE, check_int
+        if not isinstance(d, dict):
+            raise ValueError(f"LlamaConfig: expected a config object (dict), got {type(d).__name__}")
+        if "hidden_size" not in d and "text_config" in d:
+            d = d["text_config"]
+            if not isinstance(d, dict):
+                raise ValueError(f"LlamaConfig: field 'text_config' must be an object, got "
+                                 f"{type(d).__name__}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads"):
+            if d.get(name) is None:
+                raise ValueError(f"LlamaConfig: field '{name}' is "
+                                 f"{'null' if name in d else 'missing'}; a Llama config needs it")
+
+        def opt(name, default):
+            v = d.get(name)
+            return default if v is None else v
+
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"LlamaConfig: field 'rope_scaling' must be an object or null, got "
+                             f"{type(rope).__name__} {rope!r}")
         rope = dict(rope)
-        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
+        theta = opt("rope_theta", rope.get("rope_theta", 10000.0))
         rtype = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
         rope.pop("type", None)
         rope.pop("rope_theta", None)
@@ -74,26 +98,81 @@ class LlamaConfig:
         else:
             raise ValueError(f"LlamaConfig: argument 'rope_scaling' has rope_type {rtype!r}; "
                              f"supported: default, {', '.join(_ROPE_TYPES)}")
-        n_heads = d["num_attention_heads"]
-        head_dim = d.get("head_dim") or d["hidden_size"] // n_heads
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"LlamaConfig: argument 'hidden_act' must be 'silu', got {act!r}")
+        hidden = check_int("LlamaConfig", "hidden_size", d["hidden_size"], 1, _MAX_SIZE)
+        n_heads = check_int("LlamaConfig", "num_attention_heads", d["num_attention_heads"], 1,
+                            _MAX_HEADS)
+        head_dim = d.get("head_dim")
+        if head_dim is None:                       # derived only when absent
+            if hidden % n_heads:
+                raise ValueError(f"LlamaConfig: field 'num_attention_heads' ({n_heads}) must divide "
+                                 f"hidden_size ({hidden}) when head_dim is not given")
+            head_dim = hidden // n_heads
         return cls(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            vocab_size=d["vocab_size"], hidden_size=hidden,
             intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
             num_attention_heads=n_heads,
-            num_key_value_heads=d.get("num_key_value_heads") or n_heads,
-            head_dim=head_dim, rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-            rope_scaling=scaling, max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", False)),
-            mlp_bias=bool(d.get("mlp_bias", False)), hidden_act=act)
+            num_key_value_heads=opt("num_key_value_heads", n_heads),
+            head_dim=head_dim, rms_norm_eps=opt("rms_norm_eps", 1e-6), rope_theta=theta,
+            rope_scaling=scaling, max_position_embeddings=opt("max_position_embeddings", 2048),
+            tie_word_embeddings=opt("tie_word_embeddings", False),
+            attention_bias=opt("attention_bias", False),
+            mlp_bias=opt("mlp_bias", False), hidden_act=opt("hidden_act", "silu"))
 
     def __post_init__(self):
+        """Types and ranges of every field (ValueError naming the field): sizes are integers
+        (not bools, not floats) in [1, bound]; num_key_value_heads divides num_attention_heads;
+        head_dim is even (RoPE); rms_norm_eps and rope_theta are finite positive numbers;
+        rope_scaling carries its type's parameters."""
+        from ._weights import (MAX_HEADS as _MAX_HEADS, MAX_LAYERS, MAX_POSITIONS,
+                               MAX_SIZE as _MAX_SIZE, MAX_VOCAB, check_bool, check_int, check_real,
+                               check_str)
+        o = "LlamaConfig"
+        check_int(o, "vocab_size", self.vocab_size, 1, MAX_VOCAB)
+        check_int(o, "hidden_size", self.hidden_size, 1, _MAX_SIZE)
+        check_int(o, "intermediate_size", self.intermediate_size, 1, _MAX_SIZE)
+        check_int(o, "num_hidden_layers", self.num_hidden_layers, 1, MAX_LAYERS)
+        check_int(o, "num_attention_heads", self.num_attention_heads, 1, _MAX_HEADS)
+        check_int(o, "num_key_value_heads", self.num_key_value_heads, 1, _MAX_HEADS)
+        check_int(o, "head_dim", self.head_dim, 2, 1024)
+        if self.head_dim % 2:
+            raise ValueError(f"{o}: field 'head_dim' must be even (RoPE rotates pairs), got "
+                             f"{self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"LlamaConfig: argument 'num_key_value_heads' ({self.num_key_value_heads}) "
                              f"must divide num_attention_heads ({self.num_attention_heads})")
+        check_real(o, "rms_norm_eps", self.rms_norm_eps, 0.0, 1.0, lo_open=True, hi_open=True)
+        check_real(o, "rope_theta", self.rope_theta, 0.0, lo_open=True)
+        object.__setattr__(self, "rope_theta", float(self.rope_theta))
+        check_int(o, "max_position_embeddings", self.max_position_embeddings, 1, MAX_POSITIONS)
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            check_bool(o, name, getattr(self, name))
+        check_str(o, "hidden_act", self.hidden_act)
+        if self.hidden_act != "silu":
+            raise ValueError(f"LlamaConfig: argument 'hidden_act' must be 'silu', got "
+                             f"{self.hidden_act!r}")
+        sc = self.rope_scaling
+        if sc is not None:
+            if not isinstance(sc, dict) or sc.get("rope_type") not in _ROPE_TYPES:
+                raise ValueError(f"{o}: field 'rope_scaling' must be null or an object with "
+                                 f"rope_type in {list(_ROPE_TYPES)}, got {sc!r}")
+            if "factor" not in sc:
+                raise ValueError(f"{o}: field 'rope_scaling' ({sc['rope_type']}) needs 'factor'")
+            check_real(o, "rope_scaling.factor", sc["factor"], 0.0, lo_open=True)
+            if sc["rope_type"] == "dynamic" and self.head_dim < 4:
+                raise ValueError(f"{o}: dynamic RoPE needs head_dim >= 4, got {self.head_dim}")
+            if sc["rope_type"] == "llama3":
+                for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                    if k not in sc:
+                        raise ValueError(f"{o}: field 'rope_scaling' (llama3) needs {k!r}")
+                lo = check_real(o, "rope_scaling.low_freq_factor", sc["low_freq_factor"], 0.0,
+                                lo_open=True)
+                hi = check_real(o, "rope_scaling.high_freq_factor", sc["high_freq_factor"], 0.0,
+                                lo_open=True)
+                if hi <= lo:
+                    raise ValueError(f"{o}: field 'rope_scaling.high_freq_factor' ({hi}) must be "
+                                     f"> low_freq_factor ({lo})")
+                check_int(o, "rope_scaling.original_max_position_embeddings",
+                          sc["original_max_position_embeddings"], 1, MAX_POSITIONS)
 
 
 # ---- RoPE (HF modeling_rope_utils formulas) ----------------------------------------------------
@@ -253,19 +332,39 @@ class Llama(nn.Module):
     # -- loading --
     @classmethod
     def from_pretrained(cls, ckpt_dir: str, dtype: Optional[torch.dtype] = None, device=None) -> "Llama":
-        """config.json + safetensors (single, or sharded with model.safetensors.index.json).
-        Built on meta and loaded strictly; dtype None keeps the checkpoint's dtype."""
-        config = LlamaConfig.from_dict(read_config(ckpt_dir))
+        """config.json + safetensors (single, or sharded with model.safetensors.index.json) or
+        .bin. Checked before anything is built: the keys are a Llama's (else the error says what
+        the checkpoint is), the config's types and ranges, and num_hidden_layers against the
+        layers the keys hold; then built on meta and loaded strictly (hires_lmm.models._weights).
+        dtype None keeps the checkpoint's dtype (mixed floating dtypes: an error, pass dtype=).
+        Every problem raises hires_lmm.CheckpointError naming the file or the field."""
+        from ._weights import (CheckpointError, check_count, check_kind, layer_indices,
+                               open_pretrained, parse_config)
+        pre = open_pretrained("Llama.from_pretrained", ckpt_dir)
+        check_kind(pre, "Llama")
+        config = parse_config(pre, LlamaConfig.from_dict)
+        layers = layer_indices(pre.reader.keys(), r"(?:model\.)?layers\.(\d+)\.")
+        check_count(pre, "num_hidden_layers", config.num_hidden_layers,
+                    layers[-1] + 1 if layers else 0, "decoder layers (model.layers.N.*)")
+        tied = config.tie_word_embeddings
+        r = pre.reader
+        if tied and "lm_head.weight" in r and "model.embed_tokens.weight" in r:
+            # a tied checkpoint may carry the copy; a different matrix would be dropped silently
+            head, emb = r.get("lm_head.weight"), r.get("model.embed_tokens.weight")
+            if head.shape != emb.shape or not torch.equal(head, emb.to(head.dtype)):
+                raise CheckpointError(
+                    f"{pre.owner}: config file {pre.config_path} says tie_word_embeddings = true "
+                    f"but lm_head.weight in {r.file('lm_head.weight')} differs from "
+                    f"model.embed_tokens.weight; set it to false to load both")
         with torch.device("meta"):
             model = cls(config)
-        tied = config.tie_word_embeddings
 
         def key_map(key):
             if tied and key == "lm_head.weight":   # a tied checkpoint may still carry the copy
                 return None
             return _llama_key(key)
 
-        load_into(model, ckpt_dir, key_map, dtype=dtype, device=device)
+        load_into(model, ckpt_dir, key_map, dtype=dtype, device=device, reader=pre.reader)
         return model.eval()
 
     # -- helpers --

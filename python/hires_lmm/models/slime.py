@@ -14,7 +14,6 @@ The selector has two variants (specs/slime.md 3.4): presoftmax_temperature=0.5 i
 softmax of the first commit, which the released checkpoints were trained and evaluated with
 (K ~ ceil(0.95 N)); None is the single softmax of the code at HEAD."""
 import dataclasses
-import json
 import math
 import os
 from typing import Dict, Optional, Tuple
@@ -281,6 +280,10 @@ class SliMEConfig:
 
     @classmethod
     def from_dict(cls, d: Dict, presoftmax_temperature: Optional[float] = 0.5) -> "SliMEConfig":
+        """From a SliME config.json dict; absent fields take the released model's values, every
+        value is checked (__post_init__: ValueError naming the field)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"SliMEConfig: expected a config object (dict), got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
         kw["presoftmax_temperature"] = presoftmax_temperature
@@ -290,12 +293,39 @@ class SliMEConfig:
                              f"{cfg.mm_resampler_type!r}; only 'gated' + 'cosine' (the released SliME) are supported")
         return cfg
 
+    def __post_init__(self):
+        """Types and ranges (ValueError naming the field): mm_hidden_size a multiple of 128 (the
+        resamplers' heads are mm_hidden_size / 128), mm_resampler_dim a square, topp in (0, 1],
+        temperatures finite and positive."""
+        from ._weights import MAX_SIZE, MAX_VOCAB, check_int, check_real, check_str
+        o = "SliMEConfig"
+        check_int(o, "hidden_size", self.hidden_size, 1, MAX_SIZE)
+        check_int(o, "mm_hidden_size", self.mm_hidden_size, 128, 1 << 14)
+        if self.mm_hidden_size % 128:
+            raise ValueError(f"{o}: field 'mm_hidden_size' must be a multiple of 128 (one "
+                             f"attention head per 128 channels), got {self.mm_hidden_size}")
+        check_int(o, "mm_resampler_dim", self.mm_resampler_dim, 1, 1 << 12)
+        if math.isqrt(self.mm_resampler_dim) ** 2 != self.mm_resampler_dim:
+            raise ValueError(f"{o}: field 'mm_resampler_dim' must be a square (grid x grid "
+                             f"queries), got {self.mm_resampler_dim}")
+        check_real(o, "mm_resampler_topp", self.mm_resampler_topp, 0.0, 1.0, lo_open=True)
+        check_real(o, "mm_resampler_temp", self.mm_resampler_temp, 0.0, lo_open=True)
+        check_int(o, "seperator", self.seperator, 0, MAX_VOCAB)
+        for name in ("mm_projector_type", "mm_resampler_type", "mm_patch_merge_type"):
+            check_str(o, name, getattr(self, name))
+        check_int(o, "image_size", self.image_size, 1, 1 << 15)
+        check_int(o, "global_grid", self.global_grid, 1, 64)
+        if self.presoftmax_temperature is not None:
+            check_real(o, "presoftmax_temperature", self.presoftmax_temperature, 0.0, lo_open=True)
+
     @classmethod
     def from_json(cls, path: str, presoftmax_temperature: Optional[float] = 0.5) -> "SliMEConfig":
+        """From a config.json (or the folder holding it); errors name the file."""
+        from ._weights import config_from_file
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
-        with open(path) as f:
-            return cls.from_dict(json.load(f), presoftmax_temperature)
+        return config_from_file(path, lambda d: cls.from_dict(d, presoftmax_temperature),
+                                "SliMEConfig.from_json")
 
 
 class SliMEVisual(nn.Module):
@@ -353,12 +383,30 @@ class SliMEVisual(nn.Module):
     def from_pretrained(cls, ckpt_dir: str, dtype: Optional[torch.dtype] = None, device=None,
                         presoftmax_temperature: Optional[float] = 0.5) -> "SliMEVisual":
         """Config from ckpt_dir/config.json, built on meta, the projector and sampler keys loaded
-        strictly through hires_lmm.checkpoint (safetensors, sharded or not; .bin fallback)."""
-        from ._weights import load_into, read_config
-        config = SliMEConfig.from_dict(read_config(ckpt_dir), presoftmax_temperature)
+        strictly through hires_lmm.checkpoint (safetensors, sharded or not; .bin fallback).
+        Checked before anything is built: the keys hold SliME's projector and sampler (else the
+        error says what the checkpoint is), the config's types and ranges, and hidden_size /
+        mm_hidden_size / mm_resampler_dim / global_grid against the stored shapes. Every problem
+        raises hires_lmm.CheckpointError naming the file or the field."""
+        from ._weights import CheckpointError, check_kind, load_into, open_pretrained, parse_config
+        pre = open_pretrained("SliMEVisual.from_pretrained", ckpt_dir)
+        check_kind(pre, "SliMEVisual")
+        config = parse_config(pre, lambda d: SliMEConfig.from_dict(d, presoftmax_temperature))
+        D, H = config.mm_hidden_size, config.hidden_size
+        want = {"model.mm_projector.projection.0.weight": ((H, D), "hidden_size, mm_hidden_size"),
+                "model.mm_projector.attn.query": ((config.global_grid ** 2, D),
+                                                  "global_grid^2, mm_hidden_size"),
+                "model.sampler.post_qformer.query": ((config.mm_resampler_dim, D),
+                                                     "mm_resampler_dim, mm_hidden_size")}
+        for key, (shape, fields) in want.items():
+            if key in pre.reader and tuple(pre.reader.shape(key)) != shape:
+                raise CheckpointError(
+                    f"{pre.owner}: config file {pre.config_path} gives ({fields}) = {shape} but "
+                    f"{key} in {pre.reader.file(key)} has shape {tuple(pre.reader.shape(key))}; "
+                    f"the config and the weights disagree (nothing was built)")
         with torch.device("meta"):
             model = cls(config)
-        load_into(model, ckpt_dir, cls.key_map, dtype=dtype, device=device)
+        load_into(model, ckpt_dir, cls.key_map, dtype=dtype, device=device, reader=pre.reader)
         return model.eval()
 
     def load_checkpoint(self, state_dict: Dict[str, torch.Tensor]) -> None:
