@@ -13,6 +13,7 @@ from ._version import __version__
 from ._backend import get_backend, set_backend, use_backend
 from . import reference, ops  # noqa: E402
 from .accelerate import accelerate  # noqa: E402
+from .lmm import load  # noqa: E402  (HiResLMM.from_pretrained, shorter)
 
 
 def build_info() -> dict:
