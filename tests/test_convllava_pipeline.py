@@ -485,3 +485,37 @@ def test_cuda_graph_decode_equals_eager(world):
     assert [r["token_ids"] for r in graph] == [r["token_ids"] for r in eager]
     cpu = hires_lmm.load(world[1]).generate(images, qs, **kw)
     assert [r["token_ids"][:4] for r in graph] == [r["token_ids"][:4] for r in cpu]
+
+
+# ---- tokenizer.json (tokenizers) and the llama3 template ------------------------------------------
+def test_tokenizers_backend_and_llama3_template(tmp_path):
+    tk = pytest.importorskip("tokenizers")
+    from hires_lmm.prompt import build_prompt, template_for_config
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
+    t = tk.Tokenizer(tk.models.BPE(unk_token=None, byte_fallback=False))
+    t.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = tk.decoders.ByteLevel()
+    t.train_from_iterator(TEXT, tk.trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, show_progress=False,
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet()))
+    bos = t.token_to_id("<|begin_of_text|>")
+    t.post_processor = tk.processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+    t.save(str(tmp_path / "tokenizer.json"))
+    with open(tmp_path / "tokenizer_config.json", "w") as fh:
+        json.dump({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}, fh)
+    tok = Tokenizer.from_pretrained(tmp_path)
+    assert tok.backend == "tokenizers" and tok.bos_token_id == bos
+    assert template_for_config({}, tok) == "llama3"
+    assert template_for_config({"version": "v1"}, tok) == "vicuna_v1"
+    prompt = build_prompt("llama3", "What is the total?", 1)
+    assert prompt == ("<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is the total?"
+                      "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+    ids = tokenizer_image_token(prompt, tok)
+    # LLaVA's algorithm over HF-style encodes (each chunk with its BOS, kept once)
+    chunks = [t.encode(c).ids for c in prompt.split("<image>")]
+    want = [bos] + chunks[0][1:] + [-200] + chunks[1][1:]
+    assert ids == want
+    assert ids.count(bos) == 1 and t.token_to_id("<|eot_id|>") in ids
+    assert tok.decode(t.encode("The cat is black.").ids) == "The cat is black."
