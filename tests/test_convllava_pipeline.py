@@ -112,6 +112,10 @@ def _write_safetensors_shards(d, sd):
         json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, fh)
 
 
+_CACHE_KW = ("cache" if "cache" in __import__("inspect").signature(
+    transformers.LlamaForCausalLM.forward).parameters else "past_key_values")
+
+
 class Ref:
     """The composed Hugging Face pipeline (fp32)."""
 
@@ -147,7 +151,7 @@ class Ref:
         for _ in range(n):
             t = int(out.logits[0, -1].argmax())
             toks.append(t)
-            out = self.llm(input_ids=torch.tensor([[t]]), past_key_values=past, use_cache=True)
+            out = self.llm(input_ids=torch.tensor([[t]]), use_cache=True, **{_CACHE_KW: past})
             past = out.past_key_values
         return toks
 
@@ -519,3 +523,29 @@ def test_tokenizers_backend_and_llama3_template(tmp_path):
     assert ids == want
     assert ids.count(bos) == 1 and t.token_to_id("<|eot_id|>") in ids
     assert tok.decode(t.encode("The cat is black.").ids) == "The cat is black."
+
+
+# ---- decode attention over a static cache with per-sequence lengths --------------------------------
+@pytest.mark.parametrize("snew", [1, 3])
+def test_flash_attn_with_kvcache_semantics(snew):
+    """k/v written in place at cache_seqlens[b]; q attends over [0, len_b + snew), causal
+    bottom-right per element, GQA; equal to the reference attention over each prefix."""
+    from hires_lmm.models.llama import flash_attn_with_kvcache
+    g = torch.Generator().manual_seed(0)
+    B, S, Hq, Hkv, D = 3, 19, 4, 2, 16
+    lens = torch.tensor([0, 5, 13], dtype=torch.int32)
+    kc, vc = torch.randn(B, S, Hkv, D, generator=g), torch.randn(B, S, Hkv, D, generator=g)
+    q = torch.randn(B, snew, Hq, D, generator=g)
+    k, v = torch.randn(B, snew, Hkv, D, generator=g), torch.randn(B, snew, Hkv, D, generator=g)
+    kc0, vc0 = kc.clone(), vc.clone()
+    out = flash_attn_with_kvcache(q, kc, vc, k=k, v=v, cache_seqlens=lens, softmax_scale=0.3,
+                                  causal=True)
+    for b in range(B):
+        n = int(lens[b])
+        torch.testing.assert_close(kc[b, n:n + snew], k[b])
+        torch.testing.assert_close(vc[b, :n], vc0[b, :n])            # the prefix is untouched
+        torch.testing.assert_close(kc[b, n + snew:], kc0[b, n + snew:])
+        want = hires_lmm.reference.flash_attn_func(q[b:b + 1], kc[b:b + 1, :n + snew],
+                                                   vc[b:b + 1, :n + snew], softmax_scale=0.3,
+                                                   causal=True)
+        torch.testing.assert_close(out[b:b + 1], want.to(out.dtype), atol=1e-5, rtol=1e-5)
