@@ -549,3 +549,23 @@ def test_flash_attn_with_kvcache_semantics(snew):
                                                    vc[b:b + 1, :n + snew], softmax_scale=0.3,
                                                    causal=True)
         torch.testing.assert_close(out[b:b + 1], want.to(out.dtype), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+def test_failed_load_leaves_nothing_on_the_gpu(world, tmp_path):
+    """A checkpoint whose projector is mis-shaped fails after the tower went to the GPU: the
+    tower must be freed again."""
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(world[2], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 97                     # every MLP weight is now mis-shaped
+    (bad / "config.json").write_text(json.dumps(cfg))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with pytest.raises(ValueError, match="mis-shaped"):
+        hires_lmm.load(str(bad), vision_tower=world[3], device="cuda")
+    import gc
+    gc.collect()
+    assert torch.cuda.memory_allocated() == before
