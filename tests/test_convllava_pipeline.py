@@ -390,6 +390,18 @@ def test_cli_json_prints_what_the_api_returns(world, model_a, tmp_path):
     assert all({"text", "token_ids", "prompt_ids"} <= set(r) for r in got)
 
 
+def test_cli_stream_prints_the_answer(world, model_a, tmp_path):
+    path = str(tmp_path / "im.png")
+    world[4][0].save(path)
+    argv = ["--model", world[1], "--device", "cpu", "--max-new-tokens", "6", "--temperature", "0",
+            "--stream", "--image", path, "--prompt", "Describe the chart."]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli_generate.main(argv) == 0
+    want = model_a.chat(Image.open(path), "Describe the chart.", max_new_tokens=6, temperature=0)
+    assert buf.getvalue() == want + "\n"
+
+
 def test_cli_error_exit_code(world, tmp_path, capsys):
     argv = ["--model", world[1], "--prompt", "hi", "--image", str(tmp_path / "missing.png"),
             "--device", "cpu"]

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=None,
+                        help="stop string (repeatable); the text is cut before it")
     parser.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
                         help="default: the checkpoint's")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if visible)")
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                      dtype=_DTYPES[args.dtype] if args.dtype else None, device=device,
                      image_size=args.image_size, conv_template=args.conv_template)
         gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
                    long_prompt=args.long_prompt, cuda_graph=not args.no_cuda_graph)
         if args.stream and not args.json:
             for im, q in zip(images, args.prompt):
