@@ -345,7 +345,8 @@ def test_incremental_detokenizer_never_breaks_a_character_or_word(world):
     assert "".join(pieces) == tok.decode(ids) == text
     assert all("\ufffd" not in p for p in pieces)
     emitted = [p for p in pieces[:-1] if p]
-    assert emitted and all(p[-1].isspace() for p in emitted)     # whole words only
+    assert emitted and all(p[-1].isspace() or p[-1] in "日本" for p in emitted)  # whole words
+    assert any(p[-1] == "本" for p in emitted)      # CJK goes out without waiting for a space
     # a stop string is never emitted, even in part, and cuts the text
     d = IncrementalDetokenizer(tok, stop=["ünï"])
     pieces = []

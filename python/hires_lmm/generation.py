@@ -25,7 +25,8 @@ Stopping: a sequence ends at its first EOS id (not part of the text), at the fir
 
 Streaming: text is detokenised incrementally by decoding the whole generated prefix and emitting
 only the stable new suffix: nothing while the text ends in an incomplete UTF-8 sequence (U+FFFD),
-nothing past the last whitespace (a word may still grow: SentencePiece pieces attach to the left),
+nothing past the last whitespace (a word may still grow: SentencePiece pieces attach to the left;
+CJK ideographs, written without spaces, are emitted as they come),
 nothing that may be the start of a stop string; the rest is flushed when the sequence ends.
 
 CUDA: one host synchronisation per decode step (reading the sampled tokens to decide stopping);
@@ -171,8 +172,9 @@ class IncrementalDetokenizer:
         stable = len(self.text)
         if self.text.endswith("\ufffd"):                     # incomplete UTF-8 bytes
             stable = self.text.rstrip("\ufffd").__len__()
-        cut = max(self.text.rfind(" ", 0, stable), self.text.rfind("\n", 0, stable))
-        stable = cut + 1 if cut >= 0 else 0                   # up to the last whitespace
+        if not (stable and _is_cjk(self.text[stable - 1])):  # CJK has no spaces: emit as is
+            cut = max(self.text.rfind(" ", 0, stable), self.text.rfind("\n", 0, stable))
+            stable = cut + 1 if cut >= 0 else 0               # up to the last whitespace
         for s in self.stop:                                   # a stop string may be starting
             for n in range(min(len(s) - 1, len(self.text)), 0, -1):
                 if self.text.endswith(s[:n]):
@@ -188,6 +190,14 @@ class IncrementalDetokenizer:
         piece = self.text[self.emitted:]
         self.emitted = len(self.text)
         return piece
+
+
+def _is_cjk(ch: str) -> bool:
+    """CJK ideographs (the ranges HF's TextStreamer uses): words are not separated by spaces."""
+    cp = ord(ch)
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF
+            or 0x2A700 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF
+            or 0x2F800 <= cp <= 0x2FA1F)
 
 
 @dataclasses.dataclass
