@@ -156,14 +156,33 @@ class IncrementalDetokenizer:
         self.emitted = 0          # characters of the text already handed out
         self.text = ""
         self.stopped = False
+        # Decoding works on a window (vLLM's offsets): ids[prefix:read] decoded to a known text,
+        # ids[prefix:] decoded now; the difference is the new text. So a step costs O(window),
+        # not O(generated), and both decodes start at the same token (the same leading space).
+        self._prefix, self._read = 0, 0
+        self._committed = ""      # text of ids[:read]
+        self._prefix_text = ""    # text of ids[prefix:read]
 
     def add(self, token_id: int) -> str:
         """Append one id; returns the newly stable text ('' when nothing is stable yet). Sets
         `stopped` when a stop string appears (the text is cut before it)."""
         self.ids.append(int(token_id))
-        self.text = self.tok.decode(self.ids)
+        window = self.tok.decode(self.ids[self._prefix:])
+        new = window[len(self._prefix_text):] if window.startswith(self._prefix_text) else None
+        if new is None:                                       # the window changed: decode all
+            self._committed = self.tok.decode(self.ids)
+            self._prefix, self._read, self._prefix_text = 0, len(self.ids), self._committed
+            before, self.text = len(self.text), self._committed
+        elif new and not new.endswith("\ufffd"):             # a clean step: commit it
+            self._committed += new
+            self._prefix, self._read = self._read, len(self.ids)
+            self._prefix_text = self.tok.decode(self.ids[self._prefix:self._read])
+            before, self.text = len(self.text), self._committed
+        else:                                                 # incomplete bytes: pending
+            before, self.text = len(self.text), self._committed + new
+        longest = max((len(s) for s in self.stop), default=0)
         for s in self.stop:
-            at = self.text.find(s)
+            at = self.text.find(s, max(0, min(before, len(self._committed)) - longest))
             if at >= 0:
                 self.text = self.text[:at]
                 self.stopped = True
