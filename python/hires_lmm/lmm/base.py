@@ -197,6 +197,9 @@ class HiResLMM(nn.Module):
         ids, embeds = self._prepare(images, prompts, conv_template, long_prompt, where)
         limit = self.llm.config.max_position_embeddings
         longest = max(e.shape[0] for e in embeds)
+        if longest >= limit:
+            raise ValueError(f"{where}: a prompt is {longest} tokens with its visual rows; the model "
+                             f"has max_position_embeddings={limit} positions")
         if longest + cfg.max_new_tokens > limit:
             if "max_new_tokens" in kw:
                 raise ValueError(f"{where}: a prompt of {longest} tokens plus max_new_tokens="
