@@ -582,3 +582,18 @@ def test_failed_load_leaves_nothing_on_the_gpu(world, tmp_path):
     import gc
     gc.collect()
     assert torch.cuda.memory_allocated() == before
+
+
+def test_bench_e2e_cases_run_and_agree_with_hf():
+    """The e2e benchmark family (python -m hires_lmm.bench --only e2e) on its CPU config: every
+    case runs, its references run, and ours agrees with the HF-composed pipeline."""
+    from hires_lmm.bench import bench_e2e
+    cs = bench_e2e.cases("cpu", True)
+    assert {c.op for c in cs} == {"e2e_preprocess", "e2e_tower", "e2e_ttft", "e2e_decode"}
+    assert {c.case.split("B=")[1].split()[0] for c in cs if c.op == "e2e_decode"} == {"1", "8"}
+    for c in cs:
+        c.ours()
+        for ref in c.references.values():
+            ref()
+        err = c.max_err()
+        assert err <= c.tol, (c.op, c.case, err)
