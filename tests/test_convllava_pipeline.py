@@ -250,6 +250,27 @@ def test_bf16_load(world):
     assert m.mm_projector[0].weight.dtype == torch.bfloat16
     out = m.generate([world[4][0]], ["What is it?"], max_new_tokens=3, temperature=0)
     assert len(out[0]["token_ids"]) <= 3
+    # logits within bf16's tolerance: the error against the fp32 HF pipeline is at most twice
+    # that of the same HF pipeline run in bf16 (the flash-attn convention), plus a small floor
+    import copy
+    ref = world[0]
+    q, im = "What is the total amount?", world[4][0]
+    e32, _ = ref.embeds(im, q)
+    with torch.no_grad():
+        want = ref.llm(inputs_embeds=e32).logits[0]
+        r16 = Ref(copy.deepcopy(ref.tower).bfloat16(), copy.deepcopy(ref.proj).bfloat16(),
+                  copy.deepcopy(ref.llm).bfloat16(), ref.sp)
+        pixels = hires_lmm.models.convllava_preprocess(im, RES).bfloat16()
+        rows = r16.proj(hf_tokens(r16.tower, pixels))[0]
+        ids = ref.prompt_ids(q)
+        at = ids.index(-200)
+        emb = r16.llm.get_input_embeddings()
+        e16 = torch.cat([emb(torch.tensor(ids[:at])), rows, emb(torch.tensor(ids[at + 1:]))])[None]
+        hf16 = r16.llm(inputs_embeds=e16).logits[0].float()
+    got = m.logits([im], [q])[0].float()
+    scale = want.abs().max().item()
+    err_ours, err_hf = (got - want).abs().max().item(), (hf16 - want).abs().max().item()
+    assert err_ours <= 2 * err_hf + 1e-2 * scale, (err_ours, err_hf, scale)
 
 
 # ---- tokens ---------------------------------------------------------------------------------
