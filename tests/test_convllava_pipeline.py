@@ -503,6 +503,13 @@ def test_bad_device(world):
         hires_lmm.load(world[1], device="banana")
 
 
+def test_bad_dtype(world):
+    with pytest.raises(ValueError, match="argument 'dtype'"):
+        hires_lmm.load(world[1], dtype="int8")
+    with pytest.raises(ValueError, match="argument 'dtype'"):
+        hires_lmm.load(world[1], dtype=torch.int32)
+
+
 def test_bad_generation_options(world, model_a):
     with pytest.raises(ValueError, match="top_p"):
         model_a.generate([world[4][0]], ["a"], top_p=0.0)

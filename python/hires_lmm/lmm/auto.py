@@ -5,8 +5,10 @@ The family is read from config.json's fields, never from the folder name:
              tower, "mm_projector_type": "mlp2x_gelu", "mm_hidden_size" (specs/convllava.md 3).
 Any other config raises one error that says what was found and which families are supported.
 """
-from pathlib import Path
 import os
+from pathlib import Path
+
+import torch
 
 from ..models._weights import read_config
 from .convllava import ConvLLaVA, is_convllava_config
@@ -32,8 +34,22 @@ def detect_family(config: dict, where: str = "hires_lmm.load") -> str:
                      f"supported: {supported}")
 
 
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+           "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
+           "float32": torch.float32, "float": torch.float32}
+
+
 def from_pretrained(path, vision_tower=None, dtype=None, device=None, **kw):
-    """Load a released checkpoint folder as its whole model (see the family classes for kw)."""
+    """Load a released checkpoint folder as its whole model (see the family classes for kw).
+    dtype: a torch floating dtype or its name ("bf16", "fp16", "fp32"); None keeps the
+    checkpoint's."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"hires_lmm.load: argument 'dtype' must be one of {sorted(_DTYPES)} or a "
+                             f"torch dtype, got {dtype!r}")
+        dtype = _DTYPES[dtype]
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"hires_lmm.load: argument 'dtype' must be a floating torch dtype, got {dtype!r}")
     p = Path(os.fspath(path))
     if not p.is_dir():
         raise FileNotFoundError(f"hires_lmm.load: argument 'path' is not a folder: {p}")
