@@ -16,8 +16,11 @@ fused into the next norm (layer k+1's input_layernorm, or the final norm after t
 through ops.deepstack_inject_rms_norm, so no separate pass over the hidden states exists. The
 visual index is built once per forward. Decode steps (no visual_pos_masks) inject nothing.
 
-Not supported: attention masks / padding inside a batch (prompts of one batch must have the same
-length, or be right-padded with the padded logits ignored), rope types other than default,
+Batches of different lengths: forward_packed (prefill of the sequences packed one after the
+other, ops.flash_attn_varlen_func, K/V into a StaticKVCache) and forward_decode (one token per
+sequence at its own cache length, flash_attn_with_kvcache); hires_lmm.generation drives them.
+Not supported: attention masks / padding inside a batch of forward() (prompts of one batch must
+have the same length, or be right-padded with the padded logits ignored), rope types other than default,
 linear, dynamic and llama3 (an error names the type)."""
 import dataclasses
 import math
