@@ -14,6 +14,7 @@ from ._backend import get_backend, set_backend, use_backend
 from . import reference, ops  # noqa: E402
 from .accelerate import accelerate  # noqa: E402
 from .checkpoint import CheckpointError  # noqa: E402
+from .lmm import load  # noqa: E402  (HiResLMM.from_pretrained, shorter)
 
 
 def build_info() -> dict:
@@ -29,5 +30,5 @@ def set_value_checks(enabled: bool) -> None:
     _C.set_value_checks(bool(enabled))
 
 
-__all__ = ["accelerate", "CheckpointError", "build_info", "set_backend", "get_backend", "use_backend", "set_value_checks", "ops",
+__all__ = ["accelerate", "load", "CheckpointError", "build_info", "set_backend", "get_backend", "use_backend", "set_value_checks", "ops",
            "reference", "__version__"]

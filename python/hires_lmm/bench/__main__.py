@@ -16,7 +16,7 @@ import torch
 import hires_lmm
 from .common import time_us
 
-FAMILIES = ["deepstack", "convnext", "convnext_tower", "attention", "select", "models"]
+FAMILIES = ["deepstack", "convnext", "convnext_tower", "attention", "select", "models", "e2e"]
 
 
 def _commit():

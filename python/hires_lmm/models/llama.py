@@ -16,8 +16,11 @@ fused into the next norm (layer k+1's input_layernorm, or the final norm after t
 through ops.deepstack_inject_rms_norm, so no separate pass over the hidden states exists. The
 visual index is built once per forward. Decode steps (no visual_pos_masks) inject nothing.
 
-Not supported: attention masks / padding inside a batch (prompts of one batch must have the same
-length, or be right-padded with the padded logits ignored), rope types other than default,
+Batches of different lengths: forward_packed (prefill of the sequences packed one after the
+other, ops.flash_attn_varlen_func, K/V into a StaticKVCache) and forward_decode (one token per
+sequence at its own cache length, flash_attn_with_kvcache); hires_lmm.generation drives them.
+Not supported: attention masks / padding inside a batch of forward() (prompts of one batch must
+have the same length, or be right-padded with the padded logits ignored), rope types other than default,
 linear, dynamic and llama3 (an error names the type)."""
 import dataclasses
 import math
@@ -30,7 +33,7 @@ from torch import nn
 from .. import ops
 from ._weights import load_into, read_config
 
-__all__ = ["LlamaConfig", "Llama", "KVCache", "rope_inv_freq"]
+__all__ = ["LlamaConfig", "Llama", "KVCache", "StaticKVCache", "rope_inv_freq"]
 
 _ROPE_TYPES = ("linear", "dynamic", "llama3")
 
@@ -246,6 +249,60 @@ class KVCache:
         return self.k[layer][:, :end], self.v[layer][:, :end]
 
 
+class StaticKVCache:
+    """Static per-layer K/V buffers (B, max_len, Hkv, D) and per-sequence lengths `seqlens`
+    (B,) int32 on the device, for batched generation (packed prefill, then decode steps that each
+    append one token per sequence at seqlens[b]). Nothing is reallocated, so a decode step can be
+    captured in a CUDA graph over it."""
+
+    def __init__(self, config: "LlamaConfig", batch: int, max_len: int, dtype, device):
+        shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.batch, self.max_len = batch, max_len
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None,
+                            softmax_scale=None, causal=True):
+    """flash-attn's flash_attn_with_kvcache: k/v (B, Snew, Hkv, D) are written in place into
+    k_cache/v_cache (B, S_cache, Hkv, D) at [cache_seqlens[b], cache_seqlens[b] + Snew), then q
+    (B, Sq, Hq, D) attends over keys [0, cache_seqlens[b] + Snew) of its batch element, causal
+    aligned bottom-right per element; GQA when Hq % Hkv == 0. cache_seqlens (B,) int32 on q's
+    device. Uses hires_lmm.ops.flash_attn_with_kvcache when the build has it."""
+    fn = getattr(ops, "flash_attn_with_kvcache", None)
+    if fn is not None:
+        return fn(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                  softmax_scale=softmax_scale, causal=causal)
+    # TEMPORARY until ops.flash_attn_with_kvcache lands: the same semantics in PyTorch, with no
+    # host synchronisation (CUDA-graph capturable), fp32 softmax.
+    B, Sq, Hq, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    if cache_seqlens is None:
+        cache_seqlens = torch.zeros(B, dtype=torch.int32, device=q.device)
+    lens = cache_seqlens.to(torch.long)
+    snew = 0
+    if k is not None:
+        snew = k.shape[1]
+        pos = lens[:, None] + torch.arange(snew, device=q.device)              # (B, Snew)
+        rows = (torch.arange(B, device=q.device)[:, None] * S + pos).reshape(-1)
+        k_cache.view(B * S, Hkv, D).index_copy_(0, rows, k.reshape(B * snew, Hkv, D).to(k_cache.dtype))
+        v_cache.view(B * S, Hkv, D).index_copy_(0, rows, v.reshape(B * snew, Hkv, D).to(v_cache.dtype))
+    total = lens + snew                                                         # (B,)
+    scale = softmax_scale if softmax_scale is not None else D ** -0.5
+    kk = k_cache.float().repeat_interleave(Hq // Hkv, dim=2).transpose(1, 2)   # (B, Hq, S, D)
+    vv = v_cache.float().repeat_interleave(Hq // Hkv, dim=2).transpose(1, 2)
+    scores = (q.float().transpose(1, 2) @ kk.transpose(2, 3)) * scale          # (B, Hq, Sq, S)
+    j = torch.arange(S, device=q.device)
+    valid = j[None, None, :] < total[:, None, None]                              # (B, 1, S)
+    if causal:
+        i = torch.arange(Sq, device=q.device)
+        valid = valid & (j[None, None, :] <= (total[:, None, None] - Sq + i[None, :, None]))
+    scores = scores.masked_fill(~valid[:, None], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return (p @ vv).transpose(1, 2).to(q.dtype)                                # (B, Sq, Hq, D)
+
+
 # ---- modules ------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -276,6 +333,32 @@ class LlamaAttention(nn.Module):
             k, v = cache.update(layer, k, v, start)
         # GQA without repeating K/V; causal is aligned bottom-right, which is what a cache needs.
         o = ops.flash_attn_func(q, k, v, softmax_scale=self.d ** -0.5, causal=True)
+        return self.o_proj(o.reshape(B, S, self.hq * self.d))
+
+    def forward_packed(self, x, cos, sin, cu_seqlens, max_seqlen: int, k_cache, v_cache, rows):
+        """Packed prefill: x (T, hidden) = the sequences one after the other (cu_seqlens (B+1,)
+        int32), cos/sin (T, D). K/V are also written to the static cache (B, S_max, Hkv, D) seen
+        as (B*S_max, Hkv, D) at `rows` (T,) = b * S_max + position."""
+        T = x.shape[0]
+        q = _apply_rope(self.q_proj(x).view(1, T, self.hq, self.d), cos[None], sin[None])[0]
+        k = _apply_rope(self.k_proj(x).view(1, T, self.hkv, self.d), cos[None], sin[None])[0]
+        v = self.v_proj(x).view(T, self.hkv, self.d)
+        nb, smax = k_cache.shape[0], k_cache.shape[1]
+        k_cache.view(nb * smax, self.hkv, self.d).index_copy_(0, rows, k.to(k_cache.dtype))
+        v_cache.view(nb * smax, self.hkv, self.d).index_copy_(0, rows, v.to(v_cache.dtype))
+        o = ops.flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                       softmax_scale=self.d ** -0.5, causal=True)
+        return self.o_proj(o.reshape(T, self.hq * self.d))
+
+    def forward_decode(self, x, cos, sin, k_cache, v_cache, cache_seqlens):
+        """One new token per sequence: x (B, 1, hidden), cos/sin (B, 1, D); K/V appended at
+        cache_seqlens[b] (flash_attn_with_kvcache)."""
+        B, S, _ = x.shape
+        q = _apply_rope(self.q_proj(x).view(B, S, self.hq, self.d), cos, sin)
+        k = _apply_rope(self.k_proj(x).view(B, S, self.hkv, self.d), cos, sin)
+        v = self.v_proj(x).view(B, S, self.hkv, self.d)
+        o = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+                                    softmax_scale=self.d ** -0.5, causal=True)
         return self.o_proj(o.reshape(B, S, self.hq * self.d))
 
 
@@ -427,6 +510,50 @@ class Llama(nn.Module):
         if cache is not None:
             cache.length = start + S
         return (logits, cache) if return_cache else logits
+
+    # -- batched generation over a StaticKVCache (hires_lmm.generation) --
+    def _layers_then_head(self, h, attn):
+        eps = self.config.rms_norm_eps
+        for i, layer in enumerate(self.layers):
+            normed = ops.rms_norm(h, layer.input_layernorm.weight, eps)
+            h = h + attn(i, layer.self_attn, normed)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return ops.rms_norm(h, self.norm.weight, eps)
+
+    def forward_packed(self, inputs_embeds, cu_seqlens, max_seqlen: int, cache: "StaticKVCache",
+                       last_only: bool = True):
+        """Prefill of B sequences of different lengths, packed: inputs_embeds (T, hidden) (the
+        sequences one after the other), cu_seqlens (B+1,) int32 prefix sums starting at 0,
+        max_seqlen >= every length. Each sequence has positions 0..len-1 and attends only to
+        itself (ops.flash_attn_varlen_func), so padding or batch-mates never change its result.
+        K/V go to cache rows [0, len_b) of batch element b and cache.seqlens is set to the
+        lengths. Returns the logits of each sequence's last token (B, V), or of every token
+        (T, V) with last_only=False."""
+        T = inputs_embeds.shape[0]
+        B = cu_seqlens.numel() - 1
+        dev = inputs_embeds.device
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.long)
+        seq = torch.repeat_interleave(torch.arange(B, device=dev), lens, output_size=T)
+        pos = torch.arange(T, device=dev) - cu_seqlens[:-1].to(torch.long)[seq]
+        rows = seq * cache.max_len + pos
+        cos, sin = self._rope(pos, inputs_embeds.dtype)
+        h = self._layers_then_head(inputs_embeds, lambda i, attn, x: attn.forward_packed(
+            x, cos, sin, cu_seqlens, max_seqlen, cache.k[i], cache.v[i], rows))
+        cache.seqlens.copy_(lens.to(torch.int32))
+        if last_only:
+            h = h[cu_seqlens[1:].to(torch.long) - 1]
+        return F.linear(h, self._lm_head_weight())
+
+    def forward_decode(self, input_ids, cache: "StaticKVCache"):
+        """One decode step for every sequence: input_ids (B,) int64 at positions cache.seqlens;
+        K/V appended at cache.seqlens[b] (which the caller then advances). -> logits (B, V).
+        No host synchronisation (CUDA-graph capturable)."""
+        h = self.embed_tokens(input_ids[:, None])
+        pos = cache.seqlens.to(torch.long)[:, None]
+        cos, sin = self._rope(pos, h.dtype)
+        h = self._layers_then_head(h, lambda i, attn, x: attn.forward_decode(
+            x, cos, sin, cache.k[i], cache.v[i], cache.seqlens))
+        return F.linear(h[:, 0], self._lm_head_weight())
 
     def _deepstack_levels(self, h, mask, levels):
         """-> (levels to inject, at most num_hidden_layers of them; visual_index or None)."""

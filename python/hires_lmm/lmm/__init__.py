@@ -1,0 +1,8 @@
+"""hires_lmm.lmm: whole models of released checkpoints (one file per family) and the loader
+that picks the family from config.json (auto.py)."""
+from .base import HiResLMM
+from .convllava import ConvLLaVA, ConvLLaVAConfig
+from .auto import FAMILIES, detect_family, from_pretrained, load
+
+__all__ = ["HiResLMM", "ConvLLaVA", "ConvLLaVAConfig", "FAMILIES", "detect_family",
+           "from_pretrained", "load"]
