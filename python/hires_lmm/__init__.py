@@ -13,6 +13,7 @@ from ._version import __version__
 from ._backend import get_backend, set_backend, use_backend
 from . import reference, ops  # noqa: E402
 from .accelerate import accelerate  # noqa: E402
+from .accelerate import register_attention_with_transformers as _reg; _reg()  # noqa: E702
 
 
 def build_info() -> dict:
