@@ -15,29 +15,49 @@ What is patched (each family can be turned off by its keyword):
   the parameters differ in dtype/device. Layers whose structure differs (not a 7x7 depthwise conv
   with padding 3, no biases, channels_first norm, an activation other than exact GELU) are not
   patched at all.
-- norms: `LlamaRMSNorm` and `Qwen3VLTextRMSNorm` (and any module of that exact form: `weight`,
-  `variance_epsilon`, class name ending in "RMSNorm" from modeling_llama / modeling_qwen3_vl)
-  run `ops.rms_norm`; plain `nn.LayerNorm`s (exact type, not subclasses such as ConvNext's
+- norms: every RMSNorm whose forward is LlamaRMSNorm's math, y = weight * cast(x_f32 *
+  rsqrt(mean(x_f32^2) + variance_epsilon)) (Llama, Mistral, Qwen2, Qwen2.5-VL, Qwen3, Qwen3-VL,
+  Phi-3 and ~150 more classes of transformers 5.24, and remote-code copies), runs
+  `ops.rms_norm`. Recognised by the class's forward source: its AST (argument renamed,
+  docstring and comments dropped) must equal Llama's, or one of the two spellings that round
+  the product with the weight once ((weight * x_f32).to(dtype)). RMSNorms that differ are left
+  alone, counted in `rms_norm_skipped` and listed in `model._hires_lmm_skipped`
+  ({class name: (count, reason)}, also logged at INFO): Gemma's `x_hat * (1 + weight)`,
+  unweighted norms, Gemma3n's optional weight (`with_scale`), Llama4's and Idefics' casts,
+  torch.nn.RMSNorm. Plain `nn.LayerNorm`s (exact type, not subclasses such as ConvNext's
   channels_first norm) with a 1-D normalized shape and an affine weight run `ops.layer_norm`.
   At call time a dtype mismatch between input and weight (e.g. fp32 weights with a bf16 input,
   where HF promotes), another device, an empty input or a hidden size above 16384 takes the
   original forward.
 - attention: registers "hires_lmm" in `transformers.AttentionInterface` (and, as its mask
   function, HF's `sdpa_mask`, which yields no mask when there is no padding) and switches the
-  model with `model.set_attn_implementation("hires_lmm")`. The function calls
+  model with `model.set_attn_implementation("hires_lmm")`. `import hires_lmm` already makes
+  the name available (register_attention_with_transformers: a one-shot import hook, so
+  transformers is not imported by us), so `from_pretrained(..., attn_implementation=
+  "hires_lmm")` works without accelerate() (attention only). The function calls
   `ops.flash_attn_func` on (B,S,H,D) views (no transpose copies, GQA without repeat_kv), causal
   from the `is_causal` kwarg or the module's `is_causal` (decode with one query is non-causal,
-  like SDPA), `scaling` passed through. It falls back to the module's original implementation
-  ("sdpa" or "eager"; anything else -> "sdpa") when:
-    * an attention mask is present (padding, packed sequences, custom 4-D masks; with an "eager"
-      original the boolean mask is turned into the additive mask eager expects),
+  like SDPA), `scaling` passed through. A boolean (B,1,Sq,Sk) mask that is pure padding (each
+  row's valid keys one contiguous run: left or right padding, a static cache's empty slots;
+  causal or bidirectional; checked exactly against the whole mask, once per mask) runs
+  `ops.flash_attn_varlen_func` on the packed valid tokens and scatters back (_padding_plan
+  says which rows; causal right padding: the pad queries see all valid keys of their row, as in
+  HF's mask, through a second varlen call; pad queries that see no key are 0, as SDPA gives).
+  Outputs at valid positions match the unpatched model (with an SDPA original, all of them).
+  It falls back to the
+  module's original implementation ("sdpa" or "eager"; anything else -> "sdpa") when:
+    * gradients are needed (grad mode on and q, k or v requires grad): no backward kernel yet,
+      and the reference backward is O(S^2) in memory,
+    * the mask is anything else (packed sequences, a sliding window that cuts, a hole, a float
+      or custom 4-D mask; with an "eager" original the boolean mask is turned into the additive
+      mask eager expects), or under torch.compile / CUDA-graph capture (packing needs
+      data-dependent shapes),
     * dropout > 0 (training with attention dropout),
-    * `output_attentions` is requested, or softcap / sliding_window / sinks (`s_aux`) /
-      position_bias / a paged cache are passed,
+    * `output_attentions` is requested, or softcap / sinks (`s_aux`) / position_bias / a paged
+      cache are passed, or a sliding window shorter than the keys comes without a mask,
     * q, k, v differ in dtype or are not float32/float16/bfloat16, k and v differ in head dim,
       Hq is not a multiple of Hkv, or the head dim exceeds 512.
-  Works for Llama (causal, GQA), CLIP (non-causal, `scale`) and Qwen3-VL (text: causal GQA;
-  vision: HF splits by cu_seqlens for non-flash implementations and calls us per image).
+  Each fallback is counted (`attention_fallback_<reason>`) and logged once per reason (WARNING).
 - deepstack: `Qwen3VLTextModel._deepstack_process` runs `ops.deepstack_inject` (bit-exact with
   HF), computing `ops.visual_index(visual_pos_masks)` once per mask (cached on the module while
   the same mask tensor, unmodified, is passed again: one host sync per forward, not per level).
@@ -76,8 +96,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_NORM_DIM = 16384
 _MAX_HEAD_DIM = 512
 
-# Kernel calls and fallbacks since import (or since .clear()): keys "attention",
-# "attention_fallback", "rms_norm", "layer_norm", "convnext", "deepstack" and "<family>_fallback".
+# Kernel calls and fallbacks since import (or since .clear()): keys "attention" (of which
+# "attention_varlen": padded batches), "rms_norm", "layer_norm", "convnext", "deepstack", and
+# "<family>_fallback" with "<family>_fallback_<reason>".
 call_counts: collections.Counter = collections.Counter()
 
 _logged_reasons: set = set()
@@ -692,18 +713,22 @@ def accelerate(model: nn.Module, *, attention: bool = True, norms: bool = True,
                convnext: bool = True, deepstack: bool = True, undo: bool = False) -> nn.Module:
     """Swap hires_lmm kernels into a Hugging Face transformers model in place; returns `model`.
 
-    attention: Llama / CLIP / Qwen3-VL attention -> ops.flash_attn_func through
-        transformers.AttentionInterface ("hires_lmm"), with a fallback to the original
-        implementation for masks (padding), dropout in training, output_attentions and other
+    attention: Llama / CLIP / Qwen3-VL / Mistral / Qwen2 / Phi-3 / ... attention ->
+        ops.flash_attn_func through transformers.AttentionInterface ("hires_lmm"), padding masks
+        -> ops.flash_attn_varlen_func, with a fallback to the original implementation when
+        gradients are needed, for other masks, dropout in training, output_attentions and other
         unsupported cases (module docstring lists them);
-    norms: LlamaRMSNorm / Qwen3VLTextRMSNorm -> ops.rms_norm, nn.LayerNorm -> ops.layer_norm
-        (when dtypes match);
+    norms: RMSNorms with LlamaRMSNorm's forward -> ops.rms_norm (others skipped, with the
+        reason in `model._hires_lmm_skipped`), nn.LayerNorm -> ops.layer_norm (when dtypes
+        match);
     convnext: ConvNextLayer -> ops.convnext_block (NHWC inside);
     deepstack: Qwen3VLTextModel._deepstack_process -> ops.deepstack_inject.
 
     Idempotent (a second call returns the model untouched). `undo=True` restores what a previous
-    call patched. Sets `model._hires_lmm_patched` to {"attention", "rms_norm", "layer_norm",
-    "convnext", "deepstack"} module counts; `accelerate.call_counts` counts calls at run time."""
+    call patched. Sets `model._hires_lmm_patched` to {"attention", "rms_norm",
+    "rms_norm_skipped", "layer_norm", "convnext", "deepstack"} module counts and
+    `model._hires_lmm_skipped` to {class name: (count, reason)}; `accelerate.call_counts` counts
+    calls at run time ("attention_varlen" among "attention": padded batches)."""
     state = model.__dict__.get("_hires_lmm_state")
     if undo:
         if state is None:
