@@ -312,12 +312,14 @@ def _padded(side, seed=4):
     return ids, am
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("attn,side", [("sdpa", "left"), ("sdpa", "right"), ("eager", "left")])
-def test_padding_runs_varlen(attn, side):
+def test_padding_runs_varlen(attn, side, device):
     """Pure left/right padding: valid tokens packed through flash_attn_varlen_func; logits at
     valid positions match the unpatched model (and at pad positions too against SDPA)."""
-    m = _llama(torch.float32, "cpu", attn=attn)
+    m = _llama(torch.float32, device, attn=attn)
     ids, am = _padded(side)
+    ids, am = ids.to(device), am.to(device)
     valid = am.bool()
     with torch.no_grad():
         ref = m(ids, attention_mask=am).logits

@@ -581,6 +581,8 @@ class _RegisterAfterExec:
         self._loader = loader
 
     def __getattr__(self, name):  # get_source, get_filename, ... for inspect/linecache
+        if name == "_loader":
+            raise AttributeError(name)
         return getattr(self._loader, name)
 
     def create_module(self, spec):
