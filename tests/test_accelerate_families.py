@@ -175,3 +175,111 @@ def test_from_pretrained_after_import(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr
+
+
+# ---- sliding window and softcap (flash-attn 2's window_size / softcap, issue 9) ------------------
+def _dense_attn(q, k, v, scale, causal, window_size, softcap):
+    """flash-attn semantics on one sequence: q (Sq,H,D), k/v (Sk,Hkv,D); bottom-right aligned
+    window (left, right) (-1 unbounded; causal: right = 0); a row that sees no key gives 0."""
+    Sq, H, D = q.shape
+    Sk = k.shape[0]
+    rep = H // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1).double(), v.repeat_interleave(rep, 1).double()
+    s = torch.einsum("qhd,khd->hqk", q.double(), k) * (scale or D ** -0.5)
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(Sq)[:, None] + Sk - Sq
+    j = torch.arange(Sk)[None, :]
+    left, right = window_size
+    right = 0 if causal else right
+    seen = torch.ones(Sq, Sk, dtype=torch.bool)
+    if right >= 0:
+        seen &= j <= i + right
+    if left >= 0:
+        seen &= j >= i - left
+    p = torch.softmax(s.masked_fill(~seen, float("-inf")), -1).nan_to_num(0.0)
+    return torch.einsum("hqk,khd->qhd", p, v).to(q.dtype)
+
+
+def _fake_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+               softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    return torch.stack([_dense_attn(q[b], k[b], v[b], softmax_scale, causal, window_size, softcap)
+                        for b in range(q.shape[0])])
+
+
+def _fake_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                 softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                 alibi_slopes=None, deterministic=False, return_attn_probs=False):
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    out = torch.zeros_like(q)
+    for b in range(len(cq) - 1):
+        if cq[b + 1] > cq[b]:
+            out[cq[b]:cq[b + 1]] = _dense_attn(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]],
+                                               v[ck[b]:ck[b + 1]], softmax_scale, causal,
+                                               window_size, softcap)
+    return out
+
+
+@pytest.fixture(params=["flash_attn_2_api", "this_build"])
+def attn_ops(request, monkeypatch):
+    """flash_attn_2_api: ops replaced by a dense model of flash-attn 2's signature (window_size,
+    softcap), to test what accelerate passes; this_build: the ops as built (window/softcap run the
+    kernel if its signature has them, else the original attention)."""
+    if request.param == "flash_attn_2_api":
+        monkeypatch.setattr(hires_lmm.ops, "flash_attn_func", _fake_func)
+        monkeypatch.setattr(hires_lmm.ops, "flash_attn_varlen_func", _fake_varlen)
+    return request.param
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_mistral_sliding_window(attn_ops, pad):
+    """A window (4) shorter than the sequence (9): HF's mask encodes it; read as causal + window
+    (+ left padding) -> varlen with window_size=(3, 0) when the kernel takes it."""
+    torch.manual_seed(0)
+    m = _family("mistral", sliding_window=4).eval()
+    ids = torch.randint(3, 101, (2, 9), generator=torch.Generator().manual_seed(3))
+    am = torch.ones(2, 9, dtype=torch.long)
+    if pad:
+        am[0, :2] = 0
+    with torch.no_grad():
+        ref = m(ids, attention_mask=am).logits
+        hires_lmm.accelerate(m)
+        got = m(ids, attention_mask=am).logits
+    c = accelerate.call_counts
+    if "window_size" in A._kernel_features():
+        assert c["attention_varlen"] == 1 and "attention_fallback" not in c
+    else:
+        assert attn_ops == "this_build" and c["attention_fallback_mask_not_padding"] == 1
+    valid = am.bool()
+    _close(got[valid], ref[valid])
+
+
+def test_gemma2_softcap(attn_ops):
+    """Gemma 2: logit softcap on every layer (1.0, with q scaled up so it bites) and a sliding
+    window (4 < 9 tokens: it cuts) on every other layer."""
+    def gemma2(softcap):
+        kw = dict(_SMALL, num_hidden_layers=2, head_dim=8, attn_logit_softcapping=softcap,
+                  sliding_window=4, attn_implementation="eager")
+        torch.manual_seed(0)
+        m = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**kw)).eval()
+        with torch.no_grad():
+            for layer in m.model.layers:
+                layer.self_attn.q_proj.weight.mul_(30.0)
+                layer.self_attn.k_proj.weight.mul_(30.0)
+        return m
+
+    m = gemma2(1.0)
+    ids = torch.randint(3, 101, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = m(ids).logits
+        plain = gemma2(None)(ids).logits
+        hires_lmm.accelerate(m)
+        got = m(ids).logits
+    c = accelerate.call_counts
+    if {"window_size", "softcap"} <= A._kernel_features():
+        assert c["attention"] == 2 and "attention_fallback" not in c
+    else:
+        assert attn_ops == "this_build" and c["attention_fallback"] == 2
+    _close(got, ref)
+    # the softcap changed the result (far beyond the tolerance)
+    assert (plain - ref).abs().max() > 100 * RTOL * ref.abs().max()

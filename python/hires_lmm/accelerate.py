@@ -53,8 +53,11 @@ What is patched (each family can be turned off by its keyword):
       mask eager expects), or under torch.compile / CUDA-graph capture (packing needs
       data-dependent shapes),
     * dropout > 0 (training with attention dropout),
-    * `output_attentions` is requested, or softcap / sinks (`s_aux`) / position_bias / a paged
-      cache are passed, or a sliding window shorter than the keys comes without a mask,
+    * `output_attentions` is requested, or sinks (`s_aux`) / position_bias / a paged cache are
+      passed, or softcap / a sliding window that cuts when the ops lack flash-attn 2's
+      `softcap` / `window_size` arguments (checked once with inspect.signature: the ops of
+      issue 9 have them; then HF's softcap is passed as is and its window w as
+      window_size=(w - 1, 0), read from the mask like padding),
     * q, k, v differ in dtype or are not float32/float16/bfloat16, k and v differ in head dim,
       Hq is not a multiple of Hkv, or the head dim exceeds 512.
   Each fallback is counted (`attention_fallback_<reason>`) and logged once per reason (WARNING).
@@ -328,8 +331,10 @@ _ATTN_WHY = {
             "backward yet (it would recompute through the O(S^2) reference): wrap inference in "
             "torch.no_grad() / torch.inference_mode() to use the kernel",
     "output_attentions": "output_attentions needs the attention weights",
-    "softcap": "logit softcapping is not passed to the kernel",
-    "sliding_window": "a sliding window shorter than the keys, without a mask encoding it",
+    "softcap": "logit softcapping and this build's ops.flash_attn_func has no softcap argument",
+    "sliding_window": "a sliding window shorter than the keys, and this build's "
+                      "ops.flash_attn_func has no window_size argument (or the module is not "
+                      "causal)",
     "s_aux": "attention sinks (s_aux) are not implemented by the kernel",
     "position_bias": "a position bias is not implemented by the kernel",
     "cache": "a paged cache is not supported",
@@ -347,48 +352,84 @@ _ATTN_WHY = {
 }
 
 
-def _attn_unsupported(query, key, value, attention_mask, dropout, kwargs) -> str | None:
+_features_cache: list = [None, None, frozenset()]
+
+
+def _kernel_features() -> frozenset:
+    """Which of flash-attn 2's "window_size" and "softcap" both ops.flash_attn_func and
+    ops.flash_attn_varlen_func accept (the signature changed in issue 9; checked once per
+    function object)."""
+    fn, vfn = ops.flash_attn_func, ops.flash_attn_varlen_func
+    c = _features_cache
+    if c[0] is not fn or c[1] is not vfn:
+        try:
+            common = (set(inspect.signature(fn).parameters)
+                      & set(inspect.signature(vfn).parameters))
+        except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+            common = set()
+        _features_cache[:] = [fn, vfn, frozenset(common & {"window_size", "softcap"})]
+    return _features_cache[2]
+
+
+def _attn_unsupported(query, key, value, attention_mask, dropout, kwargs, module
+                      ) -> tuple[str | None, dict, int | None]:
+    """(fallback reason or None, extra keyword arguments for the kernel, the HF sliding window
+    to read the mask with (None: no window, or one that cannot cut))."""
+    extra, window = {}, None
     if dropout and dropout > 0.0:
-        return "dropout"
+        return "dropout", extra, window
     if kwargs.get("output_attentions", False):
-        return "output_attentions"
+        return "output_attentions", extra, window
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
                                     or value.requires_grad):
-        return "grad"
-    for name in ("softcap", "s_aux", "position_bias", "cache"):
+        return "grad", extra, window
+    for name in ("s_aux", "position_bias", "cache"):
         if kwargs.get(name) is not None:
-            return name
+            return name, extra, window
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
-        return "shape"
-    window = kwargs.get("sliding_window")
-    # HF's window: key j is seen by query i when i - j < window. Without a mask (sdpa_mask encodes
-    # a window that cuts into the mask) it matters only when the keys span more than the window.
-    if window is not None and attention_mask is None and key.shape[2] > window:
-        return "sliding_window"
+        return "shape", extra, window
+    softcap = kwargs.get("softcap")
+    if softcap:  # HF (Gemma 2): scores = softcap * tanh(q k^T * scaling / softcap), as flash-attn
+        if "softcap" not in _kernel_features():
+            return "softcap", extra, window
+        extra["softcap"] = float(softcap)
+    sw = kwargs.get("sliding_window")
+    # HF's window: key j is seen by query i when i - j < window; it can cut only when the keys
+    # span more than the window (sdpa_mask then also encodes it in the mask)
+    if sw is not None and key.shape[2] > sw:
+        causal = getattr(module, "is_causal", True)
+        if "window_size" not in _kernel_features() or not causal:
+            if attention_mask is None:
+                return "sliding_window", extra, window
+        else:
+            window = int(sw)
+            if attention_mask is None:
+                extra["window_size"] = (window - 1, 0)  # flash-attn: i - left <= j <= i + right
     if not (query.dtype == key.dtype == value.dtype) or query.dtype not in _FLOAT_DTYPES:
-        return "dtype"
+        return "dtype", extra, window
     if not (query.device == key.device == value.device):
-        return "device"
+        return "device", extra, window
     D = query.shape[-1]
     if key.shape[-1] != D or value.shape[-1] != D or D > _MAX_HEAD_DIM:
-        return "head_dim"
+        return "head_dim", extra, window
     if key.shape[1] == 0 or query.shape[1] % key.shape[1] != 0 or key.shape[1] != value.shape[1]:
-        return "heads"
-    return None
+        return "heads", extra, window
+    return None, extra, window
 
 
 # ---- padding masks -> varlen ------------------------------------------------------------------
 class _PaddingPlan(types.SimpleNamespace):
     """How to run a padded batch as packed sequences: qb/qs (total_q,) batch and position of each
     kept query row, kb/ks the same for keys, cu_q/cu_k (B+1,) int32, max_q/max_k, causal,
-    all_q (every query row kept, in order: no scatter needed), and tail: None or (tb, ts, cu_t,
-    max_t) for the pad queries after a causal row's run (they see all its valid keys)."""
+    all_q (every query row kept, in order: no scatter needed), tail: None or (tb, ts, cu_t,
+    max_t) for the pad queries after a causal row's run (they see all its valid keys), and
+    window_size: None or flash-attn's (left, 0) for a sliding window the mask encodes."""
 
 
 _plan_cache: list = [None]  # (weakref to the mask, its _version, plan): one mask per forward
 
 
-def _padding_plan(mask, B, Sq, Sk):
+def _padding_plan(mask, B, Sq, Sk, window=None):
     """Read a boolean HF mask (B,1,Sq,Sk) (True = attend) as per-row padding: returns
     (plan, None), or (None, reason) when it is anything else.
 
@@ -400,25 +441,27 @@ def _padding_plan(mask, B, Sq, Sk):
                                                                 valid (its own token);
     with off = Sk - Sq (dynamic cache / no cache) or off = max_b e_b - Sq (a static cache's empty
     slots past the last token). Packed causal rows are then bottom-right aligned per sequence,
-    which is the mask's causality. One host sync per new mask; cached while the same mask tensor
-    is passed again (every layer of one forward)."""
+    which is the mask's causality. With `window` (HF's sliding window, when the kernel takes
+    window_size), also causal and i + off - j < window (no pad queries after a run allowed
+    then). One host sync per new mask; cached while the same mask tensor is passed again (every
+    layer of one forward)."""
     if mask.dtype != torch.bool or mask.dim() != 4 or tuple(mask.shape) != (B, 1, Sq, Sk):
         return None, "mask"
     if torch.compiler.is_compiling() or (mask.is_cuda
                                          and torch.cuda.is_current_stream_capturing()):
         return None, "mask_traced"
     c = _plan_cache[0]
-    if c is not None and c[0]() is mask and c[1] == mask._version:
-        return c[2], c[3]
-    plan, reason = _build_padding_plan(mask[:, 0], B, Sq, Sk)
+    if c is not None and c[0]() is mask and c[1] == mask._version and c[2] == window:
+        return c[3], c[4]
+    plan, reason = _build_padding_plan(mask[:, 0], B, Sq, Sk, window)
     try:
-        _plan_cache[0] = (weakref.ref(mask), mask._version, plan, reason)
+        _plan_cache[0] = (weakref.ref(mask), mask._version, window, plan, reason)
     except TypeError:  # pragma: no cover - tensors support weak references
         pass
     return plan, reason
 
 
-def _build_padding_plan(m, B, Sq, Sk):
+def _build_padding_plan(m, B, Sq, Sk, window=None):
     dev = m.device
     kv = m.any(1)                                           # (B,Sk)
     pos = torch.arange(Sk, device=dev)
@@ -429,12 +472,21 @@ def _build_padding_plan(m, B, Sq, Sk):
     bidir = (m == kv[:, None, :]).all()
     rows = torch.arange(Sq, device=dev)[:, None]
 
-    def causal_ok(off):
-        return (m == (kv[:, None, :] & (pos[None, :] <= rows + off))).all()
+    def causal_ok(off, w=None):
+        seen = pos[None, :] <= rows + off
+        if w is not None:
+            seen = seen & (pos[None, :] > rows + off - w)
+        return (m == (kv[:, None, :] & seen)).all()
 
     off2 = last.amax() + 1 - Sq
-    flags = torch.stack([contiguous, bidir, causal_ok(Sk - Sq), causal_ok(off2)]).tolist()
-    contiguous, bidir, c1, c2 = flags
+    checks = [contiguous, bidir, causal_ok(Sk - Sq), causal_ok(off2)]
+    if window is not None:
+        checks += [causal_ok(Sk - Sq, window), causal_ok(off2, window)]
+    flags = torch.stack(checks).tolist()
+    contiguous, bidir, c1, c2 = flags[:4]
+    window_size = None
+    if window is not None and not (bidir or c1 or c2) and (flags[4] or flags[5]):
+        c1, c2, window_size = flags[4], flags[5], (window - 1, 0)
     if not contiguous:
         return None, "mask_not_padding"
     if bidir:
@@ -452,8 +504,10 @@ def _build_padding_plan(m, B, Sq, Sk):
     nq = qsel.sum(1)
     nt = tail.sum(1) if causal else torch.zeros_like(nq)
     counts = torch.stack([nq.amin(), nq.amax(), n.amax(), nt.amax()]).tolist()
-    if counts[0] == 0:
-        return None, "mask_not_padding"  # a row without any query of its own in this chunk
+    if counts[0] == 0 or (window_size is not None and counts[3] > 0):
+        # a row without any query of its own in this chunk, or pad queries after the run that
+        # see a window of it (not one alignment per row)
+        return None, "mask_not_padding"
     qb, qs = qsel.nonzero(as_tuple=True)
     kb, ks = kv.nonzero(as_tuple=True)
     zero = torch.zeros(1, dtype=torch.int32, device=dev)
@@ -461,14 +515,14 @@ def _build_padding_plan(m, B, Sq, Sk):
     cu_k = torch.cat([zero, n.cumsum(0).to(torch.int32)])
     plan = _PaddingPlan(qb=qb, qs=qs, kb=kb, ks=ks, cu_q=cu_q, cu_k=cu_k, max_q=int(counts[1]),
                         max_k=int(counts[2]), causal=causal, all_q=bool(qb.numel() == B * Sq),
-                        tail=None)
+                        tail=None, window_size=window_size)
     if counts[3] > 0:
         tb, ts = tail.nonzero(as_tuple=True)
         plan.tail = (tb, ts, torch.cat([zero, nt.cumsum(0).to(torch.int32)]), int(counts[3]))
     return plan, None
 
 
-def _varlen_attention(plan, query, key, value, scaling):
+def _varlen_attention(plan, query, key, value, scaling, extra):
     """query (B,Hq,Sq,D), key/value (B,Hkv,Sk,D) -> (B,Sq,Hq,D): the kept rows packed, one
     flash_attn_varlen_func call, scattered back. Causal right padding: the pad queries past a
     row's valid run see all its valid keys (as in HF's mask): one more varlen call (causal=False)
@@ -478,8 +532,10 @@ def _varlen_attention(plan, query, key, value, scaling):
     q = query.transpose(1, 2)[plan.qb, plan.qs]             # (total_q,Hq,D)
     k = key.transpose(1, 2)[plan.kb, plan.ks]               # (total_k,Hkv,D)
     v = value.transpose(1, 2)[plan.kb, plan.ks]
+    if plan.window_size is not None:
+        extra = dict(extra, window_size=plan.window_size)
     o = ops.flash_attn_varlen_func(q, k, v, plan.cu_q, plan.cu_k, plan.max_q, plan.max_k,
-                                   softmax_scale=scaling, causal=plan.causal)
+                                   softmax_scale=scaling, causal=plan.causal, **extra)
     if plan.all_q:
         return o.view(B, Sq, Hq, D)
     out = o.new_zeros(B, Sq, Hq, D)
@@ -488,7 +544,7 @@ def _varlen_attention(plan, query, key, value, scaling):
         tb, ts, cu_t, max_t = plan.tail
         out[tb, ts] = ops.flash_attn_varlen_func(query.transpose(1, 2)[tb, ts], k, v, cu_t,
                                                  plan.cu_k, max_t, plan.max_k,
-                                                 softmax_scale=scaling, causal=False)
+                                                 softmax_scale=scaling, causal=False, **extra)
     return out
 
 
@@ -533,11 +589,12 @@ def hires_attention_forward(module, query, key, value, attention_mask, dropout: 
     (attn_output (B,Sq,Hq,D), None) through ops.flash_attn_func, or ops.flash_attn_varlen_func
     for a padding mask; see the module docstring for when it falls back to the module's original
     implementation."""
-    reason = _attn_unsupported(query, key, value, attention_mask, dropout, kwargs)
+    reason, extra, window = _attn_unsupported(query, key, value, attention_mask, dropout,
+                                              kwargs, module)
     plan = None
     if reason is None and attention_mask is not None:
         plan, reason = _padding_plan(attention_mask, query.shape[0], query.shape[2],
-                                     key.shape[2])
+                                     key.shape[2], window)
     if reason is not None:
         _note_fallback("attention", reason, _ATTN_WHY.get(reason, reason))
         return _fallback_attention(module, query, key, value, attention_mask, dropout, scaling,
@@ -545,7 +602,7 @@ def hires_attention_forward(module, query, key, value, attention_mask, dropout: 
     call_counts["attention"] += 1
     if plan is not None:
         call_counts["attention_varlen"] += 1
-        return _varlen_attention(plan, query, key, value, scaling), None
+        return _varlen_attention(plan, query, key, value, scaling, extra), None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     Sq, Sk = query.shape[2], key.shape[2]
     causal = bool(causal) and Sq > 1  # one query row sees every key (decode), as SDPA
@@ -554,7 +611,7 @@ def hires_attention_forward(module, query, key, value, attention_mask, dropout: 
         # keys past Sq are empty slots (SDPA slices them off the same way)
         key, value = key[:, :, :Sq], value[:, :, :Sq]
     out = ops.flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                              softmax_scale=scaling, causal=causal)
+                              softmax_scale=scaling, causal=causal, **extra)
     return out, None
 
 
