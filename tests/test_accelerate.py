@@ -342,12 +342,12 @@ def test_padding_plan_left_right_bidirectional():
     from transformers.masking_utils import causal_mask_function, sdpa_mask
     from transformers.masking_utils import sliding_window_causal_mask_function as swin
 
-    def plan(am, fn=causal_mask_function, q_offset=0, Sq=None):
+    def plan(am, fn=causal_mask_function, q_offset=0, Sq=None, window=None):
         B, S = am.shape  # S keys (cache slots included)
         Sq = Sq or S - q_offset
         m = sdpa_mask(batch_size=B, q_length=Sq, kv_length=S, q_offset=q_offset, kv_offset=0,
                       mask_function=fn, attention_mask=am.bool(), allow_is_causal_skip=False)
-        return A._build_padding_plan(m[:, 0], B, Sq, S)
+        return A._build_padding_plan(m[:, 0], B, Sq, S, window)
 
     am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
     p, r = plan(am)
@@ -361,6 +361,13 @@ def test_padding_plan_left_right_bidirectional():
     hole = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 1]])
     assert plan(hole)[1] == "mask_not_padding"
     assert plan(torch.ones(1, 5, dtype=torch.long), fn=swin(2))[1] == "mask_not_padding"
+    # ... unless the kernel takes the window: then it is read as causal + window
+    p, r = plan(torch.ones(1, 5, dtype=torch.long), fn=swin(2), window=2)
+    assert r is None and p.dense and p.causal and p.window_size == (1, 0)
+    p, r = plan(am, fn=swin(2), window=2)  # window + left padding (+ right: pad queries)
+    assert r == "mask_not_padding"
+    p, r = plan(am[:2], fn=swin(2), window=2)
+    assert r is None and not p.dense and p.window_size == (1, 0) and p.cu_k.tolist() == [0, 3, 8]
     # a static cache: 8 slots, 5 filled (left padded), decode of the 5th token
     st = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0]])
     p, r = plan(st, q_offset=4, Sq=1)
@@ -479,7 +486,7 @@ def test_output_attentions_falls_back_to_eager_weights():
 def test_llama_generate_with_static_cache():
     """Static cache: the prefill has no mask and Sk (cache length) > Sq, so the empty slots are
     sliced off before our kernel (as SDPA does); decode steps carry a mask whose valid keys are
-    the filled slots: varlen."""
+    the filled slots: varlen (dense once the cache is full)."""
     m = _llama(torch.float32, "cpu")
     ids = torch.randint(0, 101, (1, 7), generator=torch.Generator().manual_seed(9))
     ref = m.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
@@ -487,5 +494,6 @@ def test_llama_generate_with_static_cache():
     got = m.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
     assert torch.equal(got, ref)
     c = _counts()
-    assert c["attention"] == 2 + 2 * 4 and c["attention_varlen"] == 2 * 4
+    # cache of 7 + 5 - 1 slots: the last decode step fills it (no empty slot: dense kernel)
+    assert c["attention"] == 2 + 2 * 4 and c["attention_varlen"] == 2 * 3
     assert "attention_fallback" not in c

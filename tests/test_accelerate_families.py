@@ -243,8 +243,9 @@ def test_mistral_sliding_window(attn_ops, pad):
         hires_lmm.accelerate(m)
         got = m(ids, attention_mask=am).logits
     c = accelerate.call_counts
-    if "window_size" in A._kernel_features():
-        assert c["attention_varlen"] == 1 and "attention_fallback" not in c
+    if "window_size" in A._kernel_features():  # no padding: dense kernel with the window
+        assert c["attention"] == 1 and c["attention_varlen"] == int(pad)
+        assert "attention_fallback" not in c
     else:
         assert attn_ops == "this_build" and c["attention_fallback_mask_not_padding"] == 1
     valid = am.bool()

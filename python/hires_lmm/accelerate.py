@@ -423,7 +423,8 @@ class _PaddingPlan(types.SimpleNamespace):
     kept query row, kb/ks the same for keys, cu_q/cu_k (B+1,) int32, max_q/max_k, causal,
     all_q (every query row kept, in order: no scatter needed), tail: None or (tb, ts, cu_t,
     max_t) for the pad queries after a causal row's run (they see all its valid keys), and
-    window_size: None or flash-attn's (left, 0) for a sliding window the mask encodes."""
+    window_size: None or flash-attn's (left, 0) for a sliding window the mask encodes, and dense:
+    no padding at all (only the window or causality in the mask): the dense kernel, no packing."""
 
 
 _plan_cache: list = [None]  # (weakref to the mask, its _version, plan): one mask per forward
@@ -503,7 +504,7 @@ def _build_padding_plan(m, B, Sq, Sk, window=None):
     tail = (kpos >= last[:, None] + 1) & inside if causal else None
     nq = qsel.sum(1)
     nt = tail.sum(1) if causal else torch.zeros_like(nq)
-    counts = torch.stack([nq.amin(), nq.amax(), n.amax(), nt.amax()]).tolist()
+    counts = torch.stack([nq.amin(), nq.amax(), n.amax(), nt.amax(), n.amin()]).tolist()
     if counts[0] == 0 or (window_size is not None and counts[3] > 0):
         # a row without any query of its own in this chunk, or pad queries after the run that
         # see a window of it (not one alignment per row)
@@ -515,7 +516,9 @@ def _build_padding_plan(m, B, Sq, Sk, window=None):
     cu_k = torch.cat([zero, n.cumsum(0).to(torch.int32)])
     plan = _PaddingPlan(qb=qb, qs=qs, kb=kb, ks=ks, cu_q=cu_q, cu_k=cu_k, max_q=int(counts[1]),
                         max_k=int(counts[2]), causal=causal, all_q=bool(qb.numel() == B * Sq),
-                        tail=None, window_size=window_size)
+                        tail=None, window_size=window_size,
+                        dense=bool(counts[4] == Sk and qb.numel() == B * Sq
+                                   and (not causal or off == Sk - Sq)))
     if counts[3] > 0:
         tb, ts = tail.nonzero(as_tuple=True)
         plan.tail = (tb, ts, torch.cat([zero, nt.cumsum(0).to(torch.int32)]), int(counts[3]))
@@ -600,6 +603,13 @@ def hires_attention_forward(module, query, key, value, attention_mask, dropout: 
         return _fallback_attention(module, query, key, value, attention_mask, dropout, scaling,
                                    is_causal, kwargs)
     call_counts["attention"] += 1
+    if plan is not None and plan.dense:  # a mask without padding (a sliding window's)
+        if plan.window_size is not None:
+            extra = dict(extra, window_size=plan.window_size)
+        out = ops.flash_attn_func(query.transpose(1, 2), key.transpose(1, 2),
+                                  value.transpose(1, 2), softmax_scale=scaling,
+                                  causal=plan.causal, **extra)
+        return out, None
     if plan is not None:
         call_counts["attention_varlen"] += 1
         return _varlen_attention(plan, query, key, value, scaling, extra), None
