@@ -1,6 +1,8 @@
 """hires_lmm.accelerate on small random Hugging Face models: outputs before vs after within
 tolerance, the patched paths are taken (call counts), idempotence, undo, and the fallbacks."""
 import copy
+import logging
+import sys
 
 import pytest
 import torch
@@ -298,22 +300,118 @@ def test_deepcopy_of_patched_model_runs():
 
 
 # ---- fallbacks --------------------------------------------------------------------------------
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_padding_mask_falls_back_to_original_attention(attn):
-    m = _llama(torch.float32, "cpu", attn=attn)
-    ids = torch.randint(0, 101, (2, 10), generator=torch.Generator().manual_seed(4))
+def _padded(side, seed=4):
+    """2 rows of 10 tokens; row 0 has 3 pad tokens on `side`, row 1 none."""
+    ids = torch.randint(1, 101, (2, 10), generator=torch.Generator().manual_seed(seed))
     am = torch.ones(2, 10, dtype=torch.long)
-    am[0, :3] = 0  # left padding
+    if side == "left":
+        am[0, :3] = 0
+    else:
+        am[0, 7:] = 0
+    ids[am == 0] = 0
+    return ids, am
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("attn,side", [("sdpa", "left"), ("sdpa", "right"), ("eager", "left")])
+def test_padding_runs_varlen(attn, side, device):
+    """Pure left/right padding: valid tokens packed through flash_attn_varlen_func; logits at
+    valid positions match the unpatched model (and at pad positions too against SDPA)."""
+    m = _llama(torch.float32, device, attn=attn)
+    ids, am = _padded(side)
+    ids, am = ids.to(device), am.to(device)
+    valid = am.bool()
     with torch.no_grad():
         ref = m(ids, attention_mask=am).logits
         hires_lmm.accelerate(m)
         got = m(ids, attention_mask=am).logits
-        nopad = m(ids[1:]).logits  # same model, no padding -> our kernel again
+        nopad = m(ids[1:]).logits  # no padding -> the dense kernel
     c = _counts()
-    assert c["attention_fallback_mask"] == 2 and c["attention"] == 2  # the last call only
-    _close(got[0, 3:], ref[0, 3:], torch.float32)
-    _close(got[1], ref[1], torch.float32)
+    assert c["attention_varlen"] == 2 and c["attention"] == 2 + 2
+    assert "attention_fallback" not in c
+    _close(got[valid], ref[valid], torch.float32)
+    if attn == "sdpa":  # pad rows too: all-masked rows are 0 and right-pad rows see valid keys
+        _close(got, ref, torch.float32)
     _close(nopad[0], ref[1], torch.float32)
+
+
+def test_padding_plan_left_right_bidirectional():
+    """The plan read from HF masks: pure padding -> varlen (causal or not, queries kept), a
+    hole in the middle or a window that cuts -> fallback."""
+    A = sys.modules["hires_lmm.accelerate"]
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+    from transformers.masking_utils import sliding_window_causal_mask_function as swin
+
+    def plan(am, fn=causal_mask_function, q_offset=0, Sq=None, window=None):
+        B, S = am.shape  # S keys (cache slots included)
+        Sq = Sq or S - q_offset
+        m = sdpa_mask(batch_size=B, q_length=Sq, kv_length=S, q_offset=q_offset, kv_offset=0,
+                      mask_function=fn, attention_mask=am.bool(), allow_is_causal_skip=False)
+        return A._build_padding_plan(m[:, 0], B, Sq, S, window)
+
+    am = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    p, r = plan(am)
+    assert r is None and p.causal and not p.all_q
+    assert p.cu_q.tolist() == [0, 3, 8, 11] and p.cu_k.tolist() == [0, 3, 8, 11]
+    assert p.qs.tolist() == [2, 3, 4, 0, 1, 2, 3, 4, 0, 1, 2] and (p.max_q, p.max_k) == (5, 5)
+    p, r = plan(am, q_offset=4)  # decode step: one query row each, sees every valid key
+    assert r is None and p.all_q and p.cu_q.tolist() == [0, 1, 2, 3]
+    assert p.cu_k.tolist() == [0, 3, 8, 11]
+    assert plan(am, fn=lambda *a: torch.tensor(True))[0].all_q  # bidirectional: every query
+    hole = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 1]])
+    assert plan(hole)[1] == "mask_not_padding"
+    assert plan(torch.ones(1, 5, dtype=torch.long), fn=swin(2))[1] == "mask_not_padding"
+    # ... unless the kernel takes the window: then it is read as causal + window
+    p, r = plan(torch.ones(1, 5, dtype=torch.long), fn=swin(2), window=2)
+    assert r is None and p.dense and p.causal and p.window_size == (1, 0)
+    p, r = plan(am, fn=swin(2), window=2)  # window + left padding (+ right: pad queries)
+    assert r == "mask_not_padding"
+    p, r = plan(am[:2], fn=swin(2), window=2)
+    assert r is None and not p.dense and p.window_size == (1, 0) and p.cu_k.tolist() == [0, 3, 8]
+    # a static cache: 8 slots, 5 filled (left padded), decode of the 5th token
+    st = torch.tensor([[0, 1, 1, 1, 1, 0, 0, 0]])
+    p, r = plan(st, q_offset=4, Sq=1)
+    assert r is None and p.ks.tolist() == [1, 2, 3, 4] and p.cu_q.tolist() == [0, 1]
+    # its prefill with 2 queries at slots 3, 4 (chunked): causal, offset read from the filled slots
+    p, r = plan(st, q_offset=3, Sq=2)
+    assert r is None and p.causal and p.qs.tolist() == [0, 1] and p.cu_k.tolist() == [0, 4]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_generate_matches(side, caplog):
+    """generate() on a padded batch: left padding runs varlen in prefill and decode; right
+    padding runs varlen in prefill, then HF appends after the pads (a hole: logged fallback)."""
+    m = _llama(torch.float32, "cpu")
+    ids, am = _padded(side, seed=11)
+    kw = dict(attention_mask=am, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    ref = m.generate(ids, **kw)
+    hires_lmm.accelerate(m)
+    A = sys.modules["hires_lmm.accelerate"]
+    A._logged_reasons.discard(("attention", "mask_not_padding"))
+    with caplog.at_level(logging.WARNING, logger="hires_lmm.accelerate"):
+        got = m.generate(ids, **kw)
+    assert torch.equal(got, ref)
+    c = _counts()
+    if side == "left":
+        assert c["attention_varlen"] == 2 * 4 and "attention_fallback" not in c
+    else:
+        assert c["attention_varlen"] == 2 and c["attention_fallback_mask_not_padding"] == 2 * 3
+        logged = [r for r in caplog.records if "mask_not_padding" in r.getMessage()]
+        assert len(logged) == 1  # once per reason, not per call
+
+
+def test_custom_float_mask_falls_back():
+    """A float (additive) 4-D mask is not read as padding: the original implementation runs."""
+    m = _llama(torch.float32, "cpu")
+    ids = torch.randint(0, 101, (1, 6), generator=torch.Generator().manual_seed(12))
+    mask = torch.zeros(1, 1, 6, 6)
+    mask.masked_fill_(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    with torch.no_grad():
+        ref = m(ids).logits
+        hires_lmm.accelerate(m)
+        got = m(ids, attention_mask=mask).logits
+    assert _counts()["attention_fallback_mask"] == 2
+    _close(got, ref, torch.float32)
 
 
 def test_attention_dropout_in_training_falls_back():
@@ -331,13 +429,15 @@ def test_attention_dropout_in_training_falls_back():
 
 
 def test_training_gradients_match():
-    """Training without dropout goes through our kernels; the gradients match HF's."""
+    """With gradients needed, attention falls back to the original (no backward kernel yet; the
+    reference backward is O(S^2)); norms stay ours; the gradients match HF's."""
     ref_m = _llama(torch.float32, "cpu").train()
     m = hires_lmm.accelerate(_llama(torch.float32, "cpu").train())
     ids = torch.randint(0, 101, (2, 8), generator=torch.Generator().manual_seed(5))
     ref_m(ids, labels=ids).loss.backward()
     m(ids, labels=ids).loss.backward()
-    assert _counts()["attention"] == 2
+    c = _counts()
+    assert c["attention_fallback_grad"] == 2 and "attention" not in c and c["rms_norm"] == 5
     for (name, p), q in zip(ref_m.named_parameters(), m.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
 
@@ -385,11 +485,15 @@ def test_output_attentions_falls_back_to_eager_weights():
 
 def test_llama_generate_with_static_cache():
     """Static cache: the prefill has no mask and Sk (cache length) > Sq, so the empty slots are
-    sliced off before our kernel (as SDPA does); decode steps carry a mask and fall back."""
+    sliced off before our kernel (as SDPA does); decode steps carry a mask whose valid keys are
+    the filled slots: varlen (dense once the cache is full)."""
     m = _llama(torch.float32, "cpu")
     ids = torch.randint(0, 101, (1, 7), generator=torch.Generator().manual_seed(9))
     ref = m.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
     hires_lmm.accelerate(m)
     got = m.generate(ids, max_new_tokens=5, do_sample=False, cache_implementation="static")
     assert torch.equal(got, ref)
-    assert _counts()["attention"] == 2 and _counts()["attention_fallback_mask"] == 2 * 4
+    c = _counts()
+    # cache of 7 + 5 - 1 slots: the last decode step fills it (no empty slot: dense kernel)
+    assert c["attention"] == 2 + 2 * 4 and c["attention_varlen"] == 2 * 3
+    assert "attention_fallback" not in c

@@ -15,6 +15,7 @@ from . import reference, ops  # noqa: E402
 from .accelerate import accelerate  # noqa: E402
 from .checkpoint import CheckpointError  # noqa: E402
 from .lmm import load  # noqa: E402  (HiResLMM.from_pretrained, shorter)
+from .accelerate import register_attention_with_transformers as _reg; _reg()  # noqa: E702
 
 
 def build_info() -> dict:
