@@ -58,7 +58,7 @@ def _make(B, Sq, S_cache, Hq, Hkv, D, lens, snew, dtype, device, seed):
 # (name, Sq, S_cache, Hq, Hkv, D, lens (B=3), Snew or None)
 CASES = [
     ("decode-gqa", 1, 77, 4, 2, 64, [0, 40, 76], 1),          # 0 and full-minus-Snew
-    ("decode-noappend", 1, 130, 2, 2, 64, [1, 129, 130], None),
+    ("decode-noappend", 1, 130, 2, 2, 64, [0, 129, 130], None),  # L_b = 0: zeros
     ("chunk5-gqa3", 5, 70, 6, 2, 48, [0, 33, 65], 5),
     ("sq3-snew0", 3, 9, 2, 1, 64, [2, 0, 9], 0),              # causal rows that see no key
     ("sq1-mqa-d128", 1, 200, 8, 1, 128, [150, 7, 199], 1),
