@@ -519,7 +519,39 @@ at::Tensor flash_attn_with_kvcache(const at::Tensor& q_in, at::Tensor& k_cache, 
   return o;
 }
 
+// Autograd key: the op is not differentiable (a decode-time op that writes its caches in place),
+// so asking for gradients is an error rather than PyTorch's warning and silent None gradients;
+// otherwise bump the caches' version counters (as ATen's in-place ops do) and redispatch.
+at::Tensor flash_attn_with_kvcache_autograd(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
+                                            const c10::optional<at::Tensor>& k_new,
+                                            const c10::optional<at::Tensor>& v_new,
+                                            const c10::optional<at::Tensor>& cache_seqlens,
+                                            c10::optional<double> softmax_scale, bool causal) {
+  const bool wants_grad = q.requires_grad() || k_cache.requires_grad() || v_cache.requires_grad() ||
+                          (k_new.has_value() && k_new->requires_grad()) ||
+                          (v_new.has_value() && v_new->requires_grad());
+  TORCH_CHECK(!(c10::GradMode::is_enabled() && wants_grad),
+              "flash_attn_with_kvcache: not differentiable (a decode-time op that writes its caches in "
+              "place); call it under torch.no_grad() or use flash_attn_func for training");
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("hires_lmm::flash_attn_with_kvcache", "")
+          .typed<at::Tensor(const at::Tensor&, at::Tensor&, at::Tensor&, const c10::optional<at::Tensor>&,
+                            const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                            c10::optional<double>, bool)>();
+  if (k_new.has_value()) {
+    k_cache.unsafeGetTensorImpl()->bump_version();
+    v_cache.unsafeGetTensorImpl()->bump_version();
+  }
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, causal);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(hires_lmm, Autograd, m) {
+  m.impl("flash_attn_with_kvcache", &flash_attn_with_kvcache_autograd);
+}
 
 TORCH_LIBRARY_FRAGMENT(hires_lmm, m) {
   m.def("flash_attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k=None, "

@@ -191,11 +191,19 @@ def test_kvcache_noncontiguous():
 
 # ---- autograd stance, opcheck, compile ------------------------------------------------------------
 def test_kvcache_not_differentiable():
+    """Asking for gradients is an error (wrapper and raw op), not silent None gradients; the
+    append bumps the caches' version counters like any in-place op."""
     q, kc, vc, k, v, cs = _make(1, 1, 8, 2, 2, 64, [3], 1, torch.float32, "cpu", seed=5)
     with pytest.raises(RuntimeError, match="not differentiable"):
         ops.flash_attn_with_kvcache(q.requires_grad_(True), kc, vc, k, v, cs)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        OP(q, kc, vc, k.requires_grad_(True), v, cs, None, True)
     with torch.no_grad():
         assert ops.flash_attn_with_kvcache(q, kc, vc, k, v, cs).shape == q.shape
+    q, k = q.detach(), k.detach()
+    ver = (kc._version, vc._version)
+    OP(q, kc, vc, k, v, cs, None, True)
+    assert kc._version > ver[0] and vc._version > ver[1]
 
 
 def test_kvcache_opcheck():
