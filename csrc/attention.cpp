@@ -329,7 +329,7 @@ HIRES_REGISTER_KERNEL("flash_attn_func", "cuda_sm90a");
 //   k_cache/v_cache (B, S_cache, Hkv, D); new k/v (B, Snew, Hkv, D), when given, are written in
 //   place at rows cache_seqlens[b] .. cache_seqlens[b] + Snew - 1 of batch b; then q (B, Sq, Hq, D)
 //   attends to keys 0 .. L_b - 1, L_b = cache_seqlens[b] + Snew (cache_seqlens None: the whole
-//   cache, L_b = S_cache; then k/v must be None, flash-attn would write past the cache), causal
+//   cache, L_b = S_cache; then k/v must be None: where to append would be undefined), causal
 //   aligned bottom-right per batch element (query i sees keys j <= i + L_b - Sq).
 // The append is an ATen index_put_ with device-side row indices and the kernel reads L_b on the
 // device (FlashParams::seqused_k): no host sync, so a decode step can be captured in a CUDA graph.

@@ -82,7 +82,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     Paths as flash_attn_func (CPU twin; CUDA sm_80 tensor-core kernel for fp16/bf16 with D in
     {64, 128}, split-KV for decode, never the sm_90a kernel; ATen fallback otherwise). No host
     sync on CUDA with value checks off: the append and L_b stay on the device (graph capturable).
-    Not differentiable (a decode-time op): it raises if gradients are requested."""
+    Not differentiable (a decode-time op): requesting gradients raises (here and in the op's
+    Autograd kernel, so torch.ops.hires_lmm.flash_attn_with_kvcache too)."""
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                        for t in (q, k_cache, v_cache, k, v)):
         raise RuntimeError("flash_attn_with_kvcache: not differentiable (a decode-time op that "
