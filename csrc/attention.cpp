@@ -493,7 +493,10 @@ at::Tensor flash_attn_with_kvcache(const at::Tensor& q_in, at::Tensor& k_cache, 
   prm.causal = causal;
   const int64_t m_blocks = (prm.seqlen_q + FlashTileShape::kBlockM - 1) / FlashTileShape::kBlockM;
   const int64_t k_blocks = (s_cache + FlashTileShape::kBlockN - 1) / FlashTileShape::kBlockN;
-  prm.num_splits = choose_num_splits(m_blocks * prm.heads_q * prm.batch, k_blocks, compute_units(q));
+  // Split count from one sequence's work items, not the batch's: with per-sequence split ranges
+  // (seqused_k) a sequence's result then never depends on what it is batched with (batching is
+  // exact), at the cost of over-splitting large batches.
+  prm.num_splits = choose_num_splits(m_blocks * prm.heads_q, k_blocks, compute_units(q));
   if (const char* force = std::getenv("HIRES_LMM_ATTN_SPLITS")) {  // testing: force a split count
     prm.num_splits = int(std::max<int64_t>(1, std::min<int64_t>(std::atoll(force), std::max<int64_t>(k_blocks, 1))));
   }

@@ -118,6 +118,21 @@ def test_kvcache_equals_flash_attn_func_on_slice(sq, causal, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kvcache_batch_invariant(dtype, device):
+    """Batching is exact: each sequence's output equals its output alone (B=1, its own cache row,
+    the same cache size), bitwise, with the default split-KV choice (MQA decode over 400 slots:
+    one sequence alone has few work items, so the heuristic splits)."""
+    lens = [5, 200, 398]
+    q, kc, vc, k, v, cs = _make(3, 1, 400, 4, 1, 64, lens, 1, dtype, device, seed=12)
+    parts = [(q[b:b + 1].clone(), kc[b:b + 1].clone(), vc[b:b + 1].clone(), k[b:b + 1], v[b:b + 1],
+              cs[b:b + 1]) for b in range(3)]
+    out = ops.flash_attn_with_kvcache(q, kc, vc, k, v, cs)
+    for b, args in enumerate(parts):
+        torch.testing.assert_close(out[b:b + 1], ops.flash_attn_with_kvcache(*args), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("splits", [2, 3, 7])
 @pytest.mark.parametrize("sq,causal", [(1, True), (3, True), (2, False)])
 def test_kvcache_split_kv(sq, causal, splits, device, monkeypatch):
