@@ -82,6 +82,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     Paths as flash_attn_func (CPU twin; CUDA sm_80 tensor-core kernel for fp16/bf16 with D in
     {64, 128}, split-KV for decode, never the sm_90a kernel; ATen fallback otherwise). No host
     sync on CUDA with value checks off: the append and L_b stay on the device (graph capturable).
+    Batching is exact: a sequence's output is bitwise independent of the other sequences in the
+    batch (for a given S_cache; the split-KV count never depends on B).
     Not differentiable (a decode-time op): requesting gradients raises (here and in the op's
     Autograd kernel, so torch.ops.hires_lmm.flash_attn_with_kvcache too)."""
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
