@@ -323,3 +323,246 @@ HIRES_BIND_CPU_CUDA(bind_attention) {
 #ifdef HIRES_LMM_WITH_SM90
 HIRES_REGISTER_KERNEL("flash_attn_func", "cuda_sm90a");
 #endif
+
+// ---- flash_attn_with_kvcache ---------------------------------------------------------------------
+// Decode over a dense KV cache, with flash-attn's names and semantics:
+//   k_cache/v_cache (B, S_cache, Hkv, D); new k/v (B, Snew, Hkv, D), when given, are written in
+//   place at rows cache_seqlens[b] .. cache_seqlens[b] + Snew - 1 of batch b; then q (B, Sq, Hq, D)
+//   attends to keys 0 .. L_b - 1, L_b = cache_seqlens[b] + Snew (cache_seqlens None: the whole
+//   cache, L_b = S_cache; then k/v must be None: where to append would be undefined), causal
+//   aligned bottom-right per batch element (query i sees keys j <= i + L_b - Sq).
+// The append is an ATen index_put_ with device-side row indices and the kernel reads L_b on the
+// device (FlashParams::seqused_k): no host sync, so a decode step can be captured in a CUDA graph.
+// Never the sm_90a kernel (it has no per-batch key lengths).
+namespace hires::attention {
+namespace {
+
+void check_kvcache(const char* op, const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                   const c10::optional<at::Tensor>& k_new, const c10::optional<at::Tensor>& v_new,
+                   const c10::optional<at::Tensor>& cache_seqlens) {
+  check_float(q, op, "q");
+  HIRES_CHECK(kc.scalar_type() == q.scalar_type(), op, "k_cache", "must have the dtype of 'q' (",
+              q.scalar_type(), "), got ", kc.scalar_type());
+  HIRES_CHECK(vc.scalar_type() == q.scalar_type(), op, "v_cache", "must have the dtype of 'q' (",
+              q.scalar_type(), "), got ", vc.scalar_type());
+  check_same_device(kc, q, op, "k_cache", "q");
+  check_same_device(vc, q, op, "v_cache", "q");
+  HIRES_CHECK(q.dim() == 4, op, "q", "must be 4-D (batch, seqlen_q, heads, head_dim), got shape ", q.sizes());
+  HIRES_CHECK(kc.dim() == 4, op, "k_cache", "must be 4-D (batch, cache_len, heads_kv, head_dim), got shape ",
+              kc.sizes());
+  HIRES_CHECK(vc.dim() == 4, op, "v_cache", "must be 4-D (batch, cache_len, heads_kv, head_dim), got shape ",
+              vc.sizes());
+  const int64_t B = q.size(0), D = q.size(3), Hkv = kc.size(2);
+  HIRES_CHECK(D > 0, op, "q", "must have head_dim > 0, got shape ", q.sizes());
+  HIRES_CHECK(kc.size(3) == D, op, "k_cache", "has head_dim ", kc.size(3), " but 'q' has head_dim ", D);
+  HIRES_CHECK(vc.sizes() == kc.sizes(), op, "v_cache", "must have the shape of 'k_cache' (", kc.sizes(),
+              "), got ", vc.sizes());
+  HIRES_CHECK(kc.size(0) == B, op, "k_cache", "has batch ", kc.size(0), " but 'q' has batch ", B,
+              " (one cache row per sequence; cache_batch_idx is not supported)");
+  HIRES_CHECK(Hkv > 0 && q.size(2) % Hkv == 0, op, "k_cache", "has ", Hkv, " heads, which must divide the ",
+              q.size(2), " heads of 'q' (GQA/MQA need heads_q % heads_kv == 0)");
+  if (q.is_cpu()) {
+    HIRES_CHECK(D <= kMaxHeadDimCpu, op, "q", "has head_dim ", D, "; the CPU kernel supports up to ",
+                kMaxHeadDimCpu);
+  }
+  HIRES_CHECK(k_new.has_value() == v_new.has_value(), op, k_new.has_value() ? "v" : "k",
+              "must be given together with '", k_new.has_value() ? "k" : "v", "' (new keys and values)");
+  if (k_new.has_value()) {
+    for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{*k_new, "k"},
+                                  std::pair<const at::Tensor&, const char*>{*v_new, "v"}}) {
+      HIRES_CHECK(t.scalar_type() == q.scalar_type(), op, name, "must have the dtype of 'q' (",
+                  q.scalar_type(), "), got ", t.scalar_type());
+      check_same_device(t, q, op, name, "q");
+      HIRES_CHECK(t.dim() == 4 && t.size(0) == B && t.size(2) == Hkv && t.size(3) == D, op, name,
+                  "must be (batch, seqlen_new, heads_kv, head_dim) = (", B, ", seqlen_new, ", Hkv, ", ", D,
+                  ") like 'k_cache', got shape ", t.sizes());
+    }
+    HIRES_CHECK(v_new->size(1) == k_new->size(1), op, "v", "has ", v_new->size(1), " new tokens but 'k' has ",
+                k_new->size(1));
+    HIRES_CHECK(k_new->size(1) <= kc.size(1), op, "k", "has ", k_new->size(1),
+                " new tokens, more than the cache length ", kc.size(1), " of 'k_cache'");
+    HIRES_CHECK(cache_seqlens.has_value(), op, "cache_seqlens",
+                "must be given with 'k' and 'v' (it says where the new tokens go), got None");
+  }
+  if (cache_seqlens.has_value()) {
+    const at::Tensor& cs = *cache_seqlens;
+    check_same_device(cs, q, op, "cache_seqlens", "q");
+    HIRES_CHECK(cs.scalar_type() == at::kInt, op, "cache_seqlens", "must be int32 (flash-attn's layout), got ",
+                cs.scalar_type());
+    HIRES_CHECK(cs.dim() == 1 && cs.size(0) == B, op, "cache_seqlens", "must be 1-D (batch,) = (", B,
+                ",), got shape ", cs.sizes());
+  }
+}
+
+// 0 <= cache_seqlens[b] and cache_seqlens[b] + Snew <= S_cache. CPU: always (free); CUDA: one
+// device->host copy, skipped when value checks are off or while a CUDA graph is being captured.
+void check_cache_seqlens_values(const char* op, const at::Tensor& cs, int64_t snew, int64_t s_cache) {
+  if (!cs.is_cpu() && (!value_checks_enabled() || cuda_stream_capturing(cs))) return;
+  const at::Tensor c = cs.cpu().contiguous();
+  const int* p = c.data_ptr<int>();
+  for (int64_t b = 0; b < c.size(0); ++b) {
+    HIRES_CHECK(p[b] >= 0, op, "cache_seqlens", "must be >= 0, got ", p[b], " for batch element ", b);
+    HIRES_CHECK(p[b] + snew <= s_cache, op, "cache_seqlens", "overflows the cache: batch element ", b, " holds ",
+                p[b], " tokens, + ", snew, " new tokens of 'k' = ", p[b] + snew,
+                " > cache length ", s_cache, " of 'k_cache'");
+  }
+}
+
+// cache[b, pos[b] + i] = rows[b, i] for i < Snew, with device-side indices (no host sync). Rows are
+// clamped into the cache so that unchecked bad lengths (value checks off) never write out of bounds.
+void kvcache_append(at::Tensor& cache, const at::Tensor& rows, const at::Tensor& pos) {
+  const int64_t B = rows.size(0), snew = rows.size(1), s_cache = cache.size(1);
+  const auto lopts = at::TensorOptions().dtype(at::kLong).device(cache.device());
+  const at::Tensor at_row = (pos.unsqueeze(1) + at::arange(snew, lopts).unsqueeze(0)).clamp(0, s_cache - 1);
+  c10::List<std::optional<at::Tensor>> index;
+  index.push_back(at::arange(B, lopts).unsqueeze(1));
+  index.push_back(at_row);
+  cache.index_put_(index, rows);
+}
+
+// ATen fallback (CUDA fp32, head dims without a kernel; HIRES_LMM_ATTN_MATH=1): per-batch key
+// lengths `used` (B,) int64 on the device (undefined: every key), O(Sq * S_cache) memory.
+at::Tensor kvcache_math(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& used,
+                        double scale, bool causal) {
+  at::Tensor qh = q.transpose(1, 2).to(at::kFloat), kh = kc.transpose(1, 2).to(at::kFloat),
+             vh = vc.transpose(1, 2).to(at::kFloat);
+  const int64_t group = qh.size(1) / kh.size(1);
+  if (group > 1) {
+    kh = kh.repeat_interleave(group, 1);
+    vh = vh.repeat_interleave(group, 1);
+  }
+  at::Tensor s = at::matmul(qh, kh.transpose(-1, -2)) * scale;  // (B, Hq, Sq, S_cache)
+  const int64_t B = q.size(0), Sq = q.size(1), Sk = kc.size(1);
+  const auto lopts = at::TensorOptions().dtype(at::kLong).device(q.device());
+  const at::Tensor len = used.defined() ? used.view({B, 1, 1}) : at::full({B, 1, 1}, Sk, lopts);
+  const at::Tensor jk = at::arange(Sk, lopts).view({1, 1, Sk}), iq = at::arange(Sq, lopts).view({1, Sq, 1});
+  at::Tensor allowed = jk < len;  // (B, 1, Sk)
+  // stale cache rows past L_b may hold anything (NaN in a fresh torch.empty cache): 0 * NaN = NaN
+  vh = vh.masked_fill(allowed.logical_not().unsqueeze(-1), 0.0);  // (B, 1, Sk, 1) over (B, Hq, Sk, D)
+  if (causal) allowed = allowed & (jk <= iq + (len - Sq));  // (B, Sq, Sk)
+  s = s.masked_fill(allowed.unsqueeze(1).logical_not(), -std::numeric_limits<float>::infinity());
+  at::Tensor p = at::softmax(s, -1).nan_to_num(0.0);  // rows that see no key -> 0
+  return at::matmul(p, vh).transpose(1, 2).to(q.scalar_type()).contiguous();
+}
+
+at::Tensor flash_attn_with_kvcache(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
+                                   const c10::optional<at::Tensor>& k_new,
+                                   const c10::optional<at::Tensor>& v_new,
+                                   const c10::optional<at::Tensor>& cache_seqlens,
+                                   c10::optional<double> softmax_scale, bool causal) {
+  const char* op = "flash_attn_with_kvcache";
+  check_kvcache(op, q_in, k_cache, v_cache, k_new, v_new, cache_seqlens);
+  const int64_t B = q_in.size(0), s_cache = k_cache.size(1);
+  const int64_t snew = k_new.has_value() ? k_new->size(1) : 0;
+  if (cache_seqlens.has_value()) check_cache_seqlens_values(op, *cache_seqlens, snew, s_cache);
+
+  // 1. Append the new keys/values in place; `used` = L_b on the device (undefined: all S_cache).
+  at::Tensor used;
+  if (cache_seqlens.has_value()) used = cache_seqlens->to(at::kLong);
+  if (snew > 0 && B > 0) {
+    kvcache_append(k_cache, *k_new, used);
+    kvcache_append(v_cache, *v_new, used);
+  }
+  if (used.defined()) used = (used + snew).clamp(0, s_cache);  // clamp: value checks off
+  const double scale = resolve_scale(softmax_scale, q_in.size(-1));
+  if (!use_kernel(q_in)) return kvcache_math(q_in, k_cache, v_cache, used, scale, causal);
+
+  // 2. Attention through the FA2 kernel (CPU twin on the CPU) with FlashParams::seqused_k.
+  at::Tensor q = prepare(q_in);
+  const at::Tensor kc = prepare(k_cache), vc = prepare(v_cache);
+  at::Tensor o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (o.numel() == 0) return o;
+  const at::Tensor seqused = used.defined() ? used.to(at::kInt).contiguous() : at::Tensor();
+  // One query sees every key of its row (causal is moot); with GQA its g query heads that share a
+  // kv head become g query rows of that kv head (views), as flash_attn_func does for decode.
+  at::Tensor o_run = o;
+  const int64_t group = q.size(2) / kc.size(2);
+  if (q.size(1) == 1) causal = false;
+  if (q.size(1) == 1 && group > 1) {
+    const int64_t Hkv = kc.size(2), D = q.size(3);
+    q = q.view({B, Hkv, group, D}).transpose(1, 2);      // (B, g, Hkv, D)
+    o_run = o.view({B, Hkv, group, D}).transpose(1, 2);  // written in place through the view
+  }
+  FlashParams prm;
+  fill_strides(prm, q, kc, vc, o_run);
+  prm.batch = B;
+  prm.seqlen_q = q.size(1);
+  prm.seqlen_k = s_cache;  // the bound of every L_b: sizes the split-KV choice (graph-stable)
+  prm.seqused_k = seqused.defined() ? seqused.data_ptr<int>() : nullptr;
+  prm.scale = static_cast<float>(scale);
+  prm.causal = causal;
+  const int64_t m_blocks = (prm.seqlen_q + FlashTileShape::kBlockM - 1) / FlashTileShape::kBlockM;
+  const int64_t k_blocks = (s_cache + FlashTileShape::kBlockN - 1) / FlashTileShape::kBlockN;
+  // Split count from one sequence's work items, not the batch's: with per-sequence split ranges
+  // (seqused_k) a sequence's result then never depends on what it is batched with (batching is
+  // exact), at the cost of over-splitting large batches.
+  prm.num_splits = choose_num_splits(m_blocks * prm.heads_q, k_blocks, compute_units(q));
+  if (const char* force = std::getenv("HIRES_LMM_ATTN_SPLITS")) {  // testing: force a split count
+    prm.num_splits = int(std::max<int64_t>(1, std::min<int64_t>(std::atoll(force), std::max<int64_t>(k_blocks, 1))));
+  }
+  at::Tensor o_accum, lse_accum;
+  if (prm.num_splits > 1) {
+    const auto fopts = q.options().dtype(at::kFloat);
+    o_accum = at::empty({prm.num_splits, prm.batch * prm.seqlen_q, prm.heads_q, prm.head_dim}, fopts);
+    lse_accum = at::empty({prm.num_splits, prm.batch * prm.seqlen_q, prm.heads_q}, fopts);
+    prm.o_accum = o_accum.data_ptr<float>();
+    prm.lse_accum = lse_accum.data_ptr<float>();
+  }
+  if (q.is_cpu()) {
+    flash_fwd_cpu(prm, q.scalar_type());
+    return o;
+  }
+#ifdef HIRES_LMM_WITH_CUDA
+  const c10::cuda::CUDAGuard guard(q.device());
+  const std::string err = launch_flash_fwd(prm, to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err.empty(), op, ": CUDA launch failed: ", err);
+#else
+  TORCH_CHECK(false, op, ": this build of hires_lmm has no CUDA kernels (built CPU-only)");
+#endif
+  return o;
+}
+
+// Autograd key: the op is not differentiable (a decode-time op that writes its caches in place),
+// so asking for gradients is an error rather than PyTorch's warning and silent None gradients;
+// otherwise bump the caches' version counters (as ATen's in-place ops do) and redispatch.
+at::Tensor flash_attn_with_kvcache_autograd(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
+                                            const c10::optional<at::Tensor>& k_new,
+                                            const c10::optional<at::Tensor>& v_new,
+                                            const c10::optional<at::Tensor>& cache_seqlens,
+                                            c10::optional<double> softmax_scale, bool causal) {
+  const bool wants_grad = q.requires_grad() || k_cache.requires_grad() || v_cache.requires_grad() ||
+                          (k_new.has_value() && k_new->requires_grad()) ||
+                          (v_new.has_value() && v_new->requires_grad());
+  TORCH_CHECK(!(c10::GradMode::is_enabled() && wants_grad),
+              "flash_attn_with_kvcache: not differentiable (a decode-time op that writes its caches in "
+              "place); call it under torch.no_grad() or use flash_attn_func for training");
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("hires_lmm::flash_attn_with_kvcache", "")
+          .typed<at::Tensor(const at::Tensor&, at::Tensor&, at::Tensor&, const c10::optional<at::Tensor>&,
+                            const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                            c10::optional<double>, bool)>();
+  if (k_new.has_value()) {
+    k_cache.unsafeGetTensorImpl()->bump_version();
+    v_cache.unsafeGetTensorImpl()->bump_version();
+  }
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(q, k_cache, v_cache, k_new, v_new, cache_seqlens, softmax_scale, causal);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hires_lmm, Autograd, m) {
+  m.impl("flash_attn_with_kvcache", &flash_attn_with_kvcache_autograd);
+}
+
+TORCH_LIBRARY_FRAGMENT(hires_lmm, m) {
+  m.def("flash_attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k=None, "
+        "Tensor? v=None, Tensor? cache_seqlens=None, float? softmax_scale=None, bool causal=True) -> Tensor");
+}
+
+HIRES_BIND_CPU_CUDA(bind_attention_kvcache) {
+  b.impl("flash_attn_with_kvcache", &flash_attn_with_kvcache);
+}
+
+}  // namespace hires::attention

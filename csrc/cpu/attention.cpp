@@ -9,6 +9,7 @@
 //      rescale l and acc by exp2(m_old - m_new), P = exp2(S - m_new) (m_new == -inf -> use 0 so
 //      fully masked rows stay 0 instead of NaN), l += rowsum(P), acc += round_T(P) V;
 //   4. o = acc / l, or 0 where l == 0 (a row that sees no key).
+// KV cache (p.seqused_k, dense): batch b uses Sk = seqused_k[b] keys of its cache.
 // Split-KV (p.num_splits > 1, dense): item = (b, h, mb, split) walks only its range of K blocks,
 // stores acc / l and lse = m + log2(l) in fp32 workspaces; `combine` merges the splits.
 #include "csrc/cpu/attention.h"
@@ -62,7 +63,6 @@ void run(const FlashParams& p) {
   const int64_t D = p.head_dim;
   const int64_t m_blocks = (p.seqlen_q + BM - 1) / BM;
   const int64_t splits = p.num_splits > 1 ? p.num_splits : 1;
-  const int64_t split_blocks = ((p.seqlen_k + BN - 1) / BN + splits - 1) / splits;  // K blocks per split
   const int64_t items = p.batch * p.heads_q * m_blocks * splits;
   const int64_t group = p.heads_q / p.heads_kv;
   const float scale_log2 = p.scale * kLog2e;
@@ -100,6 +100,8 @@ void run(const FlashParams& p) {
         vb += b * p.v_batch_stride;
         ob += b * p.o_batch_stride;
       }
+      if (p.seqused_k != nullptr) Sk = p.seqused_k[b];  // KV cache: this batch's valid keys
+      const int64_t split_blocks = ((Sk + BN - 1) / BN + splits - 1) / splits;  // K blocks per split
       const int64_t row0 = mb * BM;
       if (row0 >= Sq) continue;  // varlen: this sequence is shorter than max_seqlen_q
       const int64_t rows = std::min(BM, Sq - row0);

@@ -87,6 +87,7 @@ bool flash_fwd_sm90_usable(const FlashParams& p, int device) {
     return false;
   }
   return major == 9 && minor == 0 && p.cu_seqlens_q == nullptr && p.num_splits <= 1 &&
+         p.seqused_k == nullptr &&  // no per-batch KV cache lengths in the sm_90a kernel
          (p.head_dim == 64 || p.head_dim == 128) && p.seqlen_q > 0 && p.seqlen_k > 0;
 }
 

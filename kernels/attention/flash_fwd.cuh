@@ -7,6 +7,7 @@
 // Shapes (flash-attn layout): q (B,Sq,Hq,D), k/v (B,Sk,Hkv,D), o (B,Sq,Hq,D) with the last dim
 //   contiguous and int64 strides (FlashParams); varlen: packed tokens, sequence b = tokens
 //   cu_seqlens[b] .. cu_seqlens[b+1] (read on the device: no host sync, graph capturable).
+//   KV cache (FlashParams::seqused_k, dense): batch b uses Sk = seqused_k[b] keys (read on device).
 // Ownership: one thread block = one (Q block of kBlockM rows, q head, batch); grid (m_blocks,
 //   Hq, B), for causal the m-blocks are visited last-first so the longest blocks start first.
 //   kWarps warps each own 16 Q rows (one m16n8k16 row tile), so the softmax statistics of a row
@@ -177,6 +178,7 @@ flash_fwd_kernel(const FlashParams p) {
     v_off = k0 * p.v_row_stride;
     o_off = q0 * p.o_row_stride;
   }
+  if (p.seqused_k != nullptr) Sk = p.seqused_k[b];  // KV cache: this batch's valid keys (dense)
   const int64_t m0 = int64_t(mb) * BM;
   if (m0 >= Sq) return;  // whole block leaves before any barrier (varlen: a shorter sequence)
   const int64_t hk = h / (p.heads_q / p.heads_kv);  // GQA/MQA: kv head of this q head
@@ -190,7 +192,7 @@ flash_fwd_kernel(const FlashParams p) {
   const int64_t n_end = p.causal ? max(int64_t(0), min(Sk, m0 + BM + diag)) : Sk;
   const int n_blocks = int((n_end + BN - 1) / BN);
   // This split's K blocks [nb_begin, nb_end) (all blocks when splits == 1).
-  const int split_blocks = int(((p.seqlen_k + BN - 1) / BN + splits - 1) / splits);
+  const int split_blocks = int(((Sk + BN - 1) / BN + splits - 1) / splits);  // of this batch's keys
   const int nb_begin = splits > 1 ? split * split_blocks : 0;
   const int nb_end = splits > 1 ? min(n_blocks, nb_begin + split_blocks) : n_blocks;
   const int rows_q = int(min(int64_t(BM), Sq - m0));

@@ -22,6 +22,10 @@ struct FlashParams {
   int64_t o_batch_stride = 0, o_row_stride = 0, o_head_stride = 0;
   const int* cu_seqlens_q = nullptr;  // varlen when non-null (both are then non-null)
   const int* cu_seqlens_k = nullptr;
+  // Dense KV cache (flash_attn_with_kvcache; nullptr = unused): batch b attends to its first
+  // seqused_k[b] keys (0 <= seqused_k[b] <= seqlen_k, device memory on CUDA); seqlen_k is then
+  // the cache capacity and bounds every length. Keys still start at b * k_batch_stride.
+  const int* seqused_k = nullptr;
   int64_t batch = 0;
   int64_t seqlen_q = 0;  // dense: Sq; varlen: max_seqlen_q (sizes the grid)
   int64_t seqlen_k = 0;  // dense: Sk; varlen: max_seqlen_k
@@ -30,7 +34,8 @@ struct FlashParams {
   float scale = 1.f;  // softmax scale applied to q.k
   bool causal = false;  // bottom-right aligned: query i sees keys j <= i + Sk - Sq
   // Split-KV (dense only, num_splits > 1): the K blocks of every Q block are cut into
-  // num_splits contiguous ranges of ceil(ceil(Sk / kBlockN) / num_splits) blocks; split s writes
+  // num_splits contiguous ranges of ceil(ceil(Sk / kBlockN) / num_splits) blocks (Sk: this batch
+  // element's key count, seqused_k[b] when given; trailing splits may be empty); split s writes
   // its normalized partial output and log2-sum-exp to fp32 workspaces
   //   o_accum   (num_splits, B*Sq, Hq, D) contiguous,  lse_accum (num_splits, B*Sq, Hq),
   // and a combine pass merges them: o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M).

@@ -8,6 +8,7 @@ FLOPs: 4 * B * H * Sq * Sk * D, halved for causal prefill (Sq == Sk).
 quick=True: tiny shapes on the CPU against the reference and SDPA's math backend.
 On an sm_90 device with sm_90a kernels built, every prefill / CLIP case is repeated as
 "flash_attn_func[sm90a]" with the opt-in Hopper kernel (HIRES_LMM_ATTN_SM90=1).
+flash_attn_with_kvcache: ragged batched decode (B=8, 4096-slot cache) against masked SDPA.
 max_err: max |ours - fp32 reference| on the first heads (the full fp32 reference is O(S^2))."""
 import dataclasses
 import math
@@ -107,6 +108,47 @@ def _varlen_case(device, dtype):
                 flops=flops, max_err=err, tol=2e-2 if dtype != torch.float32 else 1e-4)
 
 
+def _kvcache_case(device, dtype, B, S_cache, Hq, Hkv, D):
+    """Batched decode over a KV cache with ragged lengths: flash_attn_with_kvcache (append of one
+    token in place + attention over each sequence's own length; value checks off, as in a
+    CUDA-graph decode step) against SDPA over the whole cache with a key-padding mask."""
+    gen = torch.Generator().manual_seed(B + S_cache)
+    lens = torch.randint(S_cache // 4, S_cache - 1, (B,), generator=gen, dtype=torch.int32)
+    q = torch.randn(B, 1, Hq, D, generator=gen).to(dtype).to(device)
+    kc, vc = (torch.randn(B, S_cache, Hkv, D, generator=gen).to(dtype).to(device) for _ in range(2))
+    k, v = (torch.randn(B, 1, Hkv, D, generator=gen).to(dtype).to(device) for _ in range(2))
+    cs = lens.to(device)
+    mask = (torch.arange(S_cache).view(1, -1) < (lens + 1).view(-1, 1)).to(device).view(B, 1, 1, S_cache)
+
+    def ours():
+        from .. import set_value_checks, _C
+        was = _C.value_checks()
+        set_value_checks(False)
+        try:
+            return ops.flash_attn_with_kvcache(q, kc, vc, k, v, cs)
+        finally:
+            set_value_checks(was)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2),
+                                              attn_mask=mask, enable_gqa=Hq != Hkv).transpose(1, 2)
+
+    refs = {"sdpa_masked": sdpa}
+    if device == "cpu":
+        refs["reference"] = lambda: reference.flash_attn_with_kvcache(q, kc, vc, k, v, cs, None, True)
+
+    def err():
+        ref = reference.flash_attn_with_kvcache(q.float(), kc.float(), vc.float(), k.float(), v.float(),
+                                                cs, None, True)
+        return (ours().float() - ref).abs().max().item()
+
+    flops = 4.0 * Hq * D * float((lens + 1).sum())
+    return Case(op="flash_attn_with_kvcache", case=f"decode ragged B={B} S_cache={S_cache} Hq={Hq} "
+                f"Hkv={Hkv} D={D}", dtype=dtype, ours=ours, references=refs, flops=flops,
+                bytes=int(2 * int((lens + 1).sum()) * Hkv * D * kc.element_size()),
+                max_err=err, tol=2e-2 if dtype != torch.float32 else 1e-4)
+
+
 class _Sm90:
     """Runs a call with the opt-in sm_90a kernel selected (HIRES_LMM_ATTN_SM90=1)."""
 
@@ -153,6 +195,7 @@ def cases(device: str, quick: bool) -> List[Case]:
         ]
         if device == "cpu":
             out.append(_varlen_case(device, dtype))
+        out.append(_kvcache_case(device, dtype, 3, 300, 8, 2, 128))
         return out
 
     dtype = torch.bfloat16
@@ -170,4 +213,5 @@ def cases(device: str, quick: bool) -> List[Case]:
     if _sm90_available(device):  # opt-in sm_90a kernel on the dense prefill / CLIP shapes
         out += [_sm90_variant(c) for c in list(out) if "decode" not in c.case]
     out.append(_varlen_case(device, dtype))
+    out.append(_kvcache_case(device, dtype, 8, 4096, 32, 8, 128))
     return out

@@ -47,3 +47,35 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         out[cq[b]:cq[b + 1]] = _attend(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]],
                                        scale, causal).to(q.dtype)
     return out
+
+
+__all__ += ["flash_attn_with_kvcache"]
+
+
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None,
+                            softmax_scale=None, causal=True):
+    """KV-cache attention (flash-attn semantics): q (B,Sq,Hq,D), k_cache/v_cache (B,S_cache,Hkv,D).
+    New k/v (B,Snew,Hkv,D) are written into the caches IN PLACE at rows cache_seqlens[b] ..
+    cache_seqlens[b]+Snew-1; batch b then attends to its first L_b = cache_seqlens[b] + Snew keys
+    (cache_seqlens None: all S_cache), causal aligned bottom-right (j <= i + L_b - Sq)."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    B, S_cache = q.shape[0], k_cache.shape[1]
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = [cache_seqlens] * B
+    lens = cache_seqlens.tolist() if isinstance(cache_seqlens, torch.Tensor) else cache_seqlens
+    snew = 0
+    if k is not None:
+        if lens is None:
+            raise ValueError("flash_attn_with_kvcache: argument 'cache_seqlens' must be given with 'k' and 'v'")
+        snew = k.shape[1]
+        for b in range(B):
+            if lens[b] < 0 or lens[b] + snew > S_cache:
+                raise ValueError(f"flash_attn_with_kvcache: argument 'cache_seqlens' overflows the cache "
+                                 f"at batch element {b}: {lens[b]} + {snew} > {S_cache}")
+            k_cache[b, lens[b]:lens[b] + snew] = k[b]
+            v_cache[b, lens[b]:lens[b] + snew] = v[b]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    for b in range(B):
+        L = S_cache if lens is None else lens[b] + snew
+        out[b] = _attend(q[b], k_cache[b, :L], v_cache[b, :L], scale, causal).to(q.dtype)
+    return out
