@@ -566,32 +566,6 @@ def test_tokenizers_backend_and_llama3_template(tmp_path):
     assert tok.decode(t.encode("The cat is black.").ids) == "The cat is black."
 
 
-# ---- decode attention over a static cache with per-sequence lengths --------------------------------
-@pytest.mark.parametrize("snew", [1, 3])
-def test_flash_attn_with_kvcache_semantics(snew):
-    """k/v written in place at cache_seqlens[b]; q attends over [0, len_b + snew), causal
-    bottom-right per element, GQA; equal to the reference attention over each prefix."""
-    from hires_lmm.models.llama import flash_attn_with_kvcache
-    g = torch.Generator().manual_seed(0)
-    B, S, Hq, Hkv, D = 3, 19, 4, 2, 16
-    lens = torch.tensor([0, 5, 13], dtype=torch.int32)
-    kc, vc = torch.randn(B, S, Hkv, D, generator=g), torch.randn(B, S, Hkv, D, generator=g)
-    q = torch.randn(B, snew, Hq, D, generator=g)
-    k, v = torch.randn(B, snew, Hkv, D, generator=g), torch.randn(B, snew, Hkv, D, generator=g)
-    kc0, vc0 = kc.clone(), vc.clone()
-    out = flash_attn_with_kvcache(q, kc, vc, k=k, v=v, cache_seqlens=lens, softmax_scale=0.3,
-                                  causal=True)
-    for b in range(B):
-        n = int(lens[b])
-        torch.testing.assert_close(kc[b, n:n + snew], k[b])
-        torch.testing.assert_close(vc[b, :n], vc0[b, :n])            # the prefix is untouched
-        torch.testing.assert_close(kc[b, n + snew:], kc0[b, n + snew:])
-        want = hires_lmm.reference.flash_attn_func(q[b:b + 1], kc[b:b + 1, :n + snew],
-                                                   vc[b:b + 1, :n + snew], softmax_scale=0.3,
-                                                   causal=True)
-        torch.testing.assert_close(out[b:b + 1], want.to(out.dtype), atol=1e-5, rtol=1e-5)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 def test_failed_load_leaves_nothing_on_the_gpu(world, tmp_path):

@@ -263,46 +263,6 @@ class StaticKVCache:
         self.batch, self.max_len = batch, max_len
 
 
-def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None,
-                            softmax_scale=None, causal=True):
-    """flash-attn's flash_attn_with_kvcache: k/v (B, Snew, Hkv, D) are written in place into
-    k_cache/v_cache (B, S_cache, Hkv, D) at [cache_seqlens[b], cache_seqlens[b] + Snew), then q
-    (B, Sq, Hq, D) attends over keys [0, cache_seqlens[b] + Snew) of its batch element, causal
-    aligned bottom-right per element; GQA when Hq % Hkv == 0. cache_seqlens (B,) int32 on q's
-    device. Uses hires_lmm.ops.flash_attn_with_kvcache when the build has it."""
-    fn = getattr(ops, "flash_attn_with_kvcache", None)
-    if fn is not None:
-        return fn(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
-                  softmax_scale=softmax_scale, causal=causal)
-    # TEMPORARY until ops.flash_attn_with_kvcache lands: the same semantics in PyTorch, with no
-    # host synchronisation (CUDA-graph capturable), fp32 softmax.
-    B, Sq, Hq, D = q.shape
-    S, Hkv = k_cache.shape[1], k_cache.shape[2]
-    if cache_seqlens is None:
-        cache_seqlens = torch.zeros(B, dtype=torch.int32, device=q.device)
-    lens = cache_seqlens.to(torch.long)
-    snew = 0
-    if k is not None:
-        snew = k.shape[1]
-        pos = lens[:, None] + torch.arange(snew, device=q.device)              # (B, Snew)
-        rows = (torch.arange(B, device=q.device)[:, None] * S + pos).reshape(-1)
-        k_cache.view(B * S, Hkv, D).index_copy_(0, rows, k.reshape(B * snew, Hkv, D).to(k_cache.dtype))
-        v_cache.view(B * S, Hkv, D).index_copy_(0, rows, v.reshape(B * snew, Hkv, D).to(v_cache.dtype))
-    total = lens + snew                                                         # (B,)
-    scale = softmax_scale if softmax_scale is not None else D ** -0.5
-    kk = k_cache.float().repeat_interleave(Hq // Hkv, dim=2).transpose(1, 2)   # (B, Hq, S, D)
-    vv = v_cache.float().repeat_interleave(Hq // Hkv, dim=2).transpose(1, 2)
-    scores = (q.float().transpose(1, 2) @ kk.transpose(2, 3)) * scale          # (B, Hq, Sq, S)
-    j = torch.arange(S, device=q.device)
-    valid = j[None, None, :] < total[:, None, None]                              # (B, 1, S)
-    if causal:
-        i = torch.arange(Sq, device=q.device)
-        valid = valid & (j[None, None, :] <= (total[:, None, None] - Sq + i[None, :, None]))
-    scores = scores.masked_fill(~valid[:, None], float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return (p @ vv).transpose(1, 2).to(q.dtype)                                # (B, Sq, Hq, D)
-
-
 # ---- modules ------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -357,7 +317,7 @@ class LlamaAttention(nn.Module):
         q = _apply_rope(self.q_proj(x).view(B, S, self.hq, self.d), cos, sin)
         k = _apply_rope(self.k_proj(x).view(B, S, self.hkv, self.d), cos, sin)
         v = self.v_proj(x).view(B, S, self.hkv, self.d)
-        o = flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
+        o = ops.flash_attn_with_kvcache(q, k_cache, v_cache, k=k, v=v, cache_seqlens=cache_seqlens,
                                     softmax_scale=self.d ** -0.5, causal=True)
         return self.o_proj(o.reshape(B, S, self.hq * self.d))
 
