@@ -272,7 +272,7 @@ def run_build(cmd, cwd):
             print(msg, file=sys.stderr, flush=True)
             if tty is not None:
                 try:
-                    tty.write(msg[:160] + "\n")
+                    tty.write("\r" + msg[:160] + "\n")  # \r: over pip's spinner
                     tty.flush()
                 except OSError:
                     tty = None

@@ -29,7 +29,7 @@ fi
 mkdir -p build
 start=$(date +%s)
 set +e
-MAX_JOBS=${MAX_JOBS:-$(nproc)} pip install -v --no-build-isolation . 2>&1 | tee build/pip-install.log \
+HIRES_LMM_PROGRESS=0 MAX_JOBS=${MAX_JOBS:-$(nproc)} pip install -v --no-build-isolation . 2>&1 | tee build/pip-install.log \
   | grep --line-buffered -E "^ *hires_lmm"
 rc=${PIPESTATUS[0]}
 set -e
