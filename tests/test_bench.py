@@ -38,6 +38,11 @@ def test_bench_deepstack_json_and_plot(tmp_path, capsys):
     line = next(ln for ln in table.splitlines() if ln.startswith("deepstack_inject "))
     assert "[" in line and "-" in line.split("[", 1)[1]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    from hires_lmm.bench.report import main as report_main
+    report_main([str(out)])
+    md = capsys.readouterr().out
+    row = next(ln for ln in md.splitlines() if ln.startswith("| deepstack_inject |"))
+    assert row.count("[") == 3 and "| 3/3 |" in row  # ours, reference and speedup spreads; runs
 
 
 def test_bench_only_typo_is_an_error(tmp_path, capsys):

@@ -11,7 +11,7 @@ def main(argv=None):
     r = json.load(open(a.json))
     dirty = "+dirty" if r.get("dirty") else ""
     print(f"# hires_lmm benchmark: {r['gpu']}, commit {r['commit']}{dirty}, {r['date']}\n")
-    print(f"torch {r['torch']}, CUDA {r['cuda']}, build {r['hires_lmm'].get('cuda_archs')}; "
+    print(f"torch {r['torch']}, CUDA {r['cuda']}, build {', '.join(r['hires_lmm'].get('cuda_archs') or []) or 'CPU-only'}; "
           + (f"measured device copy bandwidth {r['copy_bandwidth_gbps']:.0f} GB/s" if r.get("copy_bandwidth_gbps") else ""))
     if a.pytest:
         lines = [ln for ln in open(a.pytest).read().splitlines() if ln.strip()]
