@@ -309,8 +309,13 @@ class CMakeBuild(build_ext):
             f"-DHIRES_EXT_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
             f"-DHIRES_OUTPUT_DIR={out.parent}",
             "-DCMAKE_BUILD_TYPE=Release",
-            "-GNinja", f"-DCMAKE_MAKE_PROGRAM={ninja}",
+            "-GNinja",
         ]
+        # A build folder keeps the ninja it was configured with (another ninja would rebuild everything).
+        cache = build_dir / "CMakeCache.txt"
+        cached = re.search(r"^CMAKE_MAKE_PROGRAM:\w+=(.*)$", cache.read_text(), re.M) if cache.exists() else None
+        if not (cached and Path(cached.group(1).strip()).is_file()):
+            args.append(f"-DCMAKE_MAKE_PROGRAM={ninja}")
         if shutil.which("ccache"):
             args += ["-DCMAKE_CXX_COMPILER_LAUNCHER=ccache", "-DCMAKE_CUDA_COMPILER_LAUNCHER=ccache"]
         archs = None
