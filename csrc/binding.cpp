@@ -14,7 +14,10 @@
 #endif
 
 #ifndef HIRES_LMM_CUDA_ARCHS
-#define HIRES_LMM_CUDA_ARCHS ""
+#define HIRES_LMM_CUDA_ARCHS ""  // SASS, e.g. "sm_80,sm_90a"
+#endif
+#ifndef HIRES_LMM_PTX_ARCHS
+#define HIRES_LMM_PTX_ARCHS ""   // PTX, e.g. "compute_80"
 #endif
 
 namespace hires {
@@ -92,11 +95,13 @@ std::string arch_coverage_error(int major, int minor, const std::string& archs) 
       return "";  // PTX: the driver JIT-compiles it for any newer capability
     }
   }
+  std::string joined;
+  for (const auto& a : list) joined += (joined.empty() ? "" : ", ") + a;
   std::ostringstream msg;
   std::string mine = std::to_string(major) + "." + std::to_string(minor) + (major == 9 && minor == 0 ? "a" : "");
   msg << "has compute capability " << major << "." << minor
       << ", which this build of hires_lmm has no code for (compiled for: "
-      << (list.empty() ? std::string("no CUDA arches, a CPU-only build") : archs)
+      << (list.empty() ? std::string("no CUDA arches, a CPU-only build") : joined)
       << "); rebuild for it: TORCH_CUDA_ARCH_LIST=\"" << mine
       << "\" pip install --no-build-isolation --force-reinstall --no-deps .";
   return msg.str();
@@ -113,7 +118,8 @@ void check_cuda_arch_covered(int index, const char* op) {
   cudaDeviceProp prop;
   cudaError_t rc = cudaGetDeviceProperties(&prop, index);
   TORCH_CHECK(rc == cudaSuccess, op, ": cannot query CUDA device ", index, ": ", cudaGetErrorString(rc));
-  std::string err = arch_coverage_error(prop.major, prop.minor, HIRES_LMM_CUDA_ARCHS);
+  std::string err = arch_coverage_error(prop.major, prop.minor,
+                                        std::string(HIRES_LMM_CUDA_ARCHS) + "," + HIRES_LMM_PTX_ARCHS);
   if (index >= 0 && index < static_cast<int>(state.size())) {
     state[index].store(err.empty() ? 1 : 2, std::memory_order_relaxed);
   }
@@ -136,19 +142,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["torch"] = HIRES_LMM_TORCH_VERSION;
 #ifdef HIRES_LMM_WITH_CUDA
     d["cuda"] = HIRES_LMM_CUDA_VERSION;
-    py::list archs;
-    std::string s = HIRES_LMM_CUDA_ARCHS;
-    size_t start = 0;
-    while (start <= s.size()) {
-      size_t end = s.find(',', start);
-      if (end == std::string::npos) end = s.size();
-      if (end > start) archs.append(s.substr(start, end - start));
-      start = end + 1;
-    }
-    d["cuda_archs"] = archs;
+    py::list archs, ptx;
+    for (const auto& a : hires::split_archs(HIRES_LMM_CUDA_ARCHS)) archs.append(a);
+    for (const auto& a : hires::split_archs(HIRES_LMM_PTX_ARCHS)) ptx.append(a);
+    d["cuda_archs"] = archs;  // SASS
+    d["ptx_archs"] = ptx;     // PTX the driver can JIT for newer GPUs
 #else
     d["cuda"] = py::none();
     d["cuda_archs"] = py::list();
+    d["ptx_archs"] = py::list();
 #endif
 #ifdef HIRES_LMM_WITH_SM90
     d["sm90a_kernels"] = true;

@@ -43,7 +43,7 @@ def test_arch_not_covered_message(cap, archs, suggest):
     msg = cli.arch_coverage_error(cap, archs)
     assert msg is not None
     assert f"compute capability {cap[0]}.{cap[1]}" in msg
-    assert (",".join(archs) if archs else "CPU-only") in msg
+    assert (", ".join(archs) if archs else "CPU-only") in msg
     assert f'TORCH_CUDA_ARCH_LIST="{suggest}" pip install --no-build-isolation' in msg
     assert "no kernel image" not in msg
 
@@ -120,11 +120,12 @@ def test_version_is_the_distributions(monkeypatch, tmp_path):
 
 def test_build_info_fields():
     info = hires_lmm.build_info()
-    for key in ("version", "torch", "torch_cuda", "cuda", "arch_list", "cuda_archs", "sm90a_kernels", "kernels",
+    for key in ("version", "torch", "torch_cuda", "cuda", "arch_list", "cuda_archs", "ptx_archs", "sm90a_kernels", "kernels",
                 "commit", "dirty", "built_at"):
         assert key in info
     if info["cuda"] is not None:
-        assert info["cuda_archs"] and all(re.fullmatch(r"(sm|compute)_\d+[af]?", a) for a in info["cuda_archs"])
+        assert info["cuda_archs"] and all(re.fullmatch(r"sm_\d+[af]?", a) for a in info["cuda_archs"])
+        assert all(re.fullmatch(r"compute_\d+[af]?", a) for a in info["ptx_archs"])
 
 
 def test_extension_has_no_runpath_into_the_build_environment():

@@ -44,7 +44,8 @@ def build_info() -> Dict[str, Any]:
     Returns a dict: ``version`` (== ``hires_lmm.__version__``), ``torch`` (the torch it was built
     against), ``torch_cuda`` (that torch's CUDA, None for a CPU torch), ``cuda`` (the nvcc version of
     the CUDA kernels; None for a CPU-only build), ``arch_list`` (``TORCH_CUDA_ARCH_LIST`` as built),
-    ``cuda_archs`` (compiled code: ``sm_XY`` SASS and ``compute_XY`` PTX), ``sm90a_kernels``,
+    ``cuda_archs`` (machine code: ``sm_XY``), ``ptx_archs`` (``compute_XY`` PTX the driver can JIT for
+    newer GPUs), ``sm90a_kernels``,
     ``kernels`` ({op: [devices]}), and the provenance recorded at build time: ``commit``, ``dirty``
     (tracked files differed from the commit; None if unknown) and ``built_at`` (UTC).
     """

@@ -39,7 +39,8 @@ def devices(info: Dict[str, Any]) -> List[Dict[str, Any]]:
         return out
     for i in range(torch.cuda.device_count()):
         cap = torch.cuda.get_device_capability(i)
-        err = arch_coverage_error(cap, info.get("cuda_archs") or []) if info.get("cuda") else \
+        err = arch_coverage_error(cap, (info.get("cuda_archs") or []) + (info.get("ptx_archs") or [])) \
+            if info.get("cuda") else \
             "CPU-only build: no CUDA kernels (the ops run on CPU tensors only)"
         out.append({"index": i, "name": torch.cuda.get_device_name(i), "capability": f"{cap[0]}.{cap[1]}",
                     "covered": err is None, "problem": err})
@@ -66,8 +67,9 @@ def info_main(argv: Optional[Sequence[str]] = None) -> int:
           + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else " (no CUDA)"))
     if info.get("cuda"):
         print(f"  CUDA kernels       nvcc {info['cuda']}, TORCH_CUDA_ARCH_LIST={info.get('arch_list') or '?'}")
-        print(f"  compiled arches    {', '.join(info.get('cuda_archs') or [])}  (sm_XY: machine code; compute_XY: PTX, "
-              f"JIT-compiled for newer GPUs)")
+        print(f"  compiled arches    {', '.join(info.get('cuda_archs') or [])} (machine code)"
+              + (f"; PTX {', '.join(info['ptx_archs'])} (JIT-compiled by the driver for newer GPUs)"
+                 if info.get("ptx_archs") else "; no PTX"))
         print(f"  Hopper kernels     {'yes (sm_90a)' if info.get('sm90a_kernels') else 'no'}")
     else:
         print("  CUDA kernels       none (CPU-only build)")
