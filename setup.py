@@ -169,13 +169,13 @@ def find_cmake():
         if v and v >= MIN_CMAKE:
             return exe
     _fail(f"CMake >= {'.'.join(map(str, MIN_CMAKE))} is needed (found: {', '.join(found) or 'none'}); "
-          f"`{Path(sys.executable).name} -m pip install \"cmake>=3.26\"` into this environment")
+          f"`{sys.executable} -m pip install \"cmake>=3.26\"` into this environment")
 
 
 def find_ninja():
     cands = _tool_candidates("ninja", ("ninja", "BIN_DIR"))
     if not cands:
-        _fail(f"ninja is needed; `{Path(sys.executable).name} -m pip install ninja` into this environment")
+        _fail(f"ninja is needed; `{sys.executable} -m pip install ninja` into this environment")
     return cands[0]
 
 
