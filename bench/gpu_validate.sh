@@ -30,7 +30,7 @@ MAX_JOBS=${MAX_JOBS:-$(nproc)} "$PY" -m pip install --no-build-isolation --no-de
   tail -40 "$log"; echo "gpu_validate: build failed"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$log"
 cd /tmp  # import the installed package, not the source tree
-"$PY" -c "import hires_lmm, json; print(json.dumps(hires_lmm.build_info()))" | tee -a "$OLDPWD/$log"
+"$PY" -m hires_lmm info 2>&1 | tee -a "$OLDPWD/$log"   # build metadata, and whether it covers this GPU
 cd "$OLDPWD"
 
 echo "== pytest -m gpu" | tee -a "$log"

@@ -7,8 +7,11 @@
 #include "kernels/common/dtype.h"
 
 #include <map>
+#include <optional>
 #include <set>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 namespace hires {
 
@@ -50,15 +53,64 @@ struct KernelRegistrar {
   KernelRegistrar(const char* op, const char* device) { kernel_registry()[op].insert(device); }
 };
 
+// Arch coverage. `archs` is the build's comma-separated list ("sm_80,compute_80,sm_90a"): sm_XY
+// SASS runs on capability X.Z for Z >= Y; sm_XYa only on X.Y; compute_XY PTX is JIT-compiled by
+// the driver for any capability >= X.Y (compute_XYa only for X.Y). Returns "" when a device of
+// capability major.minor is covered, else the text of the error (compiled arches and the rebuild
+// command). Pure function; exported to Python as _C._arch_coverage_error for tests and `info`.
+std::string arch_coverage_error(int major, int minor, const std::string& archs);
+// Raises, naming op, device and capability, when this build has no code for CUDA device `index`.
+// The answer is cached per device: after the first call it is one relaxed atomic load.
+void check_cuda_arch_covered(int index, const char* op);
+
+namespace detail {
+// The device index of the first CUDA tensor among an op's arguments (-1 if none).
+template <typename T>
+inline void find_cuda_device(int& dev, const T&) {}
+inline void find_cuda_device(int& dev, const at::Tensor& t) {
+  if (dev < 0 && t.defined() && t.is_cuda()) dev = t.get_device();
+}
+inline void find_cuda_device(int& dev, const std::optional<at::Tensor>& t) {
+  if (t.has_value()) find_cuda_device(dev, *t);
+}
+inline void find_cuda_device(int& dev, const at::TensorList& ts) {
+  for (const auto& t : ts) find_cuda_device(dev, t);
+}
+
+// fn wrapped so that its first call on each CUDA device checks the build covers that device
+// (instead of CUDA's "no kernel image is available for execution on the device" mid-op).
+template <typename R, typename... Args>
+auto with_arch_check(const char* name, R (*fn)(Args...)) {
+  return [name, fn](Args... args) -> R {
+    int dev = -1;
+    (find_cuda_device(dev, args), ...);
+    if (dev >= 0) check_cuda_arch_covered(dev, name);
+    return fn(std::forward<Args>(args)...);
+  };
+}
+}  // namespace detail
+
 // Binds op functions to the CPU key and, in CUDA builds, the CUDA key (every binding function
 // dispatches on its tensors' device itself), recording each (op, device) for build_info():
 //   HIRES_BIND_CPU_CUDA(bind_family) { b.impl("op", &op).impl("op2", &op2); }
+// On the CUDA key, function pointers are wrapped by detail::with_arch_check (name must be a
+// string literal: the wrapper keeps the pointer). Other callables are registered as they are.
 class Binder {
  public:
-  Binder(torch::Library& m, const char* device) : m_(m), device_(device) {}
+  Binder(torch::Library& m, const char* device, bool check_arch = false)
+      : m_(m), device_(device), check_arch_(check_arch) {}
   template <typename F>
   Binder& impl(const char* name, F&& fn) {
-    m_.impl(name, std::forward<F>(fn));
+    using Fn = std::decay_t<F>;
+    if constexpr (std::is_pointer_v<Fn> && std::is_function_v<std::remove_pointer_t<Fn>>) {
+      if (check_arch_) {
+        m_.impl(name, detail::with_arch_check(name, static_cast<Fn>(fn)));
+      } else {
+        m_.impl(name, static_cast<Fn>(fn));
+      }
+    } else {
+      m_.impl(name, std::forward<F>(fn));
+    }
     kernel_registry()[name].insert(device_);
     return *this;
   }
@@ -66,10 +118,11 @@ class Binder {
  private:
   torch::Library& m_;
   const char* device_;
+  bool check_arch_;
 };
 #ifdef HIRES_LMM_WITH_CUDA
 #define HIRES_BIND_CUDA_(fn) \
-  TORCH_LIBRARY_IMPL(hires_lmm, CUDA, m) { ::hires::Binder b(m, "cuda"); fn(b); }
+  TORCH_LIBRARY_IMPL(hires_lmm, CUDA, m) { ::hires::Binder b(m, "cuda", true); fn(b); }
 #else
 #define HIRES_BIND_CUDA_(fn)
 #endif
