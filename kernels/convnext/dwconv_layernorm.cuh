@@ -52,7 +52,10 @@ struct DwconvLnTile {
 // Grid: one block per (b, h, segment of P pixels); blockIdx.x = (b*H + h) * segs + seg.
 // Dynamic shared memory: P * C floats.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(DwconvLnTile::kThreads)
+// min 1 block per SM: without it ptxas targets 3 blocks on sm_90a (168 registers) and spills
+// 24 bytes inside the conv loop; with it the kernel keeps its 180 registers on both arches
+// (2 blocks per SM; see `python -m hires_lmm.bench.sass --filter dwconv`).
+__global__ void __launch_bounds__(DwconvLnTile::kThreads, 1)
 dwconv_layernorm_kernel(const DwconvLnParams p, const int P, const int64_t segs) {
   using Tile = DwconvLnTile;
   using PackT = Pack<T, VEC>;
