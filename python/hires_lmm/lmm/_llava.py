@@ -19,18 +19,28 @@ __all__ = ["TOWER_PREFIX", "load_clip_tower", "load_parts"]
 log = logging.getLogger(__name__)
 
 TOWER_PREFIX = "model.vision_tower.vision_tower."
-_CLIP_PREFIX = TOWER_PREFIX + "vision_model."
+
+
+def _clip_name(key: str) -> Optional[str]:
+    """model.vision_tower.vision_tower.[vision_model.]<HF CLIP name> -> our tower's name."""
+    if not key.startswith(TOWER_PREFIX):
+        return None
+    key = key[len(TOWER_PREFIX):]
+    if key.startswith("vision_model."):
+        key = key[len("vision_model."):]
+    return None if key == "embeddings.position_ids" else key
 
 
 def _clip_config_from_shapes(reader) -> ClipVisionConfig:
     """CLIP vision config of a tower stored inside LLaVA shards (no config.json of its own):
-    sizes from the stored shapes; activation quick_gelu and eps 1e-5 (OpenAI CLIP)."""
-    p = _CLIP_PREFIX
-    hidden, ch, patch, _ = reader.shape(p + "embeddings.patch_embedding.weight")
-    n_pos = reader.shape(p + "embeddings.position_embedding.weight")[0]
-    inter = reader.shape(p + "encoder.layers.0.mlp.fc1.weight")[0]
-    layers = 1 + max(int(m.group(1)) for k in reader.keys()
-                     for m in [re.match(re.escape(p) + r"encoder\.layers\.(\d+)\.", k)] if m)
+    sizes from the stored shapes; heads = hidden / 64 (CLIP-L: 16), activation quick_gelu and
+    eps 1e-5 (OpenAI CLIP)."""
+    by = {_clip_name(k): k for k in reader.keys() if _clip_name(k) is not None}
+    hidden, ch, patch, _ = reader.shape(by["embeddings.patch_embedding.weight"])
+    n_pos = reader.shape(by["embeddings.position_embedding.weight"])[0]
+    inter = reader.shape(by["encoder.layers.0.mlp.fc1.weight"])[0]
+    layers = 1 + max(int(m.group(1)) for k in by
+                     for m in [re.match(r"encoder\.layers\.(\d+)\.", k)] if m)
     side = int(round((n_pos - 1) ** 0.5))
     return ClipVisionConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                             num_attention_heads=max(1, hidden // 64), num_channels=ch,
@@ -43,7 +53,8 @@ def load_clip_tower(path: Path, reader, cfg: dict, vision_tower, dtype, dev,
     config.json's mm_vision_tower names) when given, else from the LLM shards'
     model.vision_tower.vision_tower.* keys; neither: one error naming mm_vision_tower and the
     option. Nothing is downloaded."""
-    in_shards = any(k.startswith(_CLIP_PREFIX) for k in reader.keys())
+    in_shards = any((_clip_name(k) or "") == "embeddings.patch_embedding.weight"
+                    for k in reader.keys())
     if vision_tower is not None:
         tower_dir = Path(os.fspath(vision_tower))
         if not tower_dir.exists():
@@ -59,13 +70,7 @@ def load_clip_tower(path: Path, reader, cfg: dict, vision_tower, dtype, dev,
     with torch.device("meta"):
         tower = ClipVisionTower(config)
 
-    def key_map(k):
-        if not k.startswith(_CLIP_PREFIX):
-            return None
-        k = k[len(_CLIP_PREFIX):]
-        return None if k == "embeddings.position_ids" else k
-
-    load_into(tower, str(path), key_map, dtype=dtype, device=dev, reader=reader)
+    load_into(tower, str(path), _clip_name, dtype=dtype, device=dev, reader=reader)
     return tower.eval()
 
 

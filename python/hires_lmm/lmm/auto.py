@@ -18,6 +18,7 @@ import torch
 from ..models._weights import read_config
 from .convllava import ConvLLaVA, is_convllava_config
 from .deepstack_vl import DeepStackVL, is_deepstack_config
+from .slime import SliME, is_slime_config
 
 __all__ = ["FAMILIES", "detect_family", "from_pretrained", "load"]
 
@@ -29,6 +30,8 @@ FAMILIES = {
     "deepstack": (is_deepstack_config, DeepStackVL,
                   "DeepStack: model_type 'deepstack_llama' or image_aspect_ratio 'deepstack' with "
                   "mm_vision_tower"),
+    "slime": (is_slime_config, SliME,
+              "SliME: model_type 'llava_llama' with mm_projector_type 'gated'"),
 }
 
 
