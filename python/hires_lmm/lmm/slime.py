@@ -157,7 +157,11 @@ class SliME(HiResLMM):
             if tc.hidden_size != vis.mm_hidden_size:
                 raise ValueError(f"{where}: the CLIP tower has hidden_size {tc.hidden_size} but "
                                  f"config.json's mm_hidden_size is {vis.mm_hidden_size}")
-            config = SliMEModelConfig(llm=LlamaConfig.from_dict(d), visual=vis,
+            llm_cfg = LlamaConfig.from_dict(d)
+            if vis.seperator >= llm_cfg.vocab_size:
+                raise ValueError(f"{where}: config.json field 'seperator' ({vis.seperator}) must be "
+                                 f"a token id below vocab_size ({llm_cfg.vocab_size})")
+            config = SliMEModelConfig(llm=llm_cfg, visual=vis,
                                       mm_vision_tower=str(d.get("mm_vision_tower")),
                                       mm_vision_select_layer=int(d.get("mm_vision_select_layer", -2)),
                                       tokenizer_model_max_length=d.get("tokenizer_model_max_length"))
