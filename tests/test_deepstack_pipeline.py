@@ -8,7 +8,6 @@ hidden_states[-2][:, 1:], Linear / GELU / Linear, the stacks built with the spec
 (specs/deepstack.md 1.2), LLaVA's splice, LlamaForCausalLM(inputs_embeds=...) with forward
 pre-hooks adding stack k at the image's rows before decoder layer start + k * interval (1.3)."""
 import json
-import math
 import os
 
 import pytest
@@ -435,3 +434,17 @@ def test_truncated_sequence_clamps_the_stack(world, model_l, caplog):
         for h in hs:
             h.remove()
     _close(got, want)
+
+
+@pytest.mark.parametrize("field,value", [("deepstack_sampling", "1d"),
+                                         ("deepstack_args_for_ablation", "dummy_local"),
+                                         ("mm_projector_type", "linear")])
+def test_unsupported_config_is_one_clear_error(world, tmp_path, field, value):
+    import shutil
+    d = tmp_path / "ds"
+    shutil.copytree(world[1]["deepstack-l"], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg[field] = value
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"field '{field}'.*{value}"):
+        hires_lmm.load(str(d), vision_tower=world[2])

@@ -259,7 +259,6 @@ class _HFClipAsTower(nn.Module):
 
 
 def _family_cases(device: str, quick: bool) -> List[Case]:
-    import contextlib
     import transformers
     from PIL import Image
     from ..generation import pack_deepstack
