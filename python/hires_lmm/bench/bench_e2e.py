@@ -226,8 +226,9 @@ def _cache_kw(model) -> str:
 #       text + 576 visual rows with 4 stacks added before layers 1..4 ("ours") against a
 #       LLaVA-style prefill of 64 text + 5 x 576 visual rows (reference "llava_5x576"), the
 #       visual rows given (the tower encodes the same 5 views in both). Time to first token of
-#       the LLM part, and the KV-cache bytes of each (printed as `#` lines: the StaticKVCache
-#       tensors' sizes, and on CUDA the peak memory of the prefill).
+#       the LLM part, and the KV-cache bytes of each (the StaticKVCache tensors' sizes, in the
+#       case name; on CUDA also the peak memory of each prefill as `#` lines). `--plot` draws the
+#       pair with the other speedups.
 def _family_configs(quick: bool):
     if quick:
         clip = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -386,11 +387,11 @@ def _family_cases(device: str, quick: bool) -> List[Case]:
     ours = lambda: prefill(ds_x, visual_index=ds_idx, deepstack_visual_embeds=ds_levels,  # noqa: E731
                            deepstack_layers=[1, 2, 3, 4])
     ref = lambda: prefill(long_x)                                                          # noqa: E731
-    name = f"{size} {n_text} text + {n_vis} rows + 4 stacks vs {n_text} text + 5x{n_vis} rows"
+    ours(), ref()                                  # also records each StaticKVCache's bytes
+    name = (f"{size} {n_text} text + {n_vis} rows + 4 stacks vs {n_text} text + 5x{n_vis} rows "
+            f"(KV cache {kv[ds_x.shape[0]] / 2 ** 20:.1f} vs {kv[long_x.shape[0]] / 2 ** 20:.1f} MiB)")
     out.append(Case("e2e_deepstack_claim", name, dtype, ours, {"llava_5x576": ref}))
-    ours(), ref()
-    print(f"# e2e_deepstack_claim {name}: KV cache, deepstack-l {kv[ds_x.shape[0]] / 2 ** 20:.1f} "
-          f"MiB vs llava-style {kv[long_x.shape[0]] / 2 ** 20:.1f} MiB")
+    print(f"# e2e_deepstack_claim {name}")
     if device == "cuda":
         for label, fn in (("deepstack-l", ours), ("llava-style", ref)):
             torch.cuda.synchronize()
