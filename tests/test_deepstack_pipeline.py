@@ -112,6 +112,7 @@ class Ref:
     @torch.no_grad()
     def encode(self, image, num_crops=4, hd=False):
         px, (gw, gh) = ref_views(image, num_crops, hd)
+        px = px.to(next(self.clip.parameters()).dtype)
         f = self.proj(self.clip(px, output_hidden_states=True).hidden_states[-2][:, 1:])
         if not hd:
             M = f[1:].view(gh, gw, P, P, -1).permute(0, 2, 1, 3, 4).flatten(0, 1).flatten(1, 2)
@@ -304,6 +305,23 @@ def test_logits_match_hf(world, model_l, backend):
     with torch.no_grad():
         plain = ref.llm(inputs_embeds=e).logits[0]
     assert (plain - want).abs().max() > 1e-2
+
+
+def test_bf16_logits_within_tolerance(world):
+    """bf16: the error against the fp32 HF pipeline is at most twice that of the same HF pipeline
+    run in bf16 (the flash-attn convention), plus a small floor."""
+    import copy
+    ref, dirs, tower, images = world
+    m = hires_lmm.load(dirs["deepstack-l"], vision_tower=tower, dtype="bf16")
+    q = "What is the total amount?"
+    want = ref.logits([images[0]], q)
+    r16 = Ref(copy.deepcopy(ref.clip).bfloat16(), copy.deepcopy(ref.proj).bfloat16(),
+              copy.deepcopy(ref.llm).bfloat16(), ref.sp)
+    hf16 = r16.logits([images[0]], q).float()
+    got = m.logits([images[0]], [q])[0].float()
+    scale = want.abs().max().item()
+    err_ours, err_hf = (got - want).abs().max().item(), (hf16 - want).abs().max().item()
+    assert err_ours <= 2 * err_hf + 1e-2 * scale, (err_ours, err_hf, scale)
 
 
 def test_two_images_rows_at_their_true_positions(world, model_l):
