@@ -38,7 +38,7 @@ Checkpoint (LLaVA layout, "model_type": "deepstack_llama", "image_aspect_ratio":
 config.json, LLM shards (.bin + index or safetensors), tokenizer.model, ...; key map:
   model.embed_tokens / model.layers.* / model.norm / lm_head -> llm.*    (models.llama._llama_key)
   model.mm_projector.{0,2}.{weight,bias}                     -> mm_projector.{0,2}.*
-  model.image_newline (HD)                                   -> image_newline
+  model.image_newline (HD; ignored otherwise)                -> image_newline
   model.vision_tower.vision_tower.vision_model.*             -> vision_tower.* (CLIP, when stored)
 The tower comes from the folder the user passes as vision_tower= (the local copy of the repo that
 config.json's mm_vision_tower names), else from the shards' tower keys; nothing is downloaded.
@@ -297,7 +297,10 @@ class DeepStackVL(HiResLMM):
                 model = cls(config, vision_tower=None)
             model.vision_tower = tower
             part = _Parts(model)
-            load_parts(part, path, reader, _key_map, dtype, dev, progress, "DeepStack")
+            hd = config.is_anyres_deepstack
+            # a plain config with an 'unpad' merge type stores an image_newline it never uses
+            key_map = _key_map if hd else (lambda k: None if k == "model.image_newline" else _key_map(k))
+            load_parts(part, path, reader, key_map, dtype, dev, progress, "DeepStack")
             if model.image_newline is not None:     # assign=True replaced the parameter object
                 model.image_newline = part.image_newline
         except BaseException:
