@@ -18,6 +18,8 @@ import torch
 
 import hires_lmm
 from convnext_hf_utils import hf_tokens, make_hf
+from lmm_test_utils import (MAX_LEN, SYSTEM, TEXT, _CACHE_KW, _train_tokenizer,  # noqa: F401
+                            _write_bin_shards, _write_safetensors_shards, _write_tokenizer_files)
 
 transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
@@ -29,45 +31,10 @@ from hires_lmm.prompt import Tokenizer, tokenizer_image_token  # noqa: E402
 HIDDEN, DEPTHS = [8, 16, 24, 32, 40], [1, 1, 1, 1, 1]
 RES = 128                         # 5-stage stride 64 -> 2 x 2 = 4 visual rows per image
 ROWS = (RES // 64) ** 2
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
-          "gives helpful, detailed, and polite answers to the user's questions.")
-MAX_LEN = 200                     # tokenizer_model_max_length of the test checkpoints
 
-TEXT = ["A chat between a curious user and an artificial intelligence assistant.",
-        "The assistant gives helpful, detailed, and polite answers to the user's questions.",
-        "USER: What is the total amount on the invoice? ASSISTANT: The total is 42 dollars.",
-        "Describe the chart. It shows sales growing every year, faster in the last quarter.",
-        "What colour is the cat? The cat is black and white, sitting on a red sofa."] * 4
 
 
 # ---- fixtures: tokenizer, reference pieces, checkpoints ----------------------------------------
-def _train_tokenizer(d):
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "corpus.txt"), "w") as fh:
-        fh.write("\n".join(TEXT) + "\n")
-    spm.SentencePieceTrainer.train(
-        input=os.path.join(d, "corpus.txt"), model_prefix=os.path.join(d, "tokenizer"),
-        vocab_size=320, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2,
-        pad_id=-1, add_dummy_prefix=True, remove_extra_whitespaces=False,
-        normalization_rule_name="identity", minloglevel=2)
-    os.remove(os.path.join(d, "tokenizer.vocab"))
-    os.remove(os.path.join(d, "corpus.txt"))
-
-
-def _write_tokenizer_files(d):
-    with open(os.path.join(d, "tokenizer_config.json"), "w") as fh:
-        json.dump({"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
-                   "eos_token": "</s>", "unk_token": "<unk>", "pad_token": None,
-                   "model_max_length": MAX_LEN, "tokenizer_class": "LlamaTokenizer",
-                   "padding_side": "right", "legacy": False}, fh)
-    with open(os.path.join(d, "special_tokens_map.json"), "w") as fh:
-        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-                   "pad_token": "<unk>"}, fh)
-    with open(os.path.join(d, "generation_config.json"), "w") as fh:
-        json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-                   "do_sample": True, "temperature": 0.9, "top_p": 0.6, "max_length": 4096}, fh)
-
-
 def _llava_config(vocab, tower_name="ConvLLaVA/ConvLLaVA-ConvNeXt-1536", extra=None):
     d = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava",
          "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 96,
@@ -83,37 +50,6 @@ def _llava_config(vocab, tower_name="ConvLLaVA/ConvLLaVA-ConvNeXt-1536", extra=N
          "tokenizer_padding_side": "right", "use_mm_proj": True}
     d.update(extra or {})
     return d
-
-
-def _write_bin_shards(d, sd):
-    keys = sorted(sd)
-    half = len(keys) // 2
-    weight_map = {}
-    for i, part in enumerate((keys[:half], keys[half:])):
-        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
-        torch.save({k: sd[k].clone() for k in part}, os.path.join(d, name))
-        weight_map.update({k: name for k in part})
-    with open(os.path.join(d, "pytorch_model.bin.index.json"), "w") as fh:
-        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, fh)
-
-
-def _write_safetensors_shards(d, sd):
-    from safetensors.torch import save_file
-    keys = sorted(sd)
-    third = len(keys) // 3 + 1
-    weight_map = {}
-    for i in range(3):
-        part = keys[i * third:(i + 1) * third]
-        name = f"model-0000{i + 1}-of-00003.safetensors"
-        save_file({k: sd[k].contiguous() for k in part}, os.path.join(d, name),
-                  metadata={"format": "pt"})
-        weight_map.update({k: name for k in part})
-    with open(os.path.join(d, "model.safetensors.index.json"), "w") as fh:
-        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, fh)
-
-
-_CACHE_KW = ("cache" if "cache" in __import__("inspect").signature(
-    transformers.LlamaForCausalLM.forward).parameters else "past_key_values")
 
 
 class Ref:
@@ -591,11 +527,18 @@ def test_bench_e2e_cases_run_and_agree_with_hf():
     case runs, its references run, and ours agrees with the HF-composed pipeline."""
     from hires_lmm.bench import bench_e2e
     cs = bench_e2e.cases("cpu", True)
-    assert {c.op for c in cs} == {"e2e_preprocess", "e2e_tower", "e2e_ttft", "e2e_decode"}
+    assert {c.op for c in cs} == {"e2e_preprocess", "e2e_tower", "e2e_ttft", "e2e_decode",
+                                  "e2e_deepstack_claim"}
     assert {c.case.split("B=")[1].split()[0] for c in cs if c.op == "e2e_decode"} == {"1", "8"}
+    # issue 11: DeepStack-L, -L-HD and SliME-7B shapes, and DeepStack's claim (no error: two models)
+    assert {c.case.split()[0] for c in cs if c.op == "e2e_ttft"} >= {"deepstack-l", "deepstack-l-hd",
+                                                                     "slime-7b"}
     for c in cs:
         c.ours()
         for ref in c.references.values():
             ref()
+        if c.op == "e2e_deepstack_claim":
+            assert c.max_err is None and set(c.references) == {"llava_5x576"}
+            continue
         err = c.max_err()
         assert err <= c.tol, (c.op, c.case, err)

@@ -155,6 +155,50 @@ def test_deepstack_matches_hf_hooks(tmp_path_factory, backend, layers, n_levels)
     assert _rel(out[1], plain[1]) < 1e-6
 
 
+@pytest.mark.parametrize("schedule", [[0, 2, 3], [1, 2], [3]])
+def test_deepstack_layers_schedule_matches_hf_pre_hooks(tmp_path_factory, schedule):
+    """deepstack_layers: level k added BEFORE decoder layer schedule[k] (3 = before the final
+    norm), in forward and in the packed prefill (rows = visual_index of the packed tokens)."""
+    from hires_lmm.models.llama import StaticKVCache
+    hf, d = _pair(tmp_path_factory, "llama3", layers=3)
+    hires_lmm.set_backend("kernels")
+    m = Llama.from_pretrained(d)
+    B, S = 3, 19
+    torch.manual_seed(2)
+    emb = torch.randn(B, S, 64)
+    mask = _visual_mask(B, S)
+    levels = [torch.randn(int(mask.sum()), 64) for _ in schedule]
+    handles = []
+    for layer, e in zip(schedule, levels):
+        def pre(mod, args, kwargs, e=e):
+            x = (args[0] if args else kwargs["hidden_states"]).clone()
+            x[mask, :] = x[mask, :] + e
+            if args:
+                return (x,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": x}
+        target = hf.model.layers[layer] if layer < 3 else hf.model.norm
+        handles.append(target.register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            ref = hf(inputs_embeds=emb).logits
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        out = m(inputs_embeds=emb, visual_pos_masks=mask, deepstack_visual_embeds=levels,
+                deepstack_layers=schedule)
+        cache = StaticKVCache(m.config, B, S, torch.float32, "cpu")
+        cu = torch.arange(B + 1, dtype=torch.int32) * S
+        packed = m.forward_packed(emb.reshape(B * S, 64), cu, S, cache, last_only=False,
+                                  visual_index=mask.reshape(-1).nonzero()[:, 0],
+                                  deepstack_visual_embeds=levels, deepstack_layers=schedule)
+    assert _rel(out, ref) < 1e-4
+    assert _rel(packed.view(B, S, -1), ref) < 1e-4
+    with pytest.raises(ValueError, match="deepstack_layers"):
+        m(inputs_embeds=emb, visual_pos_masks=mask, deepstack_visual_embeds=levels,
+          deepstack_layers=[4] * len(levels))
+
+
 def test_deepstack_no_visual_tokens_is_noop(tmp_path_factory):
     hf, d = _pair(tmp_path_factory, "llama3")
     hires_lmm.set_backend("reference")

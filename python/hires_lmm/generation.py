@@ -46,7 +46,7 @@ import torch
 from .models.llama import StaticKVCache
 
 __all__ = ["GenerationConfig", "Result", "generate", "generate_stream", "sample_next",
-           "IncrementalDetokenizer"]
+           "IncrementalDetokenizer", "pack_deepstack"]
 
 log = logging.getLogger(__name__)
 
@@ -271,12 +271,39 @@ class _DecodeStep:
         self.graph = g
 
 
+def pack_deepstack(deepstack, lens: Sequence[int], device):
+    """DeepStack-L inputs of B requests -> the packed prefill's (visual_index, levels) or
+    (None, None). deepstack: one entry per request, None (no stacks: text only) or (positions
+    (Nv_b,) int64 of the request's visual rows in its own sequence, levels (n_levels, Nv_b,
+    hidden)); every request with stacks has the same n_levels. Rows follow the packed token
+    order (request b's rows at offset sum(lens[:b]))."""
+    if deepstack is None or all(d is None for d in deepstack):
+        return None, None
+    n_levels = {int(d[1].shape[0]) for d in deepstack if d is not None}
+    if len(n_levels) != 1:
+        raise ValueError(f"generate: every request's DeepStack stacks must have the same number "
+                         f"of levels, got {sorted(n_levels)}")
+    offsets = [0]
+    for n in lens[:-1]:
+        offsets.append(offsets[-1] + int(n))
+    idx, lv = [], []
+    for d, off in zip(deepstack, offsets):
+        if d is None:
+            continue
+        idx.append(d[0].to(device=device, dtype=torch.long) + off)
+        lv.append(d[1].to(device))
+    levels = torch.cat(lv, dim=1)
+    return torch.cat(idx), list(levels.unbind(0))
+
+
 @torch.inference_mode()
 def generate_stream(llm, embeds: Sequence[torch.Tensor], cfg: GenerationConfig, tokenizer,
-                    cuda_graph: bool = True) -> Iterator[Tuple[int, str, Optional[Result]]]:
+                    cuda_graph: bool = True, deepstack=None, deepstack_layers=None
+                    ) -> Iterator[Tuple[int, str, Optional[Result]]]:
     """Yields (request index, new stable text, None) while generating and (index, last text,
     Result) once per request when it ends. embeds: one (S_b, hidden) tensor per request, on the
-    llm's device and dtype."""
+    llm's device and dtype. deepstack / deepstack_layers: DeepStack-L stacks of each request
+    (pack_deepstack) injected by the prefill only (decode steps inject nothing)."""
     B = len(embeds)
     if B == 0:
         return
@@ -288,7 +315,10 @@ def generate_stream(llm, embeds: Sequence[torch.Tensor], cfg: GenerationConfig, 
     max_len = max(lens) + cfg.max_new_tokens
     cache = StaticKVCache(llm.config, B, max_len, embeds[0].dtype, dev)
     cu = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32).to(dev)
-    logits = llm.forward_packed(torch.cat(list(embeds), 0), cu, max(lens), cache)
+    index, levels = pack_deepstack(deepstack, lens, dev)
+    logits = llm.forward_packed(torch.cat(list(embeds), 0), cu, max(lens), cache,
+                                visual_index=index, deepstack_visual_embeds=levels,
+                                deepstack_layers=deepstack_layers if levels else None)
     gens = None
     if not cfg.greedy and cfg.seed is not None:
         gens = [torch.Generator(device=dev).manual_seed(cfg.seed) for _ in range(B)]
@@ -321,10 +351,11 @@ def generate_stream(llm, embeds: Sequence[torch.Tensor], cfg: GenerationConfig, 
 
 
 def generate(llm, embeds: Sequence[torch.Tensor], cfg: GenerationConfig, tokenizer,
-             cuda_graph: bool = True) -> List[Result]:
+             cuda_graph: bool = True, deepstack=None, deepstack_layers=None) -> List[Result]:
     """All requests to the end; one Result per request, in order."""
     out: List[Optional[Result]] = [None] * len(embeds)
-    for b, _, res in generate_stream(llm, embeds, cfg, tokenizer, cuda_graph):
+    for b, _, res in generate_stream(llm, embeds, cfg, tokenizer, cuda_graph, deepstack,
+                                     deepstack_layers):
         if res is not None:
             out[b] = res
     return out

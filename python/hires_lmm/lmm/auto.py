@@ -3,6 +3,11 @@
 The family is read from config.json's fields, never from the folder name:
   ConvLLaVA  "model_type": "llava" (or "llava_llama") with "mm_vision_tower" naming a ConvNeXt
              tower, "mm_projector_type": "mlp2x_gelu", "mm_hidden_size" (specs/convllava.md 3).
+  DeepStack  "model_type": "deepstack_llama", or "image_aspect_ratio": "deepstack" with an
+             "mm_vision_tower" (specs/deepstack.md 1-2; -L, -L-HD via is_anyres_deepstack, -V
+             via deepstack_args_for_ablation "deepstack_vit").
+  SliME      "model_type": "llava_llama" (or "llava") with "mm_projector_type": "gated"
+             (specs/slime.md 6.1).
 Any other config raises one error that says what was found and which families are supported.
 """
 import os
@@ -12,6 +17,8 @@ import torch
 
 from ..models._weights import read_config
 from .convllava import ConvLLaVA, is_convllava_config
+from .deepstack_vl import DeepStackVL, is_deepstack_config
+from .slime import SliME, is_slime_config
 
 __all__ = ["FAMILIES", "detect_family", "from_pretrained", "load"]
 
@@ -20,6 +27,11 @@ FAMILIES = {
     "convllava": (is_convllava_config, ConvLLaVA,
                   "ConvLLaVA: model_type 'llava' with mm_vision_tower naming a ConvNeXt tower, "
                   "mm_projector_type 'mlp2x_gelu' and mm_hidden_size"),
+    "deepstack": (is_deepstack_config, DeepStackVL,
+                  "DeepStack: model_type 'deepstack_llama' or image_aspect_ratio 'deepstack' with "
+                  "mm_vision_tower"),
+    "slime": (is_slime_config, SliME,
+              "SliME: model_type 'llava_llama' with mm_projector_type 'gated'"),
 }
 
 
@@ -28,7 +40,8 @@ def detect_family(config: dict, where: str = "hires_lmm.load") -> str:
         if pred(config):
             return name
     found = {k: config.get(k) for k in ("model_type", "architectures", "mm_vision_tower",
-                                        "mm_projector_type", "mm_hidden_size") if k in config}
+                                        "mm_projector_type", "mm_hidden_size",
+                                        "image_aspect_ratio") if k in config}
     supported = "; ".join(desc for _, _, desc in FAMILIES.values())
     raise ValueError(f"{where}: config.json is of no supported family: found {found or 'none of model_type, architectures, mm_*'}; "
                      f"supported: {supported}")

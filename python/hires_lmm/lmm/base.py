@@ -4,7 +4,10 @@ of visual rows in place of IMAGE_TOKEN_INDEX, chat() and generate().
 A family subclass provides:
   - self.llm (hires_lmm.models.Llama), self.tokenizer (hires_lmm.prompt.Tokenizer),
     self.conv_template, self.generation_config, self.max_prompt_len (tokenizer_model_max_length);
-  - visual_rows(image) -> (N, hidden) for one opened PIL image (preprocess -> tower -> projector).
+  - visual_rows(image) -> (N, hidden) for one opened PIL image (preprocess -> tower -> projector),
+    or encode(image, prompt_ids) -> (rows (N, hidden), stacks (n_levels, N, hidden) or None) when
+    the rows depend on the prompt (SliME's selector) or come with DeepStack-L stacks; then
+    self.deepstack_layers says before which decoder layers the levels are added.
 """
 import logging
 from typing import Iterator, List, Optional, Sequence, Union
@@ -70,9 +73,16 @@ class HiResLMM(nn.Module):
         from .auto import from_pretrained
         return from_pretrained(path, vision_tower=vision_tower, dtype=dtype, device=device, **kw)
 
+    deepstack_layers = None          # DeepStack-L: level k is added before decoder layer [k]
+
     # -- to be provided by a family --
     def visual_rows(self, image) -> torch.Tensor:
         raise NotImplementedError
+
+    def encode(self, image, prompt_ids: Sequence[int]):
+        """One opened image of a request -> (rows (N, hidden), DeepStack-L stacks (n_levels, N,
+        hidden) or None)."""
+        return self.visual_rows(image), None
 
     @property
     def device(self) -> torch.device:
@@ -102,21 +112,26 @@ class HiResLMM(nn.Module):
         return tokenizer_image_token(text, self.tokenizer)
 
     def splice(self, prompt_ids: Sequence[int], rows: Sequence[torch.Tensor],
-               long_prompt: str = "truncate", where: str = "generate") -> torch.Tensor:
+               long_prompt: str = "truncate", where: str = "generate",
+               return_positions: bool = False):
         """(S, hidden) input embeddings: text ids embedded, each IMAGE_TOKEN_INDEX replaced by the
         next image's rows (LLaVA's prepare_inputs_labels_for_multimodal). Longer than
         max_prompt_len (tokenizer_model_max_length): cut to that length keeping the head, as
-        LLaVA does (long_prompt="truncate", a warning is logged) or an error ("error")."""
+        LLaVA does (long_prompt="truncate", a warning is logged) or an error ("error").
+        return_positions: also the (start, length) of each image's rows in the sequence."""
         emb = self.llm.embed_tokens
         dev = self.device
-        parts, text, k = [], [], 0
+        parts, text, k, at, spans = [], [], 0, 0, []
         for t in list(prompt_ids) + [None]:
             if t is None or t == IMAGE_TOKEN_INDEX:
                 if text:
                     parts.append(emb(torch.tensor(text, dtype=torch.long, device=dev)))
+                    at += len(text)
                     text = []
                 if t is not None:
                     parts.append(rows[k].to(device=dev, dtype=self.dtype))
+                    spans.append((at, int(rows[k].shape[0])))
+                    at += int(rows[k].shape[0])
                     k += 1
             else:
                 text.append(int(t))
@@ -129,7 +144,22 @@ class HiResLMM(nn.Module):
             log.warning("%s: the prompt is %d tokens with its visual rows; cut to the first %d "
                         "(tokenizer_model_max_length), as LLaVA does", where, x.shape[0], limit)
             x = x[:limit]
-        return x
+        return (x, spans) if return_positions else x
+
+    def _deepstack_entry(self, spans, stacks, n_tokens):
+        """(positions, levels) of one request's DeepStack-L rows: each image's rows at its true
+        positions in the spliced sequence (specs/deepstack.md 1.4; not the un-expanded
+        placeholder index of the reference code), cut where a truncated sequence ends (5.14)."""
+        pos, lv = [], []
+        for (start, n), st in zip(spans, stacks):
+            if st is None:
+                continue
+            keep = max(0, min(n, n_tokens - start))
+            pos.append(torch.arange(start, start + keep, dtype=torch.long))
+            lv.append(st[:, :keep])
+        if not pos or sum(p.numel() for p in pos) == 0:
+            return None
+        return torch.cat(pos), torch.cat(lv, dim=1).to(self.dtype)
 
     def _prepare(self, images, prompts, conv_template, long_prompt, where):
         if isinstance(prompts, str):
@@ -152,24 +182,30 @@ class HiResLMM(nn.Module):
         opened = [[open_image(im, f"{where}: argument 'images[{i}]'" +
                               (f"[{j}]" if len(ims) > 1 else "")) for j, im in enumerate(ims)]
                   for i, ims in enumerate(per_req)]
-        embeds = []
+        embeds, deepstack = [], []
         with torch.inference_mode():
             for pid, ims in zip(ids, opened):
-                rows = [self.visual_rows(im) for im in ims]
-                embeds.append(self.splice(pid, rows, long_prompt, where))
-        return ids, embeds
+                enc = [self.encode(im, pid) for im in ims]
+                x, spans = self.splice(pid, [r for r, _ in enc], long_prompt, where,
+                                       return_positions=True)
+                embeds.append(x)
+                deepstack.append(self._deepstack_entry(spans, [st for _, st in enc], x.shape[0]))
+        return ids, embeds, deepstack
 
     # -- public API --
     @torch.inference_mode()
     def logits(self, images, prompts, conv_template: Optional[str] = None,
                long_prompt: str = "truncate") -> List[torch.Tensor]:
         """Prefill logits (S_b, V) of every position of each request (for parity checks)."""
-        _, embeds = self._prepare(images, prompts, conv_template, long_prompt, "logits")
+        _, embeds, deepstack = self._prepare(images, prompts, conv_template, long_prompt, "logits")
         from ..models.llama import StaticKVCache
         lens = [e.shape[0] for e in embeds]
         cache = StaticKVCache(self.llm.config, len(embeds), max(lens), self.dtype, self.device)
         cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32).to(self.device)
-        out = self.llm.forward_packed(torch.cat(embeds, 0), cu, max(lens), cache, last_only=False)
+        index, levels = _gen.pack_deepstack(deepstack, lens, self.device)
+        out = self.llm.forward_packed(torch.cat(embeds, 0), cu, max(lens), cache, last_only=False,
+                                      visual_index=index, deepstack_visual_embeds=levels,
+                                      deepstack_layers=self.deepstack_layers if levels else None)
         return list(out.split(lens, 0))
 
     def generate(self, images, prompts, max_new_tokens: Optional[int] = None,
@@ -181,10 +217,11 @@ class HiResLMM(nn.Module):
         lengths). Returns one dict per request: text, token_ids (generated, EOS excluded),
         prompt_ids (IMAGE_TOKEN_INDEX = -200 where the image rows go), finish_reason
         ("eos" | "stop" | "length"). Defaults from generation_config.json; temperature 0 is greedy."""
-        cfg, ids, embeds = self._setup(images, prompts, dict(
+        cfg, ids, embeds, deepstack = self._setup(images, prompts, dict(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             seed=seed, do_sample=do_sample, stop=stop), conv_template, long_prompt, "generate")
-        res = _gen.generate(self.llm, embeds, cfg, self.tokenizer, cuda_graph=cuda_graph)
+        res = _gen.generate(self.llm, embeds, cfg, self.tokenizer, cuda_graph=cuda_graph,
+                            deepstack=deepstack, deepstack_layers=self.deepstack_layers)
         return [{"text": r.text, "token_ids": r.token_ids, "prompt_ids": list(p),
                  "finish_reason": r.finish_reason} for r, p in zip(res, ids)]
 
@@ -194,7 +231,7 @@ class HiResLMM(nn.Module):
                              f"{long_prompt!r}")
         kw = {k: v for k, v in kw.items() if v is not None}
         cfg = self.generation_config.updated(**kw)
-        ids, embeds = self._prepare(images, prompts, conv_template, long_prompt, where)
+        ids, embeds, deepstack = self._prepare(images, prompts, conv_template, long_prompt, where)
         limit = self.llm.config.max_position_embeddings
         longest = max(e.shape[0] for e in embeds)
         if longest >= limit:
@@ -205,7 +242,7 @@ class HiResLMM(nn.Module):
                 raise ValueError(f"{where}: a prompt of {longest} tokens plus max_new_tokens="
                                  f"{cfg.max_new_tokens} exceeds max_position_embeddings={limit}")
             cfg = cfg.updated(max_new_tokens=max(1, limit - longest))
-        return cfg, ids, embeds
+        return cfg, ids, embeds, deepstack
 
     def chat(self, image, question: str, stream: bool = False, **gen) -> Union[str, Iterator[str]]:
         """One image (or None, or a list of images) and one question -> the answer text, or with
@@ -218,10 +255,12 @@ class HiResLMM(nn.Module):
         long_prompt = gen.pop("long_prompt", "truncate")
         cuda_graph = gen.pop("cuda_graph", True)
         # everything is checked and the image encoded now, not at the first next()
-        cfg, _, embeds = self._setup([image], [question], gen, conv_template, long_prompt, "chat")
-        return self._stream(cfg, embeds, cuda_graph)
+        cfg, _, embeds, deepstack = self._setup([image], [question], gen, conv_template,
+                                                long_prompt, "chat")
+        return self._stream(cfg, embeds, cuda_graph, deepstack)
 
-    def _stream(self, cfg, embeds, cuda_graph):
-        for _, piece, _ in _gen.generate_stream(self.llm, embeds, cfg, self.tokenizer, cuda_graph):
+    def _stream(self, cfg, embeds, cuda_graph, deepstack=None):
+        for _, piece, _ in _gen.generate_stream(self.llm, embeds, cfg, self.tokenizer, cuda_graph,
+                                                deepstack, self.deepstack_layers):
             if piece:
                 yield piece

@@ -11,10 +11,14 @@ visual_index), so hires_lmm.set_backend("reference") switches the whole model to
 
 DeepStack-L (Qwen3-VL semantics, specs/deepstack.md 3.4): level k (rows in the row-major (b, s)
 order of `hidden[visual_pos_masks]`) is added to the residual stream after decoder layer k, for
-k < min(len(levels), num_hidden_layers); extra levels are ignored like HF's range(). The add is
-fused into the next norm (layer k+1's input_layernorm, or the final norm after the last layer)
-through ops.deepstack_inject_rms_norm, so no separate pass over the hidden states exists. The
-visual index is built once per forward. Decode steps (no visual_pos_masks) inject nothing.
+k < min(len(levels), num_hidden_layers); extra levels are ignored like HF's range(). A general
+schedule is `deepstack_layers`: level k is added BEFORE decoder layer deepstack_layers[k]
+(num_hidden_layers = before the final norm), which is how the paper's DeepStack-L runs
+(specs/deepstack.md 1.3: stack k before layer start + k * interval); Qwen3-VL's default is
+deepstack_layers = [1, 2, ...]. The add is fused into that layer's input_layernorm (or the final
+norm) through ops.deepstack_inject_rms_norm, so no separate pass over the hidden states exists.
+The visual index is built once per forward. Decode steps (no visual_pos_masks) inject nothing;
+forward_packed takes the visual rows of the packed tokens (visual_index) and the same levels.
 
 Batches of different lengths: forward_packed (prefill of the sequences packed one after the
 other, ops.flash_attn_varlen_func, K/V into a StaticKVCache) and forward_decode (one token per
@@ -430,10 +434,13 @@ class Llama(nn.Module):
     def forward(self, input_ids=None, inputs_embeds=None, visual_pos_masks=None,
                 deepstack_visual_embeds: Optional[Sequence[torch.Tensor]] = None,
                 position_ids=None, past_key_values: Optional[KVCache] = None,
-                cache: Optional[KVCache] = None, use_cache: bool = False):
+                cache: Optional[KVCache] = None, use_cache: bool = False,
+                deepstack_layers: Optional[Sequence[int]] = None):
         """input_ids (B, S) int64 or inputs_embeds (B, S, hidden); visual_pos_masks (B, S) bool;
         deepstack_visual_embeds: list of (mask.sum(), hidden) tensors, level k added after decoder
-        layer k; position_ids (B, S) (default: cache length + arange(S)); past_key_values / cache:
+        layer k (Qwen3-VL), or before decoder layer deepstack_layers[k] when deepstack_layers is
+        given (the paper's schedule; num_hidden_layers = before the final norm);
+        position_ids (B, S) (default: cache length + arange(S)); past_key_values / cache:
         a KVCache to extend. Returns logits (B, S, V), or (logits, cache) with use_cache=True or a
         cache given."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -451,44 +458,75 @@ class Llama(nn.Module):
             position_ids = torch.arange(start, start + S, device=h.device).unsqueeze(0).expand(B, S)
         cos, sin = self._rope(position_ids, h.dtype)
 
-        levels, index = self._deepstack_levels(h, visual_pos_masks, deepstack_visual_embeds)
+        levels, index = self._deepstack_levels(h, visual_pos_masks, deepstack_visual_embeds,
+                                               deepstack_layers)
+        inject = self.deepstack_schedule(len(levels), deepstack_layers)
         eps = self.config.rms_norm_eps
-        pending = None                                  # level to add before the next norm
         for i, layer in enumerate(self.layers):
             w = layer.input_layernorm.weight
-            if pending is not None:
-                normed, h = ops.deepstack_inject_rms_norm(h, pending, index, w, eps)
+            if i in inject:                             # level added before layer i, fused
+                normed, h = ops.deepstack_inject_rms_norm(h, levels[inject[i]], index, w, eps)
             else:
                 normed = ops.rms_norm(h, w, eps)
             h = layer(h, normed, cos, sin, cache, i, start)
-            pending = levels[i] if i < len(levels) else None
-        if pending is not None:                         # level after the last layer -> final norm
-            h, _ = ops.deepstack_inject_rms_norm(h, pending, index, self.norm.weight, eps)
-        else:
-            h = ops.rms_norm(h, self.norm.weight, eps)
+        h = self._final_norm(h, inject, levels, index)
         logits = F.linear(h, self._lm_head_weight())
         if cache is not None:
             cache.length = start + S
         return (logits, cache) if return_cache else logits
 
     # -- batched generation over a StaticKVCache (hires_lmm.generation) --
-    def _layers_then_head(self, h, attn):
-        eps = self.config.rms_norm_eps
-        for i, layer in enumerate(self.layers):
-            normed = ops.rms_norm(h, layer.input_layernorm.weight, eps)
-            h = h + attn(i, layer.self_attn, normed)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+    def deepstack_schedule(self, n_levels: int, deepstack_layers: Optional[Sequence[int]] = None):
+        """{layer i: level k} with level k added to the residual stream before decoder layer i
+        (i == num_hidden_layers: before the final norm). Default (Qwen3-VL): level k after layer
+        k, i.e. before layer k + 1, for k < min(n_levels, num_hidden_layers)."""
+        L = self.config.num_hidden_layers
+        if deepstack_layers is None:
+            return {k + 1: k for k in range(min(n_levels, L))}
+        layers = [int(i) for i in deepstack_layers]
+        if len(layers) != n_levels:
+            raise ValueError(f"Llama.forward: argument 'deepstack_layers' must hold one layer per "
+                             f"level ({n_levels}), got {len(layers)}")
+        if any(not 0 <= i <= L for i in layers) or len(set(layers)) != len(layers):
+            raise ValueError(f"Llama.forward: argument 'deepstack_layers' must hold distinct layers "
+                             f"in [0, {L}] (num_hidden_layers = before the final norm), got {layers}")
+        return {i: k for k, i in enumerate(layers)}
+
+    def _final_norm(self, h, inject, levels, index):
+        L, eps = self.config.num_hidden_layers, self.config.rms_norm_eps
+        if L in inject:                                 # level after the last layer -> final norm
+            h, _ = ops.deepstack_inject_rms_norm(h, levels[inject[L]], index, self.norm.weight, eps)
+            return h
         return ops.rms_norm(h, self.norm.weight, eps)
 
+    def _layers_then_head(self, h, attn, inject=None, levels=(), index=None):
+        eps = self.config.rms_norm_eps
+        inject = inject or {}
+        for i, layer in enumerate(self.layers):
+            w = layer.input_layernorm.weight
+            if i in inject:
+                normed, h = ops.deepstack_inject_rms_norm(h, levels[inject[i]], index, w, eps)
+            else:
+                normed = ops.rms_norm(h, w, eps)
+            h = h + attn(i, layer.self_attn, normed)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self._final_norm(h, inject, levels, index)
+
     def forward_packed(self, inputs_embeds, cu_seqlens, max_seqlen: int, cache: "StaticKVCache",
-                       last_only: bool = True):
+                       last_only: bool = True, visual_index=None,
+                       deepstack_visual_embeds: Optional[Sequence[torch.Tensor]] = None,
+                       deepstack_layers: Optional[Sequence[int]] = None):
         """Prefill of B sequences of different lengths, packed: inputs_embeds (T, hidden) (the
         sequences one after the other), cu_seqlens (B+1,) int32 prefix sums starting at 0,
         max_seqlen >= every length. Each sequence has positions 0..len-1 and attends only to
         itself (ops.flash_attn_varlen_func), so padding or batch-mates never change its result.
         K/V go to cache rows [0, len_b) of batch element b and cache.seqlens is set to the
         lengths. Returns the logits of each sequence's last token (B, V), or of every token
-        (T, V) with last_only=False."""
+        (T, V) with last_only=False.
+        DeepStack-L: visual_index (Nv,) int64 rows of the packed tokens (strictly increasing:
+        the true positions of the images' rows, any number per sequence, none for text-only
+        ones); deepstack_visual_embeds: levels of (Nv, hidden) in that row order; schedule as in
+        forward (deepstack_layers)."""
         T = inputs_embeds.shape[0]
         B = cu_seqlens.numel() - 1
         dev = inputs_embeds.device
@@ -497,8 +535,25 @@ class Llama(nn.Module):
         pos = torch.arange(T, device=dev) - cu_seqlens[:-1].to(torch.long)[seq]
         rows = seq * cache.max_len + pos
         cos, sin = self._rope(pos, inputs_embeds.dtype)
+        levels, inject = [], {}
+        if deepstack_visual_embeds is not None and len(deepstack_visual_embeds):
+            if visual_index is None:
+                raise ValueError("Llama.forward_packed: argument 'visual_index' is required with "
+                                 "deepstack_visual_embeds")
+            visual_index = visual_index.to(device=dev, dtype=torch.long)
+            n, D = visual_index.numel(), inputs_embeds.shape[-1]
+            for k, e in enumerate(deepstack_visual_embeds):
+                if e.dim() != 2 or e.shape[0] != n or e.shape[1] != D:
+                    raise ValueError(f"Llama.forward_packed: argument 'deepstack_visual_embeds[{k}]' "
+                                     f"must be ({n}, {D}) (one row per visual_index entry), got "
+                                     f"{tuple(e.shape)}")
+            levels = [e.to(dev) for e in deepstack_visual_embeds]
+            if deepstack_layers is None:
+                levels = levels[: self.config.num_hidden_layers]
+            inject = self.deepstack_schedule(len(levels), deepstack_layers)
         h = self._layers_then_head(inputs_embeds, lambda i, attn, x: attn.forward_packed(
-            x, cos, sin, cu_seqlens, max_seqlen, cache.k[i], cache.v[i], rows))
+            x, cos, sin, cu_seqlens, max_seqlen, cache.k[i], cache.v[i], rows),
+            inject, levels, visual_index)
         cache.seqlens.copy_(lens.to(torch.int32))
         if last_only:
             h = h[cu_seqlens[1:].to(torch.long) - 1]
@@ -515,8 +570,9 @@ class Llama(nn.Module):
             x, cos, sin, cache.k[i], cache.v[i], cache.seqlens))
         return F.linear(h[:, 0], self._lm_head_weight())
 
-    def _deepstack_levels(self, h, mask, levels):
-        """-> (levels to inject, at most num_hidden_layers of them; visual_index or None)."""
+    def _deepstack_levels(self, h, mask, levels, deepstack_layers=None):
+        """-> (levels to inject, at most num_hidden_layers of them without deepstack_layers;
+        visual_index or None)."""
         if levels is None or len(levels) == 0:
             return [], None
         if mask is None:
@@ -526,7 +582,9 @@ class Llama(nn.Module):
         if mask.shape != (B, S) or mask.dtype != torch.bool:
             raise ValueError(f"Llama.forward: argument 'visual_pos_masks' must be a ({B}, {S}) bool "
                              f"tensor, got {tuple(mask.shape)} {mask.dtype}")
-        levels = list(levels)[: self.config.num_hidden_layers]   # HF: range(len(levels)) over layers
+        levels = list(levels)
+        if deepstack_layers is None:
+            levels = levels[: self.config.num_hidden_layers]   # HF: range(len(levels)) over layers
         index = ops.visual_index(mask.to(h.device))
         n = index.numel()
         for k, e in enumerate(levels):
@@ -538,7 +596,8 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, eos_token_id: Optional[int] = None,
-                 inputs_embeds=None, visual_pos_masks=None, deepstack_visual_embeds=None):
+                 inputs_embeds=None, visual_pos_masks=None, deepstack_visual_embeds=None,
+                 deepstack_layers=None):
         """Greedy decoding: one prefill (with DeepStack injection when given), then one token per
         step from the KV cache (steps inject nothing). input_ids (B, S) -> (B, S + new) ids; with
         inputs_embeds only the generated ids (B, new) are returned. Sequences that emitted
@@ -548,7 +607,8 @@ class Llama(nn.Module):
         cache = KVCache(self.config.num_hidden_layers, capacity=S + max_new_tokens)
         logits, cache = self(input_ids=None if inputs_embeds is not None else input_ids,
                              inputs_embeds=inputs_embeds, visual_pos_masks=visual_pos_masks,
-                             deepstack_visual_embeds=deepstack_visual_embeds, cache=cache)
+                             deepstack_visual_embeds=deepstack_visual_embeds, cache=cache,
+                             deepstack_layers=deepstack_layers)
         out = []
         done = None
         for step in range(max_new_tokens):
