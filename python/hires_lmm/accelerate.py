@@ -262,7 +262,7 @@ def hires_attention_forward(module, query, key, value, attention_mask, dropout: 
         key, value = key[:, :, :Sq], value[:, :, :Sq]
     call_counts["attention"] += 1
     out = ops.flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                              scaling, causal)
+                              softmax_scale=scaling, causal=causal)
     return out, None
 
 
