@@ -381,6 +381,45 @@ def test_flash_attn_cuda_matches_cpu_twin(D, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_flash_attn_cuda_window_softcap_matches_cpu_twin(D, dtype):
+    """Windows (block skipping on both sides), softcap and lse: the CUDA kernel against its twin."""
+    gen = torch.Generator().manual_seed(D + 1)
+    q = _rand((2, 200, 4, D), dtype, "cpu", gen)
+    k = _rand((2, 333, 2, D), dtype, "cpu", gen)
+    v = _rand((2, 333, 2, D), dtype, "cpu", gen)
+    ulp = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    for causal, window, softcap in [(True, (70, -1), 0.0), (False, (100, 3), 20.0), (False, (-1, 0), 0.0),
+                                    (True, (-1, -1), 5.0)]:
+        cpu, cpu_lse, _ = ops.flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                                              return_attn_probs=True)
+        gpu, gpu_lse, _ = ops.flash_attn_func(q.cuda(), k.cuda(), v.cuda(), causal=causal, window_size=window,
+                                              softcap=softcap, return_attn_probs=True)
+        torch.testing.assert_close(gpu.cpu().float(), cpu.float(), atol=ulp, rtol=ulp)
+        torch.testing.assert_close(gpu_lse.cpu(), cpu_lse, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_flash_attn_cuda_varlen_huge_bound_and_nonfinite():
+    """CUDA: a 2**40 max_seqlen bound sizes the grid by the real tokens; NaN rule as on the CPU."""
+    dtype = torch.bfloat16
+    cu = torch.tensor([0, 100, 101, 357], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(357, 4, 128, dtype=dtype, device="cuda") for _ in range(3))
+    exp = ops.flash_attn_varlen_func(q, k, v, cu, cu, 256, 256, causal=True)
+    got = ops.flash_attn_varlen_func(q, k, v, cu, cu, 2**40, 2**40, causal=True)
+    torch.testing.assert_close(got, exp, atol=0, rtol=0)
+    qn = q.clone()
+    qn[5, 1, 0] = float("nan")
+    o, lse, _ = ops.flash_attn_varlen_func(qn, k, v, cu, cu, 256, 256, causal=True, return_attn_probs=True)
+    assert torch.isnan(o[5, 1]).all() and torch.isnan(lse[1, 5])
+    o[5, 1] = exp[5, 1]
+    torch.testing.assert_close(o, exp, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 def test_flash_attn_cuda_varlen_graph_capture():
     """Varlen launches without a host sync: capturable in a CUDA graph (value checks skip)."""
     dtype = torch.bfloat16
@@ -453,10 +492,11 @@ def test_flash_attn_sm90(shape, causal, D, dtype, monkeypatch):
     q = _rand((B, Sq, Hq, D), dtype, "cuda", gen)
     k = _rand((B, Sk, Hkv, D), dtype, "cuda", gen)
     v = _rand((B, Sk, Hkv, D), dtype, "cuda", gen)
-    base = ops.flash_attn_func(q, k, v, causal=causal)
-    monkeypatch.setenv("HIRES_LMM_ATTN_SM90", "1")
     monkeypatch.setenv("HIRES_LMM_ATTN_SPLITS", "1")  # the sm_90a kernel has no split-KV
-    out = ops.flash_attn_func(q, k, v, causal=causal)
+    base, base_lse, _ = ops.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    monkeypatch.setenv("HIRES_LMM_ATTN_SM90", "1")
+    out, lse, _ = ops.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    torch.testing.assert_close(lse, base_lse, atol=1e-3, rtol=1e-4)  # the sm_90a kernel writes lse too
     ref64 = reference.flash_attn_func(q.double(), k.double(), v.double(), causal=causal)
     _check(out, ref64, _same_dtype(q.cpu(), k.cpu(), v.cpu(), D ** -0.5, causal), dtype)
     ulp = 1e-2 if dtype == torch.bfloat16 else 2e-3
