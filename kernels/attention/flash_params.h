@@ -23,8 +23,8 @@ struct FlashParams {
   const int* cu_seqlens_q = nullptr;  // varlen when non-null (both are then non-null)
   const int* cu_seqlens_k = nullptr;
   int64_t batch = 0;
-  int64_t seqlen_q = 0;  // dense: Sq; varlen: max_seqlen_q (sizes the grid)
-  int64_t seqlen_k = 0;  // dense: Sk; varlen: max_seqlen_k
+  int64_t seqlen_q = 0;  // dense: Sq; varlen: min(max_seqlen_q, total_q) (sizes the CUDA grid)
+  int64_t seqlen_k = 0;  // dense: Sk; varlen: min(max_seqlen_k, total_k) (unused)
   int64_t heads_q = 0, heads_kv = 0;  // heads_q % heads_kv == 0; q head h reads kv head h / (Hq/Hkv)
   int64_t head_dim = 0;
   float scale = 1.f;  // softmax scale applied to q.k
