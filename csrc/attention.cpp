@@ -185,7 +185,27 @@ std::tuple<at::Tensor, at::Tensor> attention_math_lse(const at::Tensor& q, const
   at::Tensor lse = (m_use + at::log(l)).squeeze(-1);
   at::Tensor p = e / l;  // l == 0: 0/0 = NaN (a row whose visible scores are all -inf)
   if (has_keys.defined()) p = at::where(has_keys, p, at::zeros_like(p));  // rows that see no key -> 0
-  at::Tensor o = at::matmul(p, vh).transpose(1, 2).to(q.scalar_type());
+  at::Tensor o = at::matmul(p, vh);
+  // A NaN/inf in a V row must reach only the rows that see that key; p @ v multiplies masked keys'
+  // rows by 0 (0 * inf = NaN, across sequences in varlen). On the CPU (where the check is a free
+  // host read) such V rows are zeroed and their exact contribution is added through indicator
+  // products; on CUDA that would cost a host sync per call, so the documented exception stays.
+  if (q.is_cpu() && !at::isfinite(vh).all().item<bool>()) {
+    const at::Tensor vis = allowed.defined() ? allowed.to(at::kFloat) : at::ones({Sq, Sk}, fopts);
+    const at::Tensor pos = (p > 0).to(at::kFloat);  // visible keys with a nonzero weight
+    const float kInf = std::numeric_limits<float>::infinity();
+    const at::Tensor n_nan = at::matmul(vis, at::isnan(vh).to(at::kFloat));
+    const at::Tensor n_inf = at::matmul(vis, at::isinf(vh).to(at::kFloat));
+    const at::Tensor n_pos = at::matmul(pos, (vh == kInf).to(at::kFloat));
+    const at::Tensor n_neg = at::matmul(pos, (vh == -kInf).to(at::kFloat));
+    o = at::matmul(p, at::where(at::isfinite(vh), vh, at::zeros_like(vh)));
+    // NaN: a visible NaN, a visible inf times a zero (or NaN) weight, or +inf and -inf together
+    const at::Tensor nan = (n_nan > 0.5) | (n_inf - n_pos - n_neg > 0.5) | ((n_pos > 0.5) & (n_neg > 0.5));
+    o = at::where(n_pos > 0.5, at::full({}, kInf, fopts), o);
+    o = at::where(n_neg > 0.5, at::full({}, -kInf, fopts), o);
+    o = at::where(nan, at::full({}, std::numeric_limits<float>::quiet_NaN(), fopts), o);
+  }
+  o = o.transpose(1, 2).to(q.scalar_type());
   o = (varlen ? o.squeeze(0) : o).contiguous();
   return {o, varlen ? lse.squeeze(0).contiguous() : lse.contiguous()};
 }

@@ -574,12 +574,14 @@ def test_flash_attn_window_softcap_lse(case, dtype, device):
 
 
 @pytest.mark.parametrize("splits", [2, 5])
-@pytest.mark.parametrize("window,causal", [((50, 0), False), ((30, 40), False), ((-1, -1), True)])
-def test_flash_attn_split_kv_window_lse(window, causal, splits, monkeypatch):
-    """Split-KV with windows (splits outside the window stay empty) and lse through the combine."""
+@pytest.mark.parametrize("sq,window,causal", [(3, (50, 0), False), (3, (30, 40), False), (3, (-1, -1), True),
+                                              (1, (-1, -1), True), (1, (-1, 9), False)])
+def test_flash_attn_split_kv_window_lse(sq, window, causal, splits, monkeypatch):
+    """Split-KV with windows (splits outside the window stay empty) and lse through the combine;
+    sq = 1 with GQA takes the decode layout (query heads as rows)."""
     monkeypatch.setenv("HIRES_LMM_ATTN_SPLITS", str(splits))
     gen = torch.Generator().manual_seed(splits)
-    q = _rand((2, 3, 4, 64), torch.float16, "cpu", gen)
+    q = _rand((2, sq, 4, 64), torch.float16, "cpu", gen)
     k = _rand((2, 390, 2, 64), torch.float16, "cpu", gen)
     v = _rand((2, 390, 2, 64), torch.float16, "cpu", gen)
     out, lse, _ = ops.flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=3.0,
@@ -672,7 +674,7 @@ def test_flash_attn_huge_window_is_unbounded():
     """A window bound at or past the sequence lengths constrains nothing (and never overflows)."""
     q, k, v = _qkv(S=50)
     base = ops.flash_attn_func(q, k, v, causal=True)
-    for w in [(50, 0), (2**62, 0), (2**63 - 1, 2**63 - 1)]:
+    for w in [(50, 0), (2**62, 0), (2**63 - 1, 2**63 - 1), (2**70, 0)]:
         torch.testing.assert_close(ops.flash_attn_func(q, k, v, window_size=(w[0], 0)), base)
     torch.testing.assert_close(ops.flash_attn_func(q, k, v, window_size=(2**63 - 1, 2**63 - 1)),
                                ops.flash_attn_func(q, k, v))
@@ -807,9 +809,19 @@ def test_flash_attn_nonfinite_rule(monkeypatch):
     vn = v.clone()
     vn[0, 5, 0, 2] = float("inf")
     res = _paths(monkeypatch, run(q, k, vn, causal=True))
-    o_k, o_r = res["kernel"][0], res["reference"][0]
-    for o in (o_k, o_r):
+    _same_pattern(res)
+    for o, _ in res.values():
         assert not torch.isfinite(o[0, 8:, 0, 2]).any() and torch.isfinite(o[0, :8]).all()
+        assert torch.isfinite(o[0, 8:, 0, :2]).all() and torch.isfinite(o[0, :, 1]).all()
+    # varlen: a NaN in one sequence's v never reaches another sequence (all three paths)
+    cu = _cu([5, 4])
+    vv = torch.randn(9, H, D, generator=gen)
+    vv[6, 0, 1] = float("nan")
+    res = _paths(monkeypatch, lambda: tuple(ops.flash_attn_varlen_func(
+        q[0, :9], k[0], vv, cu, cu, 5, 5, return_attn_probs=True)[:2]))
+    _same_pattern(res)
+    for o, _ in res.values():
+        assert torch.isfinite(o[:5]).all() and torch.isnan(o[5:, 0, 1]).all() and torch.isfinite(o[5:, 1]).all()
     # softmax_scale inf / NaN: every row with a key is NaN, rows with no key stay 0 / -inf
     for scale in (float("inf"), float("nan")):
         res = _paths(monkeypatch, run(q, k, v, causal=True, softmax_scale=scale))

@@ -42,7 +42,8 @@ def _window_pair(op, window_size):
     if left < -1 or right < -1:
         raise ValueError(f"{op}: argument 'window_size' must be (left, right) with each >= -1 "
                          f"(-1: unbounded), got {window_size!r}")
-    return left, right
+    # a bound past every sequence length constrains nothing: keep it within int64
+    return min(left, 2**62), min(right, 2**62)
 
 
 def _check_softcap(op, softcap):
