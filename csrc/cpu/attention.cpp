@@ -105,10 +105,10 @@ void run(const FlashParams& p) {
   }
   const int64_t group = p.heads_q / p.heads_kv;
   const bool capped = p.softcap != 0.f;
-  // log2-domain score: x * scale_log2, or tanh(x * cap_in) * cap_out with softcap
-  const float scale_log2 = p.scale * kLog2e;
+  // log2-domain score (as the kernel): x * scale_log2, or tanh(x * cap_in) * scale_log2 with
+  // scale_log2 = softcap * log2 e under softcap
   const float cap_in = capped ? p.scale / p.softcap : 0.f;
-  const float cap_out = capped ? p.softcap * kLog2e : 0.f;
+  const float scale_log2 = capped ? p.softcap * kLog2e : p.scale * kLog2e;
   const T* Q = static_cast<const T*>(p.q);
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
@@ -203,7 +203,7 @@ void run(const FlashParams& p) {
             if (j < j_lo || j >= j_hi) {
               si[j] = kNegInf;
             } else {
-              si[j] = capped ? std::tanh(si[j] * cap_in) * cap_out : si[j] * scale_log2;
+              si[j] = (capped ? std::tanh(si[j] * cap_in) : si[j]) * scale_log2;
             }
           }
           // 3c. online softmax

@@ -223,11 +223,10 @@ flash_fwd_kernel(const FlashParams p) {
   for (int i = 0; i < Tile::kDTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F};  // running max (log2 units) of rows g, g+8
   float l_run[2] = {0.f, 0.f};                      // this thread's partial running sums
-  const float scale_log2 = p.scale * kLog2e;
-  // softcap: x = tanh(s * cap_in) * cap_out (log2 units) instead of s * scale_log2
+  // score in log2 units: s * scale_log2, or with softcap tanh(s * cap_in) * (softcap log2 e)
   const bool capped = p.softcap != 0.f;
   const float cap_in = capped ? p.scale / p.softcap : 0.f;
-  const float cap_out = capped ? p.softcap * kLog2e : 0.f;
+  const float scale_log2 = capped ? p.softcap * kLog2e : p.scale * kLog2e;
   const int64_t row_g = m0 + warp * Tile::kWarpRows + g;  // global row of c0/c1 (c2/c3: +8)
 
   for (int nb = nb_begin; nb < nb_end; ++nb) {
@@ -271,8 +270,16 @@ flash_fwd_kernel(const FlashParams p) {
       }
     }
 
-    // 5. Mask (tail keys; keys outside the row's causal/window range), softcap, scale to log2
-    //    units, online softmax.
+    // 5. Softcap (a warp-uniform branch around the whole tile, so the plain path never pays for
+    //    tanh), mask (tail keys; keys outside the row's causal/window range), scale to log2 units,
+    //    online softmax.
+    if (capped) {
+#pragma unroll
+      for (int nt = 0; nt < Tile::kNTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = tanhf(s[nt][e] * cap_in);
+      }
+    }
     const bool need_mask = lo_max > n0 || hi_min < n0 + BN - 1;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -288,8 +295,7 @@ flash_fwd_kernel(const FlashParams p) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int col = nt * 8 + 2 * t + e;  // key index inside the block
-          const float sv = s[nt][half * 2 + e];
-          float x = capped ? tanhf(sv * cap_in) * cap_out : sv * scale_log2;
+          float x = s[nt][half * 2 + e] * scale_log2;
           if (need_mask && (col < first_key || col > last_key)) x = -CUDART_INF_F;
           s[nt][half * 2 + e] = x;
           mx = fmaxf(mx, x);
