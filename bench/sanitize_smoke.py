@@ -83,15 +83,18 @@ for dt in (torch.float16, torch.bfloat16):
     for (B, Sq, Sk, Hq, Hkv, D, causal) in ((1, 77, 77, 4, 4, 64, False), (2, 33, 129, 4, 2, 128, True),
                                            (1, 129, 33, 2, 1, 64, True), (2, 1, 2049, 8, 2, 128, False)):
         q, k, v = (torch.randn(B, S, H, D).to(dt) for S, H in ((Sq, Hq), (Sk, Hkv), (Sk, Hkv)))
-        f = lambda q, k, v: ops.flash_attn_func(q, k, v, None, causal)
+        f = lambda q, k, v: ops.flash_attn_func(q, k, v, causal=causal)
         check(f"flash_attn_func {dt} B{B} {Sq}x{Sk} H{Hq}/{Hkv} D{D} causal={causal}", *both(f, q, k, v), 2e-2)
+        fw = lambda q, k, v: ops.flash_attn_func(q, k, v, causal=causal, window_size=(40, 3), softcap=20.0)
+        check(f"flash_attn_func {dt} B{B} {Sq}x{Sk} D{D} causal={causal} window=(40,3) softcap=20",
+              *both(fw, q, k, v), 2e-2)
         if DEV == "cuda" and torch.cuda.get_device_capability() == (9, 0) and Sq > 1:
             os.environ["HIRES_LMM_ATTN_SM90"] = "1"
             check(f"flash_attn_func[sm90a] {dt} {Sq}x{Sk} D{D}", *both(f, q, k, v), 2e-2)
             os.environ.pop("HIRES_LMM_ATTN_SM90")
     cu = torch.tensor([0, 17, 17, 81, 82], dtype=torch.int32)
     q, k, v = (torch.randn(82, 4, 64).to(dt) for _ in range(3))
-    f = lambda q, k, v, cu: ops.flash_attn_varlen_func(q, k, v, cu, cu, 64, 64, None, True)
+    f = lambda q, k, v, cu: ops.flash_attn_varlen_func(q, k, v, cu, cu, 64, 64, causal=True)
     check(f"flash_attn_varlen_func {dt}", *both(f, q, k, v, cu), 2e-2)
 
 if DEV == "cuda":

@@ -1,5 +1,7 @@
 // Binding of the attention family: schemas, argument checks, CPU and CUDA dispatch.
-//   flash_attn_func, flash_attn_varlen_func
+//   flash_attn_func, flash_attn_varlen_func: return (out, softmax_lse); the Python wrappers
+//   (flash-attn 2 signatures) drop the lse unless return_attn_probs=True. Sliding window and
+//   softcap follow flash-attn (see kernels/attention/flash_params.h).
 // Kernel: kernels/attention/flash_fwd.cuh (launcher csrc/cuda/flash_attn.cu); CPU twin:
 // csrc/cpu/attention.cpp. On CUDA the tensor-core kernel covers fp16/bf16 with head_dim 64 or
 // 128; other CUDA cases (fp32, other head dims) run `attention_math` below: ATen ops, the same
@@ -14,6 +16,7 @@
 #include <cstdlib>
 #include <limits>
 #include <string>
+#include <tuple>
 
 #include "csrc/common.h"
 #include "csrc/cpu/attention.h"
@@ -58,6 +61,7 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
               " heads of 'q' (GQA/MQA need heads_q % heads_kv == 0)");
   if (rank == 4) {
     HIRES_CHECK(k.size(0) == q.size(0), op, "k", "has batch ", k.size(0), " but 'q' has batch ", q.size(0));
+    HIRES_CHECK(v.size(0) == q.size(0), op, "v", "has batch ", v.size(0), " but 'q' has batch ", q.size(0));
   }
   if (q.is_cpu()) {
     HIRES_CHECK(D <= kMaxHeadDimCpu, op, "q", "has head_dim ", D, "; the CPU kernel supports up to ",
@@ -95,28 +99,53 @@ bool use_kernel(const at::Tensor& q) {
 #endif
 }
 
+// Masking and score options of one call (flash-attn's window_size and softcap; windows already
+// clamped by `resolve_window`, causal folded in as right = 0 by the kernels and here alike).
+struct AttnOptions {
+  double scale = 1.0;
+  bool causal = false;
+  int64_t window_left = -1, window_right = -1;
+  double softcap = 0.0;
+};
+
 // Same semantics with ATen ops (any device, any dtype, any head dim), O(S^2) memory: the CUDA
 // fallback for fp32 and head dims without a kernel. Varlen builds a block-diagonal mask on the
-// device from cu_seqlens (no host sync).
-at::Tensor attention_math(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const at::Tensor& cu_q, const at::Tensor& cu_k, double scale, bool causal) {
+// device from cu_seqlens (no host sync). Returns (o, lse): lse (B, Hq, Sq) fp32 natural log
+// (varlen (Hq, total_q)) with the kernels' non-finite rule: rows that see no key get o = 0 and
+// lse = -inf; rows whose visible scores are all -inf get o = NaN; NaN scores give NaN.
+std::tuple<at::Tensor, at::Tensor> attention_math_lse(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v, const at::Tensor& cu_q,
+                                                      const at::Tensor& cu_k, const AttnOptions& opt) {
   const bool varlen = cu_q.defined();
+  const float kNegInf = -std::numeric_limits<float>::infinity();
   // -> (B, H, S, D) fp32
   at::Tensor qh = varlen ? q.unsqueeze(0) : q, kh = varlen ? k.unsqueeze(0) : k,
              vh = varlen ? v.unsqueeze(0) : v;
   qh = qh.transpose(1, 2).to(at::kFloat);
   kh = kh.transpose(1, 2).to(at::kFloat);
   vh = vh.transpose(1, 2).to(at::kFloat);
+  const int64_t Sq = qh.size(2), Sk = kh.size(2);
+  const auto fopts = q.options().dtype(at::kFloat);
+  if (Sk == 0) {  // no key at all: every row sees nothing
+    at::Tensor o = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor lse = at::full({qh.size(0), qh.size(1), Sq}, kNegInf, fopts);
+    return {o, varlen ? lse.squeeze(0) : lse};
+  }
   const int64_t group = qh.size(1) / kh.size(1);
   if (group > 1) {
     kh = kh.repeat_interleave(group, 1);
     vh = vh.repeat_interleave(group, 1);
   }
-  at::Tensor s = at::matmul(qh, kh.transpose(-1, -2)) * scale;
-  const int64_t Sq = qh.size(2), Sk = kh.size(2);
+  at::Tensor s = at::matmul(qh, kh.transpose(-1, -2));
+  if (opt.softcap != 0.0) {
+    s = at::tanh(s * (opt.scale / opt.softcap)) * opt.softcap;
+  } else {
+    s = s * opt.scale;
+  }
   const auto lopts = at::TensorOptions().dtype(at::kLong).device(q.device());
   at::Tensor iq = at::arange(Sq, lopts), jk = at::arange(Sk, lopts);
-  at::Tensor allowed;
+  // positions inside the sequence and the bottom-right offset diag = Sk - Sq of each query
+  at::Tensor pos_q = iq, pos_k = jk, diag, allowed;
   if (varlen) {
     at::Tensor cq = cu_q.to(at::kLong), ck = cu_k.to(at::kLong);
     const int64_t nb = cq.size(0) - 1;
@@ -124,21 +153,109 @@ at::Tensor attention_math(const at::Tensor& q, const at::Tensor& k, const at::Te
     at::Tensor seg_q = at::searchsorted(cq.slice(0, 1), iq, /*out_int32=*/false, /*right=*/true);
     at::Tensor seg_k = at::searchsorted(ck.slice(0, 1), jk, false, true);
     at::Tensor sq = seg_q.clamp_max(nb - 1), sk = seg_k.clamp_max(nb - 1);
-    at::Tensor pos_q = iq - cq.index_select(0, sq), pos_k = jk - ck.index_select(0, sk);
+    pos_q = iq - cq.index_select(0, sq);
+    pos_k = jk - ck.index_select(0, sk);
     allowed = seg_q.unsqueeze(1) == seg_k.unsqueeze(0);
     allowed = allowed & (seg_q < nb).unsqueeze(1);
-    if (causal) {
-      at::Tensor diag = (ck.index_select(0, sq + 1) - ck.index_select(0, sq)) -
-                        (cq.index_select(0, sq + 1) - cq.index_select(0, sq));
-      allowed = allowed & (pos_k.unsqueeze(0) <= (pos_q + diag).unsqueeze(1));
-    }
-  } else if (causal) {
-    allowed = jk.unsqueeze(0) <= (iq + (Sk - Sq)).unsqueeze(1);
+    diag = (ck.index_select(0, sq + 1) - ck.index_select(0, sq)) -
+           (cq.index_select(0, sq + 1) - cq.index_select(0, sq));
+  } else {
+    diag = at::full({Sq}, Sk - Sq, lopts);
   }
-  if (allowed.defined()) s = s.masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
-  at::Tensor p = at::softmax(s, -1).nan_to_num(0.0);  // rows that see no key -> 0
-  at::Tensor o = at::matmul(p, vh).transpose(1, 2).to(q.scalar_type());
-  return (varlen ? o.squeeze(0) : o).contiguous();
+  const int64_t right = opt.causal ? 0 : opt.window_right;
+  at::Tensor center = (pos_q + diag).unsqueeze(1);  // key aligned with each query
+  if (right >= 0) {
+    at::Tensor m = pos_k.unsqueeze(0) <= center + right;
+    allowed = allowed.defined() ? allowed & m : m;
+  }
+  if (opt.window_left >= 0) {
+    at::Tensor m = pos_k.unsqueeze(0) >= center - opt.window_left;
+    allowed = allowed.defined() ? allowed & m : m;
+  }
+  at::Tensor has_keys;  // (Sq, 1)
+  if (allowed.defined()) {
+    s = s.masked_fill(allowed.logical_not(), kNegInf);
+    has_keys = allowed.any(-1, /*keepdim=*/true);
+  }
+  // lse = m + log(sum exp(s - m)) with m -> 0 where m == -inf (as the kernels)
+  at::Tensor mx = std::get<0>(s.max(-1, /*keepdim=*/true));
+  at::Tensor m_use = at::where(mx == kNegInf, at::zeros_like(mx), mx);
+  at::Tensor e = at::exp(s - m_use);
+  at::Tensor l = e.sum(-1, /*keepdim=*/true);
+  at::Tensor lse = (m_use + at::log(l)).squeeze(-1);
+  at::Tensor p = e / l;  // l == 0: 0/0 = NaN (a row whose visible scores are all -inf)
+  if (has_keys.defined()) p = at::where(has_keys, p, at::zeros_like(p));  // rows that see no key -> 0
+  at::Tensor o = at::matmul(p, vh);
+  // A NaN/inf in a V row must reach only the rows that see that key; p @ v multiplies masked keys'
+  // rows by 0 (0 * inf = NaN, across sequences in varlen). On the CPU (where the check is a free
+  // host read) such V rows are zeroed and their exact contribution is added through indicator
+  // products; on CUDA that would cost a host sync per call, so the documented exception stays.
+  if (q.is_cpu() && !at::isfinite(vh).all().item<bool>()) {
+    const at::Tensor vis = allowed.defined() ? allowed.to(at::kFloat) : at::ones({Sq, Sk}, fopts);
+    const at::Tensor pos = (p > 0).to(at::kFloat);  // visible keys with a nonzero weight
+    const float kInf = std::numeric_limits<float>::infinity();
+    const at::Tensor n_nan = at::matmul(vis, at::isnan(vh).to(at::kFloat));
+    const at::Tensor n_inf = at::matmul(vis, at::isinf(vh).to(at::kFloat));
+    const at::Tensor n_pos = at::matmul(pos, (vh == kInf).to(at::kFloat));
+    const at::Tensor n_neg = at::matmul(pos, (vh == -kInf).to(at::kFloat));
+    o = at::matmul(p, at::where(at::isfinite(vh), vh, at::zeros_like(vh)));
+    // NaN: a visible NaN, a visible inf times a zero (or NaN) weight, or +inf and -inf together
+    const at::Tensor nan = (n_nan > 0.5) | (n_inf - n_pos - n_neg > 0.5) | ((n_pos > 0.5) & (n_neg > 0.5));
+    o = at::where(n_pos > 0.5, at::full({}, kInf, fopts), o);
+    o = at::where(n_neg > 0.5, at::full({}, -kInf, fopts), o);
+    o = at::where(nan, at::full({}, std::numeric_limits<float>::quiet_NaN(), fopts), o);
+  }
+  o = o.transpose(1, 2).to(q.scalar_type());
+  o = (varlen ? o.squeeze(0) : o).contiguous();
+  return {o, varlen ? lse.squeeze(0).contiguous() : lse.contiguous()};
+}
+
+// The pre-window entry point (out only), kept for callers inside this file.
+[[maybe_unused]] at::Tensor attention_math(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& cu_q, const at::Tensor& cu_k, double scale, bool causal) {
+  AttnOptions opt;
+  opt.scale = scale;
+  opt.causal = causal;
+  return std::get<0>(attention_math_lse(q, k, v, cu_q, cu_k, opt));
+}
+
+// Checks window_size and softcap and clamps a window bound that cannot bind to -1: left >= the
+// longest key sequence (max_k) or right >= the longest query sequence (max_q) constrains nothing,
+// and the kernels' index arithmetic then stays within the tensor sizes.
+AttnOptions resolve_options(const char* op, double scale, bool causal, int64_t window_left,
+                            int64_t window_right, double softcap, int64_t max_q, int64_t max_k) {
+  HIRES_CHECK(window_left >= -1, op, "window_size", "must be (left, right) with each >= -1 (-1: unbounded), got left ",
+              window_left);
+  HIRES_CHECK(window_right >= -1, op, "window_size", "must be (left, right) with each >= -1 (-1: unbounded), got right ",
+              window_right);
+  HIRES_CHECK(std::isfinite(softcap) && softcap >= 0.0, op, "softcap",
+              "must be a finite value >= 0 (0: off), got ", softcap);
+  AttnOptions opt;
+  opt.scale = scale;
+  opt.causal = causal;
+  opt.window_left = window_left >= max_k ? -1 : window_left;
+  opt.window_right = causal ? 0 : (window_right >= max_q ? -1 : window_right);
+  opt.softcap = softcap;
+  return opt;
+}
+
+void fill_options(FlashParams& prm, const AttnOptions& opt) {
+  prm.scale = static_cast<float>(opt.scale);
+  prm.causal = opt.causal;
+  prm.window_left = opt.window_left;
+  prm.window_right = opt.window_right;
+  prm.softcap = static_cast<float>(opt.softcap);
+}
+
+// The CUDA grid's y (heads) and z (batch) limits, checked before launch with the argument named.
+void check_cuda_grid(const char* op, const at::Tensor& q, int64_t heads_q, int64_t batch,
+                     const char* batch_arg) {
+  if (q.is_cpu()) return;
+  constexpr int64_t kMaxGridYZ = 65535;
+  HIRES_CHECK(heads_q <= kMaxGridYZ, op, "q", "has ", heads_q, " heads; the CUDA kernel supports up to ",
+              kMaxGridYZ);
+  HIRES_CHECK(batch <= kMaxGridYZ, op, batch_arg, "gives a batch of ", batch,
+              "; the CUDA kernel supports up to ", kMaxGridYZ);
 }
 
 // Parallel units the split-KV heuristic fills: SMs on CUDA, intra-op threads on the CPU.
@@ -190,34 +307,49 @@ void fill_strides(FlashParams& prm, const at::Tensor& q, const at::Tensor& k, co
   prm.head_dim = q.size(-1);
 }
 
-at::Tensor flash_attn_func(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                           c10::optional<double> softmax_scale, bool causal) {
+std::tuple<at::Tensor, at::Tensor> flash_attn_func(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                   const at::Tensor& v_in,
+                                                   c10::optional<double> softmax_scale, bool causal,
+                                                   int64_t window_size_left, int64_t window_size_right,
+                                                   double softcap) {
   const char* op = "flash_attn_func";
   check_qkv(op, q_in, k_in, v_in, 4);
-  const double scale = resolve_scale(softmax_scale, q_in.size(-1));
-  if (!use_kernel(q_in)) return attention_math(q_in, k_in, v_in, at::Tensor(), at::Tensor(), scale, causal);
+  AttnOptions opt = resolve_options(op, resolve_scale(softmax_scale, q_in.size(-1)), causal, window_size_left,
+                                    window_size_right, softcap, q_in.size(1), k_in.size(1));
+  if (!use_kernel(q_in)) return attention_math_lse(q_in, k_in, v_in, at::Tensor(), at::Tensor(), opt);
+  check_cuda_grid(op, q_in, q_in.size(2), q_in.size(0), "q");
   at::Tensor q = prepare(q_in);
   const at::Tensor k = prepare(k_in), v = prepare(v_in);
   at::Tensor o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  if (o.numel() == 0) return o;
+  // softmax_lse (B, Hq, Sq) fp32, natural log
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  if (o.numel() == 0) return {o, lse};
   // Decode with GQA (one query, g = Hq / Hkv > 1): the g query heads that share a kv head become
   // g query rows of one kv head (views, no copy), so each K/V tile is read once per kv head
-  // instead of once per q head. Causal is moot for one query (it sees every key).
+  // instead of once per q head. Causal and a right window are moot for one query (it sees every
+  // key up to the last); a left window is not, so it keeps the plain layout.
   at::Tensor o_run = o;
+  int64_t lse_head_stride = lse.stride(1), lse_row_stride = lse.stride(2);
   const int64_t group = q.size(2) / k.size(2);
-  if (q.size(1) == 1 && group > 1) {
+  if (q.size(1) == 1 && group > 1 && opt.window_left < 0) {
     const int64_t B = q.size(0), Hkv = k.size(2), D = q.size(3);
     q = q.view({B, Hkv, group, D}).transpose(1, 2);      // (B, g, Hkv, D)
     o_run = o.view({B, Hkv, group, D}).transpose(1, 2);  // written in place through the view
-    causal = false;
+    opt.causal = false;
+    opt.window_right = -1;
+    lse_head_stride = group;  // "row" r of kv head hk is q head hk * g + r
+    lse_row_stride = 1;
   }
   FlashParams prm;
   fill_strides(prm, q, k, v, o_run);
   prm.batch = q.size(0);
   prm.seqlen_q = q.size(1);
   prm.seqlen_k = k.size(1);
-  prm.scale = static_cast<float>(scale);
-  prm.causal = causal;
+  fill_options(prm, opt);
+  prm.lse = lse.data_ptr<float>();
+  prm.lse_batch_stride = lse.stride(0);
+  prm.lse_head_stride = lse_head_stride;
+  prm.lse_row_stride = lse_row_stride;
   // Split-KV when the (Q block, head, batch) items do not fill the machine (decode).
   const int64_t m_blocks = (prm.seqlen_q + FlashTileShape::kBlockM - 1) / FlashTileShape::kBlockM;
   const int64_t k_blocks = (prm.seqlen_k + FlashTileShape::kBlockN - 1) / FlashTileShape::kBlockN;
@@ -234,7 +366,7 @@ at::Tensor flash_attn_func(const at::Tensor& q_in, const at::Tensor& k_in, const
     prm.lse_accum = lse_accum.data_ptr<float>();
   }
   run_kernel(op, prm, q);
-  return o;
+  return {o, lse};
 }
 
 void check_cu_seqlens(const char* op, const char* arg, const at::Tensor& cu, const at::Tensor& q,
@@ -271,11 +403,11 @@ void check_cu_values(const char* op, const char* arg, const at::Tensor& cu, int6
               "' holds a sequence of length ", longest);
 }
 
-at::Tensor flash_attn_varlen_func(const at::Tensor& q_in, const at::Tensor& k_in,
-                                  const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
-                                  const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                  int64_t max_seqlen_k, c10::optional<double> softmax_scale,
-                                  bool causal) {
+std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_func(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+    int64_t max_seqlen_k, c10::optional<double> softmax_scale, bool causal, int64_t window_size_left,
+    int64_t window_size_right, double softcap) {
   const char* op = "flash_attn_varlen_func";
   check_qkv(op, q_in, k_in, v_in, 3);
   check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q_in, -1);
@@ -284,33 +416,48 @@ at::Tensor flash_attn_varlen_func(const at::Tensor& q_in, const at::Tensor& k_in
   HIRES_CHECK(max_seqlen_k >= 0, op, "max_seqlen_k", "must be >= 0, got ", max_seqlen_k);
   check_cu_values(op, "cu_seqlens_q", cu_seqlens_q, q_in.size(0), max_seqlen_q, "max_seqlen_q");
   check_cu_values(op, "cu_seqlens_k", cu_seqlens_k, k_in.size(0), max_seqlen_k, "max_seqlen_k");
-  const double scale = resolve_scale(softmax_scale, q_in.size(-1));
+  // max_seqlen_* are only bounds: no sequence is longer than its packed tensor, so the work (CPU
+  // items, CUDA grid x) is sized by min(max_seqlen, total tokens), never by a huge bound.
+  const int64_t total_q = q_in.size(0), total_k = k_in.size(0);
+  const int64_t bound_q = std::min(max_seqlen_q, total_q), bound_k = std::min(max_seqlen_k, total_k);
+  const AttnOptions opt = resolve_options(op, resolve_scale(softmax_scale, q_in.size(-1)), causal,
+                                          window_size_left, window_size_right, softcap, total_q, total_k);
   const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
-  if (!use_kernel(q_in)) return attention_math(q_in, k_in, v_in, cq, ck, scale, causal);
-  const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
-  // zeros: tokens past cu_seqlens_q[-1] belong to no sequence and are not written by the kernel
-  at::Tensor o = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  if (!use_kernel(q_in)) return attention_math_lse(q_in, k_in, v_in, cq, ck, opt);
   const int64_t batch = cq.size(0) - 1;
-  if (o.numel() == 0 || batch == 0 || max_seqlen_q == 0) return o;
+  check_cuda_grid(op, q_in, q_in.size(1), batch, "cu_seqlens_q");
+  const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
+  // zeros / -inf: tokens past cu_seqlens_q[-1] belong to no sequence and are not written by the
+  // kernel (they see no key)
+  at::Tensor o = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  // softmax_lse (Hq, total_q) fp32, natural log (flash-attn's varlen layout)
+  at::Tensor lse = at::full({q.size(1), total_q}, -std::numeric_limits<float>::infinity(),
+                            q.options().dtype(at::kFloat));
+  if (o.numel() == 0 || batch == 0 || bound_q == 0) return {o, lse};
   FlashParams prm;
   fill_strides(prm, q, k, v, o);
   prm.cu_seqlens_q = cq.data_ptr<int>();
   prm.cu_seqlens_k = ck.data_ptr<int>();
   prm.batch = batch;
-  prm.seqlen_q = max_seqlen_q;
-  prm.seqlen_k = max_seqlen_k;
-  prm.scale = static_cast<float>(scale);
-  prm.causal = causal;
+  prm.seqlen_q = bound_q;
+  prm.seqlen_k = bound_k;
+  fill_options(prm, opt);
+  prm.lse = lse.data_ptr<float>();
+  prm.lse_batch_stride = 0;  // varlen rows are packed token indices
+  prm.lse_head_stride = lse.stride(0);
+  prm.lse_row_stride = lse.stride(1);
   run_kernel(op, prm, q);
-  return o;
+  return {o, lse};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hires_lmm, m) {
-  m.def("flash_attn_func(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False) -> Tensor");
+  m.def("flash_attn_func(Tensor q, Tensor k, Tensor v, float? softmax_scale=None, bool causal=False, "
+        "int window_size_left=-1, int window_size_right=-1, float softcap=0.0) -> (Tensor out, Tensor softmax_lse)");
   m.def("flash_attn_varlen_func(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-        "SymInt max_seqlen_q, SymInt max_seqlen_k, float? softmax_scale=None, bool causal=False) -> Tensor");
+        "SymInt max_seqlen_q, SymInt max_seqlen_k, float? softmax_scale=None, bool causal=False, "
+        "int window_size_left=-1, int window_size_right=-1, float softcap=0.0) -> (Tensor out, Tensor softmax_lse)");
 }
 
 HIRES_BIND_CPU_CUDA(bind_attention) {

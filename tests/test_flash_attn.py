@@ -10,34 +10,36 @@ import torch
 
 import hires_lmm
 from hires_lmm import ops, reference
+from hires_lmm.reference import attention as _ref_attn
 from conftest import DEVICES, DTYPES, HAS_CUDA, NO_CUDA_REASON
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
-def _same_dtype(q, k, v, scale, causal):
-    """Attention computed in q's dtype (no upcast): the baseline the kernel must not exceed 2x."""
+def _same_dtype(q, k, v, scale, causal, window=(-1, -1), softcap=0.0):
+    """Attention computed in q's dtype (no upcast): the baseline the kernel must not exceed 2x.
+    (Finite inputs only: rows that see no key -> 0.)"""
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if Hq != Hkv:
         kh = kh.repeat_interleave(Hq // Hkv, 1)
         vh = vh.repeat_interleave(Hq // Hkv, 1)
-    s = (qh @ kh.transpose(-1, -2)) * scale
-    if causal:
-        i = torch.arange(Sq).view(-1, 1)
-        j = torch.arange(Sk).view(1, -1)
-        s = s.masked_fill(j > i + (Sk - Sq), float("-inf"))
+    s = (qh @ kh.transpose(-1, -2))
+    s = torch.tanh(s * (scale / softcap)) * softcap if softcap else s * scale
+    if causal or window != (-1, -1):
+        vis = _ref_attn._visible(Sq, Sk, causal, window[0], window[1], q.device)
+        s = s.masked_fill(~vis, float("-inf"))
     p = torch.softmax(s, -1).nan_to_num(0.0)
     return (p @ vh).transpose(1, 2)
 
 
-def _same_dtype_varlen(q, k, v, cu_q, cu_k, scale, causal):
+def _same_dtype_varlen(q, k, v, cu_q, cu_k, scale, causal, window=(-1, -1), softcap=0.0):
     out = torch.zeros_like(q)
     cq, ck = cu_q.tolist(), cu_k.tolist()
     for b in range(len(cq) - 1):
         out[cq[b]:cq[b + 1]] = _same_dtype(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]],
-                                           v[None, ck[b]:ck[b + 1]], scale, causal)[0]
+                                           v[None, ck[b]:ck[b + 1]], scale, causal, window, softcap)[0]
     return out
 
 
@@ -83,7 +85,7 @@ def test_flash_attn_dense(shape, causal, dtype, device):
     v = _rand((B, Sk, Hkv, D), dtype, device, gen)
     out = ops.flash_attn_func(q, k, v, causal=causal)
     assert out.shape == q.shape and out.device == q.device
-    ref64 = reference.flash_attn_func(q.double().cpu(), k.double().cpu(), v.double().cpu(), None, causal)
+    ref64 = reference.flash_attn_func(q.double().cpu(), k.double().cpu(), v.double().cpu(), causal=causal)
     same = _same_dtype(q.cpu(), k.cpu(), v.cpu(), 1.0 / math.sqrt(D), causal)
     _check(out, ref64, same, dtype)
     if causal and Sq > Sk:  # rows i < Sq - Sk see no key -> exactly 0
@@ -100,7 +102,7 @@ def test_flash_attn_long_2049(causal, device):
     k = _rand((1, 2049, 1, 64), dtype, device, gen)
     v = _rand((1, 2049, 1, 64), dtype, device, gen)
     out = ops.flash_attn_func(q, k, v, causal=causal)
-    ref64 = reference.flash_attn_func(q.double().cpu(), k.double().cpu(), v.double().cpu(), None, causal)
+    ref64 = reference.flash_attn_func(q.double().cpu(), k.double().cpu(), v.double().cpu(), causal=causal)
     _check(out, ref64, _same_dtype(q.cpu(), k.cpu(), v.cpu(), 0.125, causal), dtype)
 
 
@@ -114,7 +116,7 @@ def test_flash_attn_decode(sq, dtype, device):
     k = _rand((2, 300, 2, 128), dtype, device, gen)
     v = _rand((2, 300, 2, 128), dtype, device, gen)
     out = ops.flash_attn_func(q, k, v, causal=True)
-    ref64 = reference.flash_attn_func(q.double().cpu(), k.double().cpu(), v.double().cpu(), None, True)
+    ref64 = reference.flash_attn_func(q.double().cpu(), k.double().cpu(), v.double().cpu(), causal=True)
     _check(out, ref64, _same_dtype(q.cpu(), k.cpu(), v.cpu(), 128 ** -0.5, True), dtype)
 
 
@@ -131,7 +133,7 @@ def test_flash_attn_split_kv(sq, causal, splits, dtype, device, monkeypatch):
     k = _rand((2, 390, 2, 64), dtype, device, gen)
     v = _rand((2, 390, 2, 64), dtype, device, gen)
     out = ops.flash_attn_func(q, k, v, causal=causal)
-    ref64 = reference.flash_attn_func(q.double().cpu(), k.double().cpu(), v.double().cpu(), None, causal)
+    ref64 = reference.flash_attn_func(q.double().cpu(), k.double().cpu(), v.double().cpu(), causal=causal)
     _check(out, ref64, _same_dtype(q.cpu(), k.cpu(), v.cpu(), 0.125, causal), dtype)
 
 
@@ -142,7 +144,7 @@ def test_flash_attn_split_kv_no_keys(monkeypatch):
     k, v = torch.randn(1, 260, 2, 64), torch.randn(1, 260, 2, 64)
     out = ops.flash_attn_func(q, k, v, causal=True)
     assert (out[:, :40] == 0).all()
-    ref64 = reference.flash_attn_func(q.double(), k.double(), v.double(), None, True)
+    ref64 = reference.flash_attn_func(q.double(), k.double(), v.double(), causal=True)
     assert _err(out, ref64) < 1e-5
 
 
@@ -157,7 +159,7 @@ def test_flash_attn_noncontiguous_and_scale(dtype, device):
     assert not q.is_contiguous() and k.stride(-1) == 2
     out = ops.flash_attn_func(q, k, v, softmax_scale=0.3, causal=True)
     assert out.is_contiguous()
-    ref64 = reference.flash_attn_func(q.double().cpu(), k.double().cpu(), v.double().cpu(), 0.3, True)
+    ref64 = reference.flash_attn_func(q.double().cpu(), k.double().cpu(), v.double().cpu(), softmax_scale=0.3, causal=True)
     _check(out, ref64, _same_dtype(q.cpu(), k.cpu(), v.cpu(), 0.3, True), dtype)
 
 
@@ -185,7 +187,7 @@ def test_flash_attn_varlen(case, causal, dtype, device):
                                      causal=causal)
     assert out.shape == q.shape
     ref64 = reference.flash_attn_varlen_func(q.double().cpu(), k.double().cpu(), v.double().cpu(),
-                                             cu_q, cu_k, max(lq), max(lk), None, causal)
+                                             cu_q, cu_k, max(lq), max(lk), causal=causal)
     same = _same_dtype_varlen(q.cpu(), k.cpu(), v.cpu(), cu_q, cu_k, D ** -0.5, causal)
     _check(out, ref64, same, dtype)
 
@@ -214,14 +216,14 @@ def test_flash_attn_math_fallback(causal, monkeypatch):
     q, k, v = torch.randn(2, 40, 4, 80, generator=gen), torch.randn(2, 30, 2, 80, generator=gen), \
         torch.randn(2, 30, 2, 80, generator=gen)
     out = ops.flash_attn_func(q, k, v, causal=causal)
-    ref = reference.flash_attn_func(q.double(), k.double(), v.double(), None, causal)
+    ref = reference.flash_attn_func(q.double(), k.double(), v.double(), causal=causal)
     assert _err(out, ref) < 1e-5
     lq, lk = [0, 1, 33, 6], [4, 1, 20, 0]
     cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32)
     cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32)
     q, k, v = torch.randn(sum(lq) + 3, 4, 64), torch.randn(sum(lk), 2, 64), torch.randn(sum(lk), 2, 64)
     out = ops.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 33, 20, causal=causal)
-    ref = reference.flash_attn_varlen_func(q.double(), k.double(), v.double(), cu_q, cu_k, 33, 20, None, causal)
+    ref = reference.flash_attn_varlen_func(q.double(), k.double(), v.double(), cu_q, cu_k, 33, 20, causal=causal)
     assert _err(out[: sum(lq)], ref[: sum(lq)]) < 1e-5
     assert (out[sum(lq):] == 0).all()  # tokens past cu_seqlens_q[-1] belong to no sequence
 
@@ -257,7 +259,7 @@ def test_flash_attn_grad():
     g = torch.randn(1, 19, 4, 64, generator=gen)
     ops.flash_attn_func(q, k, v, causal=True).backward(g)
     leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    reference.flash_attn_func(*leaves, None, True).backward(g.double())
+    reference.flash_attn_func(*leaves, causal=True).backward(g.double())
     for ours, ref in zip((q, k, v), leaves):
         torch.testing.assert_close(ours.grad.double(), ref.grad, atol=1e-4, rtol=1e-4)
 
@@ -271,7 +273,7 @@ def test_flash_attn_varlen_grad():
     g = torch.randn(17, 2, 64, generator=gen)
     ops.flash_attn_varlen_func(q, k, v, cu, cu, 12, 12, causal=True).backward(g)
     leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    reference.flash_attn_varlen_func(*leaves, cu, cu, 12, 12, None, True).backward(g.double())
+    reference.flash_attn_varlen_func(*leaves, cu, cu, 12, 12, causal=True).backward(g.double())
     for ours, ref in zip((q, k, v), leaves):
         torch.testing.assert_close(ours.grad.double(), ref.grad, atol=1e-4, rtol=1e-4)
 
@@ -282,6 +284,9 @@ def test_flash_attn_opcheck():
     k = torch.randn(2, 11, 2, 64, generator=gen, requires_grad=True)
     v = torch.randn(2, 11, 2, 64, generator=gen, requires_grad=True)
     torch.library.opcheck(torch.ops.hires_lmm.flash_attn_func.default, (q, k, v, 0.2, True))
+    # window + softcap (softmax_lse is the second output, without gradient)
+    torch.library.opcheck(torch.ops.hires_lmm.flash_attn_func.default, (q, k, v, 0.2, False, 5, 3, 2.0),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_flash_attn_varlen_opcheck():
@@ -292,7 +297,7 @@ def test_flash_attn_varlen_opcheck():
     k = torch.randn(8, 1, 64, generator=gen, requires_grad=True)
     v = torch.randn(8, 1, 64, generator=gen, requires_grad=True)
     torch.library.opcheck(torch.ops.hires_lmm.flash_attn_varlen_func.default,
-                          (q, k, v, cu_q, cu_k, 7, 6, None, True))
+                          (q, k, v, cu_q, cu_k, 7, 6, None, False, 2, 1, 1.5))
 
 
 def test_flash_attn_compile_fullgraph():
@@ -376,6 +381,45 @@ def test_flash_attn_cuda_matches_cpu_twin(D, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [64, 128])
+def test_flash_attn_cuda_window_softcap_matches_cpu_twin(D, dtype):
+    """Windows (block skipping on both sides), softcap and lse: the CUDA kernel against its twin."""
+    gen = torch.Generator().manual_seed(D + 1)
+    q = _rand((2, 200, 4, D), dtype, "cpu", gen)
+    k = _rand((2, 333, 2, D), dtype, "cpu", gen)
+    v = _rand((2, 333, 2, D), dtype, "cpu", gen)
+    ulp = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    for causal, window, softcap in [(True, (70, -1), 0.0), (False, (100, 3), 20.0), (False, (-1, 0), 0.0),
+                                    (True, (-1, -1), 5.0)]:
+        cpu, cpu_lse, _ = ops.flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                                              return_attn_probs=True)
+        gpu, gpu_lse, _ = ops.flash_attn_func(q.cuda(), k.cuda(), v.cuda(), causal=causal, window_size=window,
+                                              softcap=softcap, return_attn_probs=True)
+        torch.testing.assert_close(gpu.cpu().float(), cpu.float(), atol=ulp, rtol=ulp)
+        torch.testing.assert_close(gpu_lse.cpu(), cpu_lse, atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+def test_flash_attn_cuda_varlen_huge_bound_and_nonfinite():
+    """CUDA: a 2**40 max_seqlen bound sizes the grid by the real tokens; NaN rule as on the CPU."""
+    dtype = torch.bfloat16
+    cu = torch.tensor([0, 100, 101, 357], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(357, 4, 128, dtype=dtype, device="cuda") for _ in range(3))
+    exp = ops.flash_attn_varlen_func(q, k, v, cu, cu, 256, 256, causal=True)
+    got = ops.flash_attn_varlen_func(q, k, v, cu, cu, 2**40, 2**40, causal=True)
+    torch.testing.assert_close(got, exp, atol=0, rtol=0)
+    qn = q.clone()
+    qn[5, 1, 0] = float("nan")
+    o, lse, _ = ops.flash_attn_varlen_func(qn, k, v, cu, cu, 256, 256, causal=True, return_attn_probs=True)
+    assert torch.isnan(o[5, 1]).all() and torch.isnan(lse[1, 5])
+    o[5, 1] = exp[5, 1]
+    torch.testing.assert_close(o, exp, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
 def test_flash_attn_cuda_varlen_graph_capture():
     """Varlen launches without a host sync: capturable in a CUDA graph (value checks skip)."""
     dtype = torch.bfloat16
@@ -423,7 +467,7 @@ def test_flash_attn_cuda_large_prefill():
         gen = torch.Generator().manual_seed(S)
         q, k, v = (_rand((B, S, H, D), torch.bfloat16, "cuda", gen) for _ in range(3))
         out = ops.flash_attn_func(q, k, v, causal=causal)
-        ref64 = reference.flash_attn_func(q.double(), k.double(), v.double(), None, causal)
+        ref64 = reference.flash_attn_func(q.double(), k.double(), v.double(), causal=causal)
         same = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
         _check(out, ref64, same, torch.bfloat16)
@@ -448,13 +492,347 @@ def test_flash_attn_sm90(shape, causal, D, dtype, monkeypatch):
     q = _rand((B, Sq, Hq, D), dtype, "cuda", gen)
     k = _rand((B, Sk, Hkv, D), dtype, "cuda", gen)
     v = _rand((B, Sk, Hkv, D), dtype, "cuda", gen)
-    base = ops.flash_attn_func(q, k, v, causal=causal)
-    monkeypatch.setenv("HIRES_LMM_ATTN_SM90", "1")
     monkeypatch.setenv("HIRES_LMM_ATTN_SPLITS", "1")  # the sm_90a kernel has no split-KV
-    out = ops.flash_attn_func(q, k, v, causal=causal)
-    ref64 = reference.flash_attn_func(q.double(), k.double(), v.double(), None, causal)
+    base, base_lse, _ = ops.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    monkeypatch.setenv("HIRES_LMM_ATTN_SM90", "1")
+    out, lse, _ = ops.flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    torch.testing.assert_close(lse, base_lse, atol=1e-3, rtol=1e-4)  # the sm_90a kernel writes lse too
+    ref64 = reference.flash_attn_func(q.double(), k.double(), v.double(), causal=causal)
     _check(out, ref64, _same_dtype(q.cpu(), k.cpu(), v.cpu(), D ** -0.5, causal), dtype)
     ulp = 1e-2 if dtype == torch.bfloat16 else 2e-3
     torch.testing.assert_close(out.float(), base.float(), atol=ulp, rtol=ulp)
     if causal and Sq > Sk:
         assert (out[:, : Sq - Sk].float() == 0).all()
+
+
+# ---- flash-attn 2 API: argument order, window_size, softcap, softmax_lse --------------------------
+def _cu(lens):
+    return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flash_attn_readme_calls(device):
+    """The calls of flash-attn's README, verbatim: dropout_p is the 4th positional argument."""
+    from hires_lmm.ops import flash_attn_func, flash_attn_varlen_func
+    gen = torch.Generator().manual_seed(90)
+    dtype = torch.bfloat16
+    q = _rand((2, 97, 4, 64), dtype, device, gen)
+    k = _rand((2, 130, 2, 64), dtype, device, gen)
+    v = _rand((2, 130, 2, 64), dtype, device, gen)
+    q64, k64, v64 = (t.double().cpu() for t in (q, k, v))
+    out = flash_attn_func(q, k, v, 0.0, causal=True)  # 0.0 is dropout_p, not the scale
+    _check(out, reference.flash_attn_func(q64, k64, v64, causal=True),
+           _same_dtype(q.cpu(), k.cpu(), v.cpu(), 0.125, True), dtype)
+    out = flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=True, window_size=(64, 0))
+    _check(out, reference.flash_attn_func(q64, k64, v64, causal=True, window_size=(64, 0)),
+           _same_dtype(q.cpu(), k.cpu(), v.cpu(), 0.125, True, (64, 0)), dtype)
+    out, lse, probs = flash_attn_func(q, k, v, 0.0, 0.1, False, (-1, -1), 0.0, None, False, True)
+    assert probs is None and lse.dtype == torch.float32 and lse.shape == (2, 4, 97)
+    lens = [0, 31, 66]
+    cu_q, cu_k = _cu(lens).to(device), _cu([5, 0, 125]).to(device)
+    qv, kv, vv = q[0, :97], k[0], v[0]
+    out = flash_attn_varlen_func(qv, kv, vv, cu_q, cu_k, 66, 125, 0.0, causal=True)
+    ref = reference.flash_attn_varlen_func(qv.double().cpu(), kv.double().cpu(), vv.double().cpu(),
+                                           cu_q.cpu(), cu_k.cpu(), 66, 125, causal=True)
+    same = _same_dtype_varlen(qv.cpu(), kv.cpu(), vv.cpu(), cu_q.cpu(), cu_k.cpu(), 0.125, True)
+    _check(out, ref, same, dtype)
+
+
+# (B, Sq, Sk, Hq, Hkv, D), window, causal, softcap
+WINDOWED = [
+    ((1, 97, 97, 2, 1, 64), (16, 0), False, 0.0),
+    ((2, 33, 129, 4, 2, 64), (40, 7), False, 0.0),      # Sq < Sk, both bounds
+    ((1, 129, 77, 2, 2, 80), (5, -1), True, 0.0),       # Sq > Sk: rows with no key; odd D
+    ((1, 70, 70, 3, 1, 64), (-1, 3), False, 0.0),       # right bound only
+    ((1, 7, 19, 2, 2, 96), (-1, -1), True, 5.0),        # softcap
+    ((2, 65, 200, 4, 4, 64), (100, 100), False, 30.0),  # window + softcap, multi-block
+    ((1, 1, 300, 8, 2, 128), (70, -1), True, 0.0),      # decode with a left window (no GQA folding)
+    ((1, 1, 300, 8, 2, 128), (-1, 2), False, 2.0),      # decode, right window only (GQA folding)
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", WINDOWED, ids=lambda c: "x".join(map(str, c[0])) + f"-w{c[1][0]}_{c[1][1]}"
+                         + ("-causal" if c[2] else "") + (f"-cap{c[3]:g}" if c[3] else ""))
+def test_flash_attn_window_softcap_lse(case, dtype, device):
+    (B, Sq, Sk, Hq, Hkv, D), window, causal, softcap = case
+    gen = torch.Generator().manual_seed(Sq * 7 + Sk + D)
+    q = _rand((B, Sq, Hq, D), dtype, device, gen)
+    k = _rand((B, Sk, Hkv, D), dtype, device, gen)
+    v = _rand((B, Sk, Hkv, D), dtype, device, gen)
+    out, lse, _ = ops.flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                                      return_attn_probs=True)
+    ref, ref_lse, _ = reference.flash_attn_func(q.double().cpu(), k.double().cpu(), v.double().cpu(),
+                                                causal=causal, window_size=window, softcap=softcap,
+                                                return_attn_probs=True)
+    _check(out, ref, _same_dtype(q.cpu(), k.cpu(), v.cpu(), D ** -0.5, causal, window, softcap), dtype)
+    assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Sq) and lse.device == q.device
+    # lse is computed from fp32 scores of the (rounded) inputs: close to fp64 in every dtype;
+    # rows that see no key are -inf in both
+    torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=2e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("sq,window,causal", [(3, (50, 0), False), (3, (30, 40), False), (3, (-1, -1), True),
+                                              (1, (-1, -1), True), (1, (-1, 9), False)])
+def test_flash_attn_split_kv_window_lse(sq, window, causal, splits, monkeypatch):
+    """Split-KV with windows (splits outside the window stay empty) and lse through the combine;
+    sq = 1 with GQA takes the decode layout (query heads as rows)."""
+    monkeypatch.setenv("HIRES_LMM_ATTN_SPLITS", str(splits))
+    gen = torch.Generator().manual_seed(splits)
+    q = _rand((2, sq, 4, 64), torch.float16, "cpu", gen)
+    k = _rand((2, 390, 2, 64), torch.float16, "cpu", gen)
+    v = _rand((2, 390, 2, 64), torch.float16, "cpu", gen)
+    out, lse, _ = ops.flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=3.0,
+                                      return_attn_probs=True)
+    ref, ref_lse, _ = reference.flash_attn_func(q.double(), k.double(), v.double(), causal=causal,
+                                                window_size=window, softcap=3.0, return_attn_probs=True)
+    _check(out, ref, _same_dtype(q, k, v, 0.125, causal, window, 3.0), torch.float16)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_flash_attn_varlen_window_softcap_lse(dtype, device):
+    lq, lk = [0, 1, 77, 33, 129], [5, 1, 77, 64, 0]
+    gen = torch.Generator().manual_seed(77)
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    q = _rand((sum(lq) + 2, 4, 64), dtype, device, gen)  # 2 tokens past cu_seqlens_q[-1]
+    k = _rand((sum(lk), 2, 64), dtype, device, gen)
+    v = _rand((sum(lk), 2, 64), dtype, device, gen)
+    for window, causal, softcap in [((9, 4), True, 10.0), ((-1, 15), False, 1.5)]:
+        out, lse, _ = ops.flash_attn_varlen_func(q, k, v, cu_q.to(device), cu_k.to(device), 129, 77,
+                                                 causal=causal, window_size=window, softcap=softcap,
+                                                 return_attn_probs=True)
+        ref, ref_lse, _ = reference.flash_attn_varlen_func(
+            q.double().cpu(), k.double().cpu(), v.double().cpu(), cu_q, cu_k, 129, 77, causal=causal,
+            window_size=window, softcap=softcap, return_attn_probs=True)
+        same = _same_dtype_varlen(q.cpu(), k.cpu(), v.cpu(), cu_q, cu_k, 0.125, causal, window, softcap)
+        _check(out, ref, same, dtype)
+        assert lse.shape == (4, sum(lq) + 2) and lse.dtype == torch.float32
+        torch.testing.assert_close(lse.double().cpu(), ref_lse, atol=2e-4, rtol=1e-5)
+        assert (out[sum(lq):] == 0).all() and (lse[:, sum(lq):] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("window,causal,softcap", [((7, 2), False, 0.0), ((3, -1), True, 4.0)])
+def test_flash_attn_math_fallback_window_softcap_lse(window, causal, softcap, monkeypatch):
+    """The ATen fallback follows the same window / softcap / lse rules as the kernels."""
+    gen = torch.Generator().manual_seed(23)
+    q, k, v = (torch.randn(2, n, h, 48, generator=gen) for n, h in ((40, 4), (30, 2), (30, 2)))
+    kern = ops.flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                               return_attn_probs=True)
+    monkeypatch.setenv("HIRES_LMM_ATTN_MATH", "1")
+    math_ = ops.flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                                return_attn_probs=True)
+    ref = reference.flash_attn_func(q.double(), k.double(), v.double(), causal=causal, window_size=window,
+                                    softcap=softcap, return_attn_probs=True)
+    for got in (kern, math_):
+        assert _err(got[0], ref[0]) < 1e-5
+        torch.testing.assert_close(got[1].double(), ref[1], atol=1e-5, rtol=1e-6)
+    lq, lk = [0, 9, 33, 6], [4, 1, 20, 0]
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    q, k, v = torch.randn(sum(lq) + 3, 4, 64), torch.randn(sum(lk), 2, 64), torch.randn(sum(lk), 2, 64)
+    o, lse, _ = ops.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 33, 20, causal=causal, window_size=window,
+                                           softcap=softcap, return_attn_probs=True)
+    ro, rlse, _ = reference.flash_attn_varlen_func(q.double(), k.double(), v.double(), cu_q, cu_k, 33, 20,
+                                                   causal=causal, window_size=window, softcap=softcap,
+                                                   return_attn_probs=True)
+    assert _err(o, ro) < 1e-5
+    torch.testing.assert_close(lse.double(), rlse, atol=1e-5, rtol=1e-6)
+
+
+def test_flash_attn_unsupported_and_bad_api_args():
+    q, k, v = _qkv()
+    with pytest.raises(NotImplementedError, match="argument 'dropout_p'"):
+        ops.flash_attn_func(q, k, v, 0.1)
+    with pytest.raises(NotImplementedError, match="argument 'alibi_slopes'"):
+        ops.flash_attn_func(q, k, v, alibi_slopes=torch.ones(4))
+    with pytest.raises(NotImplementedError, match="argument 'dropout_p'"):
+        ops.flash_attn_varlen_func(q[0], k[0], v[0], _cu([8]), _cu([8]), 8, 8, 0.5)
+    with pytest.raises(ValueError, match="argument 'window_size'"):
+        ops.flash_attn_func(q, k, v, window_size=(-2, 0))
+    with pytest.raises(TypeError, match="argument 'window_size'"):
+        ops.flash_attn_func(q, k, v, window_size=4)
+    with pytest.raises(ValueError, match="argument 'softcap'"):
+        ops.flash_attn_func(q, k, v, softcap=-1.0)
+    with pytest.raises(ValueError, match="argument 'softcap'"):
+        ops.flash_attn_func(q, k, v, softcap=float("inf"))
+    # the op itself checks too (direct torch.ops calls)
+    with pytest.raises(RuntimeError, match="argument 'window_size'"):
+        torch.ops.hires_lmm.flash_attn_func(q, k, v, None, False, -3, 0, 0.0)
+    with pytest.raises(RuntimeError, match="argument 'softcap'"):
+        torch.ops.hires_lmm.flash_attn_func(q, k, v, None, False, -1, -1, float("nan"))
+    # deterministic is accepted: the forward is deterministic anyway
+    torch.testing.assert_close(ops.flash_attn_func(q, k, v, deterministic=True), ops.flash_attn_func(q, k, v))
+    with hires_lmm.use_backend("reference"):
+        with pytest.raises(NotImplementedError, match="argument 'dropout_p'"):
+            ops.flash_attn_func(q, k, v, 0.1)
+
+
+def test_flash_attn_huge_window_is_unbounded():
+    """A window bound at or past the sequence lengths constrains nothing (and never overflows)."""
+    q, k, v = _qkv(S=50)
+    base = ops.flash_attn_func(q, k, v, causal=True)
+    for w in [(50, 0), (2**62, 0), (2**63 - 1, 2**63 - 1), (2**70, 0)]:
+        torch.testing.assert_close(ops.flash_attn_func(q, k, v, window_size=(w[0], 0)), base)
+    torch.testing.assert_close(ops.flash_attn_func(q, k, v, window_size=(2**63 - 1, 2**63 - 1)),
+                               ops.flash_attn_func(q, k, v))
+
+
+def test_flash_attn_lse_grad():
+    gen = torch.Generator().manual_seed(31)
+    q = torch.randn(1, 19, 4, 64, generator=gen, requires_grad=True)
+    k = torch.randn(1, 23, 2, 64, generator=gen, requires_grad=True)
+    v = torch.randn(1, 23, 2, 64, generator=gen, requires_grad=True)
+    g = torch.randn(1, 19, 4, 64, generator=gen)
+    out, lse, _ = ops.flash_attn_func(q, k, v, causal=True, window_size=(6, -1), softcap=5.0,
+                                      return_attn_probs=True)
+    assert not lse.requires_grad  # softmax_lse carries no gradient
+    out.backward(g)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    reference.flash_attn_func(*leaves, causal=True, window_size=(6, -1), softcap=5.0).backward(g.double())
+    for ours, ref in zip((q, k, v), leaves):
+        torch.testing.assert_close(ours.grad.double(), ref.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_flash_attn_compile_fullgraph_window_lse():
+    q, k, v = (torch.randn(1, 20, 2, 64) for _ in range(3))
+
+    def f(a, b, c):
+        return ops.flash_attn_func(a, b, c, 0.0, causal=True, window_size=(4, 0), softcap=3.0,
+                                   return_attn_probs=True)[:2]
+
+    got = torch.compile(f, fullgraph=True, backend="eager")(q, k, v)
+    exp = f(q, k, v)
+    torch.testing.assert_close(got[0], exp[0])
+    torch.testing.assert_close(got[1], exp[1])
+
+
+# ---- issue 8: every tensor checked against every other; max_seqlen is a bound; devices --------------
+@pytest.mark.parametrize("math_path", [False, True])
+def test_flash_attn_v_batch_checked(math_path, monkeypatch):
+    if math_path:
+        monkeypatch.setenv("HIRES_LMM_ATTN_MATH", "1")
+    q, k = torch.randn(2, 5, 4, 16), torch.randn(2, 7, 2, 16)
+    for vb in (1, 0, 3):
+        with pytest.raises(RuntimeError, match="argument 'v'.*batch"):
+            ops.flash_attn_func(q, k, torch.randn(vb, 7, 2, 16))
+    with pytest.raises(RuntimeError, match="argument 'v'.*heads"):
+        ops.flash_attn_func(q, k, torch.randn(2, 7, 1, 16))
+    with pytest.raises(RuntimeError, match="argument 'v'.*tokens"):
+        ops.flash_attn_varlen_func(q[0], k[0], torch.randn(6, 2, 16), _cu([5]), _cu([7]), 5, 7)
+
+
+def test_flash_attn_varlen_huge_max_seqlen_is_a_bound():
+    """max_seqlen_* are bounds: 2**40 and 2**63-1 neither hang nor overflow (work follows cu_seqlens)."""
+    gen = torch.Generator().manual_seed(40)
+    lq, lk = [3, 0, 70], [9, 4, 65]
+    q, k, v = (torch.randn(sum(n), h, 32, generator=gen) for n, h in ((lq, 4), (lk, 2), (lk, 2)))
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    exp = ops.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 70, 65, causal=True)
+    ref = reference.flash_attn_varlen_func(q.double(), k.double(), v.double(), cu_q, cu_k, 70, 65, causal=True)
+    assert _err(exp, ref) < 1e-5
+    for big in (2**40, 2**63 - 1):
+        got = ops.flash_attn_varlen_func(q, k, v, cu_q, cu_k, big, big, causal=True)
+        torch.testing.assert_close(got, exp, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="argument 'max_seqlen_k'"):
+        ops.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 2**40, 64)
+
+
+def test_flash_attn_varlen_reference_tail_rows_zero():
+    q, k, v = torch.randn(9, 2, 16), torch.randn(4, 2, 16), torch.randn(4, 2, 16)
+    out, lse, _ = reference.flash_attn_varlen_func(q, k, v, _cu([2, 3]), _cu([4, 0]), 3, 4,
+                                                   return_attn_probs=True)
+    assert (out[5:] == 0).all() and (lse[:, 5:] == float("-inf")).all()
+    assert (out[2:5] == 0).all()  # the second sequence has no key
+
+
+def test_flash_attn_meta_mixed_with_real_is_an_error():
+    q, k, v = _qkv()
+    with pytest.raises(RuntimeError, match="argument 'k'.*meta"):
+        ops.flash_attn_func(q, k.to("meta"), v)
+    with pytest.raises(RuntimeError, match="argument 'cu_seqlens_k'|argument 'q'"):
+        ops.flash_attn_varlen_func(q[0], k[0], v[0], _cu([8]), _cu([8]).to("meta"), 8, 8)
+    # all-meta still traces shapes
+    o, lse, _ = ops.flash_attn_func(q.to("meta"), k.to("meta"), v.to("meta"), return_attn_probs=True)
+    assert o.shape == q.shape and lse.shape == (1, 4, 8) and lse.dtype == torch.float32
+
+
+# ---- non-finite rule: NaN/inf reach exactly the rows whose formula reads them --------------------------
+def _paths(monkeypatch, fn):
+    """fn() on the CPU kernel, the ATen fallback and the reference backend."""
+    res = {"kernel": fn()}
+    monkeypatch.setenv("HIRES_LMM_ATTN_MATH", "1")
+    res["math"] = fn()
+    monkeypatch.delenv("HIRES_LMM_ATTN_MATH")
+    with hires_lmm.use_backend("reference"):
+        res["reference"] = fn()
+    return res
+
+
+def _same_pattern(res):
+    (_, (o0, l0)), *rest = res.items()
+    for name, (o, l) in rest:
+        assert torch.equal(torch.isnan(o), torch.isnan(o0)), name
+        assert torch.equal(torch.isnan(l), torch.isnan(l0)), name
+        fin = torch.isfinite(o0)
+        torch.testing.assert_close(o[fin], o0[fin], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(l.nan_to_num(), l0.nan_to_num(), atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attn_nonfinite_rule(monkeypatch):
+    gen = torch.Generator().manual_seed(44)
+    B, Sq, Sk, H, D = 1, 12, 9, 2, 16  # causal Sq > Sk: rows 0..2 see no key
+    q, k, v = (torch.randn(B, n, H, D, generator=gen) for n in (Sq, Sk, Sk))
+
+    def run(q, k, v, **kw):
+        return lambda: tuple(ops.flash_attn_func(q, k, v, return_attn_probs=True, **kw)[:2])
+
+    # NaN in one query row: only that row is NaN
+    qn = q.clone()
+    qn[0, 6, 1, 3] = float("nan")
+    res = _paths(monkeypatch, run(qn, k, v, causal=True))
+    _same_pattern(res)
+    o, lse = res["kernel"]
+    assert torch.isnan(o[0, 6, 1]).all() and torch.isnan(lse[0, 1, 6])
+    assert torch.isfinite(o[0, :6]).all() and torch.isfinite(o[0, 7:]).all() and torch.isfinite(o[0, 6, 0]).all()
+    # NaN in key 5: rows that see it (causal: i >= 5 + Sq - Sk = 8) are NaN; rows 3..7 finite; 0..2 zero
+    kn = k.clone()
+    kn[0, 5, 0, 0] = float("nan")
+    res = _paths(monkeypatch, run(q, kn, v, causal=True))
+    _same_pattern(res)
+    o, lse = res["kernel"]
+    assert torch.isnan(o[0, 8:, 0]).all() and torch.isfinite(o[0, 3:8]).all() and torch.isfinite(o[0, :, 1]).all()
+    assert (o[0, :3] == 0).all() and (lse[0, :, :3] == float("-inf")).all()
+    # NaN / inf in v: only rows that see that key (the CPU kernel and the reference read visible rows)
+    vn = v.clone()
+    vn[0, 5, 0, 2] = float("inf")
+    res = _paths(monkeypatch, run(q, k, vn, causal=True))
+    _same_pattern(res)
+    for o, _ in res.values():
+        assert not torch.isfinite(o[0, 8:, 0, 2]).any() and torch.isfinite(o[0, :8]).all()
+        assert torch.isfinite(o[0, 8:, 0, :2]).all() and torch.isfinite(o[0, :, 1]).all()
+    # varlen: a NaN in one sequence's v never reaches another sequence (all three paths)
+    cu = _cu([5, 4])
+    vv = torch.randn(9, H, D, generator=gen)
+    vv[6, 0, 1] = float("nan")
+    res = _paths(monkeypatch, lambda: tuple(ops.flash_attn_varlen_func(
+        q[0, :9], k[0], vv, cu, cu, 5, 5, return_attn_probs=True)[:2]))
+    _same_pattern(res)
+    for o, _ in res.values():
+        assert torch.isfinite(o[:5]).all() and torch.isnan(o[5:, 0, 1]).all() and torch.isfinite(o[5:, 1]).all()
+    # softmax_scale inf / NaN: every row with a key is NaN, rows with no key stay 0 / -inf
+    for scale in (float("inf"), float("nan")):
+        res = _paths(monkeypatch, run(q, k, v, causal=True, softmax_scale=scale))
+        _same_pattern(res)
+        o, lse = res["kernel"]
+        assert torch.isnan(o[0, 3:]).all() and (o[0, :3] == 0).all()
+        # (a row whose scores are all -inf has lse -inf, else NaN)
+        assert (lse[0, :, :3] == float("-inf")).all() and not torch.isfinite(lse[0, :, 3:]).any()
+    # every visible score -inf (k = -inf, q > 0): 0/0 = NaN output, lse = -inf
+    qp, kinf = q.abs() + 0.1, torch.full_like(k, float("-inf"))
+    res = _paths(monkeypatch, run(qp, kinf, v))
+    _same_pattern(res)
+    o, lse = res["kernel"]
+    assert torch.isnan(o).all() and (lse == float("-inf")).all()

@@ -97,3 +97,63 @@ def _model(D, BN, BM, rng):
 @pytest.mark.parametrize("D", [64, 128])
 def test_sm80_fragment_plumbing(D):
     _model(D, 64, 64, np.random.default_rng(D))
+
+
+# ---- block range and mask logic of flash_fwd.cuh (causal / sliding window / split-KV) ---------------
+# Copied by hand from kernels/attention/flash_params.h (flash_key_range) and flash_fwd_kernel's
+# steps 1 and 5; the CPU twin walks its own copy of the block range, so this is what covers the
+# CUDA kernel's need_mask shortcut and the first_key / last_key clamps. Keep in sync.
+BM = BN = 64
+
+
+def _key_range(row, Sq, Sk, causal, left, right):
+    diag = Sk - Sq
+    right = 0 if causal else right
+    lo = row + diag - left if left >= 0 else 0
+    hi = row + diag + right if right >= 0 else Sk - 1
+    return max(lo, 0), min(hi, Sk - 1)
+
+
+def _kernel_visits(Sq, Sk, causal, left, right, splits):
+    """{(row, key)} the kernel lets into its softmax (unmasked), over every block and split."""
+    seen = set()
+    m_blocks = (Sq + BM - 1) // BM
+    for mb in range(m_blocks):
+        m0 = mb * BM
+        rows_q = min(BM, Sq - m0)
+        lo_first, hi_first = _key_range(m0, Sq, Sk, causal, left, right)
+        lo_last, hi_last = _key_range(m0 + rows_q - 1, Sq, Sk, causal, left, right)
+        nb_lo = lo_first // BN
+        nb_hi = hi_last // BN + 1 if hi_last >= lo_first else nb_lo
+        split_blocks = ((Sk + BN - 1) // BN + splits - 1) // splits
+        for split in range(splits):
+            nb_begin = max(nb_lo, split * split_blocks) if splits > 1 else nb_lo
+            nb_end = min(nb_hi, (split + 1) * split_blocks) if splits > 1 else nb_hi
+            for nb in range(nb_begin, nb_end):
+                n0 = nb * BN
+                need_mask = lo_last > n0 or hi_first < n0 + BN - 1
+                for row in range(m0, m0 + rows_q):
+                    lo, hi = _key_range(row, Sq, Sk, causal, left, right)
+                    first_key = max(0, min(BN, lo - n0))
+                    last_key = max(-1, min(BN, hi - n0))
+                    for col in range(BN):
+                        if need_mask and (col < first_key or col > last_key):
+                            continue
+                        assert n0 + col < Sk, "an unmasked key past Sk"
+                        assert (row, n0 + col) not in seen, "a key visited twice"
+                        seen.add((row, n0 + col))
+    return seen
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("Sq,Sk", [(1, 300), (70, 70), (130, 77), (77, 200), (200, 65)])
+def test_sm80_block_range_and_mask(Sq, Sk, splits):
+    rng = np.random.default_rng(Sq * Sk + splits)
+    windows = [(-1, -1), (0, 0), (5, -1), (-1, 3), (64, 0), (100, 130)] + \
+        [tuple(int(x) for x in rng.integers(-1, 150, 2)) for _ in range(4)]
+    for causal in (False, True):
+        for left, right in windows:
+            want = {(i, j) for i in range(Sq) for j in range(Sk)
+                    if (left < 0 or j >= i + Sk - Sq - left)
+                    and ((0 if causal else right) < 0 or j <= i + Sk - Sq + (0 if causal else right))}
+            assert _kernel_visits(Sq, Sk, causal, left, right, splits) == want, (causal, left, right)

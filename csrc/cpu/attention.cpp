@@ -1,17 +1,22 @@
 // CPU twin of the flash attention forward (kernels/attention/flash_fwd.cuh); see attention.h.
 //
-// Work item = (batch b, query head h, Q block mb), as one CUDA thread block. Per item:
+// Work item = (batch b, query head h, Q block mb), as one CUDA thread block. Varlen items follow
+// the real sequence lengths (cu_seqlens), never max_seqlen_q: a bound of 2^40 costs nothing.
+// Per item:
 //   1. load the Q tile (kBlockM x D) as fp32;
-//   2. n_end = Sk, or for causal min(Sk, row0 + kBlockM + Sk - Sq) (block skipping: K blocks
-//      past the last key any row of the tile can see are never loaded);
-//   3. for each K/V block of kBlockN keys: S = Q K^T; mask keys >= Sk and (causal) keys
-//      j > i + Sk - Sq with -inf; in log2 units (scale * log2 e folded in) take the running max m,
-//      rescale l and acc by exp2(m_old - m_new), P = exp2(S - m_new) (m_new == -inf -> use 0 so
-//      fully masked rows stay 0 instead of NaN), l += rowsum(P), acc += round_T(P) V;
-//   4. o = acc / l, or 0 where l == 0 (a row that sees no key).
+//   2. K blocks [lo(row0) / kBlockN, hi(last row)] from flash_key_range (block skipping: causal,
+//      sliding window; K blocks no row of the tile can see are never loaded);
+//   3. for each K/V block of kBlockN keys: S = Q K^T, scaled (softcap: softcap * tanh(S * scale /
+//      softcap)); keys outside a row's [lo, hi] are -inf; in log2 units (log2 e folded in) take the
+//      running max m, rescale l and acc by exp2(m_old - m_new), P = exp2(S - m_new) (m_new == -inf
+//      -> use 0 so rows with no finite score yet stay 0 instead of NaN), l += rowsum(P),
+//      acc += round_T(P) V over the visible keys only (a NaN in a masked v row is never read);
+//   4. o = acc / l and lse = (m + log2 l) ln 2. l == 0: a row that sees no key gets o = 0 and
+//      lse = -inf; a row that sees keys whose scores are all -inf gets o = NaN (0/0, what the
+//      formula gives) and lse = -inf. NaN scores make l NaN: o and lse NaN.
 // KV cache (p.seqused_k, dense): batch b uses Sk = seqused_k[b] keys of its cache.
 // Split-KV (p.num_splits > 1, dense): item = (b, h, mb, split) walks only its range of K blocks,
-// stores acc / l and lse = m + log2(l) in fp32 workspaces; `combine` merges the splits.
+// stores acc / l and lse2 = m + log2(l) in fp32 workspaces; `combine` merges the splits.
 #include "csrc/cpu/attention.h"
 
 #include <ATen/Dispatch.h>
@@ -25,6 +30,25 @@ namespace hires::attention {
 namespace {
 
 template <typename T> inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Final 1/l and natural-log lse of a row from its fp32 statistics (log2 units), the rule of
+// step 4 above. `has_keys`: the row's visible key range is not empty.
+struct RowFinish {
+  float inv, lse;
+};
+inline RowFinish finish_row(float m, float l, bool has_keys) {
+  const float kNaN = std::numeric_limits<float>::quiet_NaN();
+  const float kNegInf = -std::numeric_limits<float>::infinity();
+  if (l > 0.f) return {1.f / l, (m + std::log2(l)) * kLn2};
+  if (l == 0.f) return {has_keys ? kNaN : 0.f, kNegInf};
+  return {kNaN, kNaN};  // l is NaN
+}
+
+inline float* lse_ptr(const FlashParams& p, int64_t b, int64_t h, int64_t r) {
+  return p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + r * p.lse_row_stride;
+}
 
 // Split-KV combine (twin of flash_combine_kernel): per (row, head), weights 2^(lse_s - max).
 template <typename T>
@@ -43,12 +67,15 @@ void combine(const FlashParams& p) {
         w[s] = mx == kNegInf ? 0.f : std::exp2(p.lse_accum[s * rows * H + rh] - mx);
         wsum += w[s];
       }
-      const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+      const FlashKeyRange kr = flash_key_range(p, row, p.seqlen_q, p.seqlen_k);
+      // the merged statistics: max mx, sum wsum (a NaN split makes wsum NaN)
+      const RowFinish f = finish_row(mx == kNegInf ? 0.f : mx, wsum, kr.lo <= kr.hi);
+      if (p.lse != nullptr) *lse_ptr(p, b, h, row) = f.lse;
       T* orow = O + b * p.o_batch_stride + row * p.o_row_stride + h * p.o_head_stride;
       for (int64_t d = 0; d < D; ++d) {
         float v = 0.f;
         for (int64_t s = 0; s < S; ++s) v += w[s] * p.o_accum[(s * rows * H + rh) * D + d];
-        orow[d] = static_cast<T>(v * inv);
+        orow[d] = static_cast<T>(wsum > 0.f ? v * f.inv : f.inv);
       }
     }
   });
@@ -61,12 +88,27 @@ void run(const FlashParams& p) {
   constexpr float kLog2e = 1.4426950408889634f;
   const float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t D = p.head_dim;
-  const int64_t m_blocks = (p.seqlen_q + BM - 1) / BM;
-  const int64_t splits = p.num_splits > 1 ? p.num_splits : 1;
-  const int64_t items = p.batch * p.heads_q * m_blocks * splits;
-  const int64_t group = p.heads_q / p.heads_kv;
-  const float scale_log2 = p.scale * kLog2e;
   const bool varlen = p.cu_seqlens_q != nullptr;
+  const int64_t splits = p.num_splits > 1 && !varlen ? p.num_splits : 1;
+  // Q blocks: dense, m_blocks per (b, h); varlen, the real blocks of each sequence (prefix sums
+  // blk_start, so the work follows cu_seqlens and not max_seqlen_q).
+  const int64_t m_blocks = (p.seqlen_q + BM - 1) / BM;
+  std::vector<int64_t> blk_start;
+  int64_t items = p.batch * p.heads_q * m_blocks * splits;
+  if (varlen) {
+    blk_start.assign(p.batch + 1, 0);
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const int64_t len = int64_t(p.cu_seqlens_q[b + 1]) - p.cu_seqlens_q[b];
+      blk_start[b + 1] = blk_start[b] + (len + BM - 1) / BM;
+    }
+    items = blk_start[p.batch] * p.heads_q;
+  }
+  const int64_t group = p.heads_q / p.heads_kv;
+  const bool capped = p.softcap != 0.f;
+  // log2-domain score (as the kernel): x * scale_log2, or tanh(x * cap_in) * scale_log2 with
+  // scale_log2 = softcap * log2 e under softcap
+  const float cap_in = capped ? p.scale / p.softcap : 0.f;
+  const float scale_log2 = capped ? p.softcap * kLog2e : p.scale * kLog2e;
   const T* Q = static_cast<const T*>(p.q);
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
@@ -74,20 +116,30 @@ void run(const FlashParams& p) {
 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(BM * D), kt(D * BN), v(BN * D), s(BM * BN), acc(BM * D), m(BM), l(BM);
+    std::vector<int64_t> lo(BM), hi(BM);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t split = item % splits;
-      const int64_t mb = (item / splits) % m_blocks;
-      const int64_t h = (item / (splits * m_blocks)) % p.heads_q;
-      const int64_t b = item / (splits * m_blocks * p.heads_q);
+      int64_t split = 0, mb, h, b;
+      if (varlen) {
+        const int64_t gb = item / p.heads_q;  // global Q block
+        h = item % p.heads_q;
+        b = int64_t(std::upper_bound(blk_start.begin(), blk_start.end(), gb) - blk_start.begin()) - 1;
+        mb = gb - blk_start[b];
+      } else {
+        split = item % splits;
+        mb = (item / splits) % m_blocks;
+        h = (item / (splits * m_blocks)) % p.heads_q;
+        b = item / (splits * m_blocks * p.heads_q);
+      }
       const int64_t hk = h / group;
       // sequence geometry (varlen: from cu_seqlens, as the kernel reads them on device)
-      int64_t Sq = p.seqlen_q, Sk = p.seqlen_k;
+      int64_t Sq = p.seqlen_q, Sk = p.seqlen_k, q0 = 0;
       const T* qb = Q + h * p.q_head_stride;
       const T* kb = K + hk * p.k_head_stride;
       const T* vb = V + hk * p.v_head_stride;
       T* ob = O + h * p.o_head_stride;
       if (varlen) {
-        const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
+        const int64_t k0 = p.cu_seqlens_k[b];
+        q0 = p.cu_seqlens_q[b];
         Sq = p.cu_seqlens_q[b + 1] - q0;
         Sk = p.cu_seqlens_k[b + 1] - k0;
         qb += q0 * p.q_row_stride;
@@ -103,11 +155,15 @@ void run(const FlashParams& p) {
       if (p.seqused_k != nullptr) Sk = p.seqused_k[b];  // KV cache: this batch's valid keys
       const int64_t split_blocks = ((Sk + BN - 1) / BN + splits - 1) / splits;  // K blocks per split
       const int64_t row0 = mb * BM;
-      if (row0 >= Sq) continue;  // varlen: this sequence is shorter than max_seqlen_q
+      if (row0 >= Sq) continue;
       const int64_t rows = std::min(BM, Sq - row0);
-      const int64_t diag = Sk - Sq;  // bottom-right alignment: row i sees keys j <= i + diag
-      const int64_t n_end =
-          p.causal ? std::max<int64_t>(0, std::min(Sk, row0 + BM + diag)) : Sk;
+      for (int64_t i = 0; i < rows; ++i) {
+        const FlashKeyRange kr = flash_key_range(p, row0 + i, Sq, Sk);
+        lo[i] = kr.lo;
+        hi[i] = kr.hi;
+      }
+      // 2. block skipping: lo and hi are nondecreasing in the row
+      const int64_t n_lo = lo[0], n_hi = hi[rows - 1];  // inclusive key range of the tile
 
       // 1. Q tile
       for (int64_t i = 0; i < rows; ++i)
@@ -116,10 +172,12 @@ void run(const FlashParams& p) {
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
 
-      // this split's K blocks (all of them without split-KV)
-      const int64_t nb_begin = splits > 1 ? split * split_blocks : 0;
-      const int64_t nb_end = splits > 1 ? std::min((n_end + BN - 1) / BN, nb_begin + split_blocks)
-                                        : (n_end + BN - 1) / BN;
+      // this split's K blocks (all visible ones without split-KV)
+      int64_t nb_begin = n_lo / BN, nb_end = n_hi >= n_lo ? n_hi / BN + 1 : nb_begin;
+      if (splits > 1) {
+        nb_begin = std::max(nb_begin, split * split_blocks);
+        nb_end = std::min(nb_end, (split + 1) * split_blocks);
+      }
       for (int64_t n0 = nb_begin * BN; n0 < nb_end * BN; n0 += BN) {
         const int64_t cols = std::min(BN, Sk - n0);
         // 3a. K (transposed, so the S loop runs over contiguous keys) and V tiles
@@ -131,7 +189,7 @@ void run(const FlashParams& p) {
             v[j * D + d] = static_cast<float>(vr[d]);
           }
         }
-        // 3b. S = Q K^T, masked, in log2 units
+        // 3b. S = Q K^T, (softcapped), masked, in log2 units
         for (int64_t i = 0; i < rows; ++i) {
           float* si = s.data() + i * BN;
           std::fill(si, si + cols, 0.f);
@@ -140,8 +198,16 @@ void run(const FlashParams& p) {
             const float* kd = kt.data() + d * BN;
             for (int64_t j = 0; j < cols; ++j) si[j] += qd * kd[j];
           }
-          const int64_t last_key = p.causal ? row0 + i + diag : Sk - 1;  // inclusive
-          for (int64_t j = 0; j < cols; ++j) si[j] = (n0 + j <= last_key) ? si[j] * scale_log2 : kNegInf;
+          // visible keys of this row inside the block: [j_lo, j_hi) (empty when j_lo >= j_hi)
+          const int64_t j_lo = std::min(cols, std::max<int64_t>(0, lo[i] - n0));
+          const int64_t j_hi = std::max(j_lo, std::min(cols, hi[i] - n0 + 1));
+          for (int64_t j = 0; j < cols; ++j) {
+            if (j < j_lo || j >= j_hi) {
+              si[j] = kNegInf;
+            } else {
+              si[j] = (capped ? std::tanh(si[j] * cap_in) : si[j]) * scale_log2;
+            }
+          }
           // 3c. online softmax
           float mx = m[i];
           for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, si[j]);
@@ -157,10 +223,9 @@ void run(const FlashParams& p) {
           l[i] = l[i] * alpha + rs;
           float* ai = acc.data() + i * D;
           for (int64_t d = 0; d < D; ++d) ai[d] *= alpha;
-          // 3d. acc += P V
-          for (int64_t j = 0; j < cols; ++j) {
+          // 3d. acc += P V over the visible keys (0 * NaN of a masked v row is never formed)
+          for (int64_t j = j_lo; j < j_hi; ++j) {
             const float pj = si[j];
-            if (pj == 0.f) continue;
             const float* vj = v.data() + j * D;
             for (int64_t d = 0; d < D; ++d) ai[d] += pj * vj[d];
           }
@@ -172,15 +237,17 @@ void run(const FlashParams& p) {
         for (int64_t i = 0; i < rows; ++i) {
           const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
           const int64_t r = (rbase + i) * p.heads_q + h;
-          p.lse_accum[r] = l[i] > 0.f ? m[i] + std::log2(l[i]) : kNegInf;
+          p.lse_accum[r] = l[i] > 0.f ? m[i] + std::log2(l[i])
+                           : l[i] == 0.f ? kNegInf : std::numeric_limits<float>::quiet_NaN();
           for (int64_t d = 0; d < D; ++d) p.o_accum[r * D + d] = acc[i * D + d] * inv;
         }
         continue;
       }
       for (int64_t i = 0; i < rows; ++i) {
-        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+        const RowFinish f = finish_row(m[i], l[i], lo[i] <= hi[i]);
+        if (p.lse != nullptr) *lse_ptr(p, b, h, q0 + row0 + i) = f.lse;
         T* orow = ob + (row0 + i) * p.o_row_stride;
-        for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(acc[i * D + d] * inv);
+        for (int64_t d = 0; d < D; ++d) orow[d] = static_cast<T>(l[i] > 0.f ? acc[i * D + d] * f.inv : f.inv);
       }
     }
   });

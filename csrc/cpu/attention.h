@@ -9,7 +9,8 @@
 namespace hires::attention {
 
 // o must be preallocated (dense: (B,Sq,Hq,D) with p.o_* strides; varlen: rows outside every
-// sequence are left untouched).
+// sequence are left untouched); p.lse, when set, receives every row's natural-log lse. Causal,
+// sliding window and softcap as in FlashParams; varlen work follows cu_seqlens, not max_seqlen.
 void flash_fwd_cpu(const FlashParams& p, at::ScalarType t);
 
 }  // namespace hires::attention

@@ -86,7 +86,9 @@ bool flash_fwd_sm90_usable(const FlashParams& p, int device) {
     cudaGetLastError();
     return false;
   }
-  return major == 9 && minor == 0 && p.cu_seqlens_q == nullptr && p.num_splits <= 1 &&
+  // no sliding window, no softcap (the sm_80 kernel runs those); causal alone is window_right 0
+  const bool plain_mask = p.window_left < 0 && (p.causal || p.window_right < 0) && p.softcap == 0.f;
+  return major == 9 && minor == 0 && p.cu_seqlens_q == nullptr && p.num_splits <= 1 && plain_mask &&
          p.seqused_k == nullptr &&  // no per-batch KV cache lengths in the sm_90a kernel
          (p.head_dim == 64 || p.head_dim == 128) && p.seqlen_q > 0 && p.seqlen_k > 0;
 }

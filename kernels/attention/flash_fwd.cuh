@@ -1,9 +1,16 @@
 // Flash attention forward for sm_80+ (FlashAttention-2 algorithm, tensor-core mma.sync).
 //
 // Formula: o[b,i,h,:] = sum_j softmax_j(scale * q[b,i,h,:] . k[b,j,h/g,:]) v[b,j,h/g,:], g = Hq/Hkv,
-//   over keys j < Sk, and for causal j <= i + Sk - Sq (bottom-right aligned); a row that sees no
-//   key gets 0. Online softmax in fp32, in log2 units (scale * log2 e folded into one multiply,
-//   ex2.approx); P is rounded to T for the P.V MMA, its row sum l is kept in fp32 from the unrounded P.
+//   over the keys j < Sk visible to row i: causal j <= i + Sk - Sq (bottom-right aligned), sliding
+//   window i + Sk - Sq - left <= j <= i + Sk - Sq + right (flash_key_range, flash_params.h);
+//   softcap: scores softcap * tanh(scale q.k / softcap). Online softmax in fp32, in log2 units
+//   (scale * log2 e folded into one multiply, ex2.approx); P is rounded to T for the P.V MMA, its
+//   row sum l is kept in fp32 from the unrounded P. lse = (m + log2 l) ln 2 when requested.
+//   Non-finite rule: a row that sees no key gets o = 0, lse = -inf; a row that sees keys whose
+//   scores are all -inf gets o = NaN (0/0) and lse = -inf; a NaN score makes o and lse NaN.
+//   Known deviation: the P.V MMA multiplies masked keys' V rows by P = 0, so a NaN/inf in a V row
+//   reaches the rows of the tile that mask that key (0 * inf); the CPU twin and the reference
+//   read only visible V rows.
 // Shapes (flash-attn layout): q (B,Sq,Hq,D), k/v (B,Sk,Hkv,D), o (B,Sq,Hq,D) with the last dim
 //   contiguous and int64 strides (FlashParams); varlen: packed tokens, sequence b = tokens
 //   cu_seqlens[b] .. cu_seqlens[b+1] (read on the device: no host sync, graph capturable).
@@ -28,12 +35,14 @@
 // Limits: T in {__half, __nv_bfloat16}; D in {64, 128} (template); all strides except the last
 //   a multiple of 8 elements and pointers 16-byte aligned (the binding copies otherwise);
 //   Hq <= 65535, B <= 65535 (grid y/z); any Sq, Sk (tails masked); cu_seqlens values valid and
-//   lengths <= max_seqlen (checked by the binding unless value checks are off).
+//   lengths <= max_seqlen (checked by the binding unless value checks are off); varlen grid x
+//   sized by min(max_seqlen_q, total_q) (the binding clamps p.seqlen_q).
 #pragma once
 #include <cstdint>
 #include <math_constants.h>
 
 #include "kernels/attention/flash_params.h"
+#include "kernels/attention/flash_row.cuh"
 #include "kernels/common/numeric.cuh"
 
 namespace hires::attention {
@@ -187,15 +196,20 @@ flash_fwd_kernel(const FlashParams p) {
   const T* gV = static_cast<const T*>(p.v) + v_off + hk * p.v_head_stride;
   T* gO = static_cast<T*>(p.o) + o_off + h * p.o_head_stride + m0 * p.o_row_stride;
 
-  const int64_t diag = Sk - Sq;  // bottom-right alignment: row i sees keys j <= i + diag
-  // Causal block skipping: no row of this Q block sees a key at or past m0 + BM + diag.
-  const int64_t n_end = p.causal ? max(int64_t(0), min(Sk, m0 + BM + diag)) : Sk;
-  const int n_blocks = int((n_end + BN - 1) / BN);
-  // This split's K blocks [nb_begin, nb_end) (all blocks when splits == 1).
-  const int split_blocks = int(((Sk + BN - 1) / BN + splits - 1) / splits);  // of this batch's keys
-  const int nb_begin = splits > 1 ? split * split_blocks : 0;
-  const int nb_end = splits > 1 ? min(n_blocks, nb_begin + split_blocks) : n_blocks;
   const int rows_q = int(min(int64_t(BM), Sq - m0));
+  // Block skipping (causal, window): a row's visible range [lo, hi] is nondecreasing in the row,
+  // so the tile needs keys [lo(first row), hi(last row)] only.
+  const FlashKeyRange kr_first = flash_key_range(p, m0, Sq, Sk);
+  const FlashKeyRange kr_last = flash_key_range(p, m0 + rows_q - 1, Sq, Sk);
+  const int64_t nb_lo = kr_first.lo / BN;
+  const int64_t nb_hi = kr_last.hi >= kr_first.lo ? kr_last.hi / BN + 1 : nb_lo;
+  // This split's K blocks [nb_begin, nb_end) (all visible blocks when splits == 1), sized from
+  // this batch element's own keys (seqused_k), so a sequence's result never depends on its batch.
+  const int64_t split_blocks = ((Sk + BN - 1) / BN + splits - 1) / splits;
+  const int nb_begin = int(splits > 1 ? max(nb_lo, split * split_blocks) : nb_lo);
+  const int nb_end = int(splits > 1 ? min(nb_hi, (split + 1) * split_blocks) : nb_hi);
+  // Columns of some block need the mask when a row's range starts after n0 or ends before n0+BN-1.
+  const int64_t lo_max = kr_last.lo, hi_min = kr_first.hi;
 
   // 2. Prologue: Q and the first K/V block in one cp.async group.
   load_tile<Tile, BM>(sQ, gQ, p.q_row_stride, rows_q, tid);
@@ -212,7 +226,10 @@ flash_fwd_kernel(const FlashParams p) {
   for (int i = 0; i < Tile::kDTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F};  // running max (log2 units) of rows g, g+8
   float l_run[2] = {0.f, 0.f};                      // this thread's partial running sums
-  const float scale_log2 = p.scale * kLog2e;
+  // score in log2 units: s * scale_log2, or with softcap tanh(s * cap_in) * (softcap log2 e)
+  const bool capped = p.softcap != 0.f;
+  const float cap_in = capped ? p.scale / p.softcap : 0.f;
+  const float scale_log2 = capped ? p.softcap * kLog2e : p.scale * kLog2e;
   const int64_t row_g = m0 + warp * Tile::kWarpRows + g;  // global row of c0/c1 (c2/c3: +8)
 
   for (int nb = nb_begin; nb < nb_end; ++nb) {
@@ -256,14 +273,25 @@ flash_fwd_kernel(const FlashParams p) {
       }
     }
 
-    // 5. Mask (tail keys; causal keys past the diagonal), scale to log2 units, online softmax.
-    const bool need_mask = (n0 + BN > Sk) || (p.causal && n0 + BN - 1 > m0 + diag);
+    // 5. Softcap (a warp-uniform branch around the whole tile, so the plain path never pays for
+    //    tanh), mask (tail keys; keys outside the row's causal/window range), scale to log2 units,
+    //    online softmax.
+    if (capped) {
+#pragma unroll
+      for (int nt = 0; nt < Tile::kNTiles; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] = tanhf(s[nt][e] * cap_in);
+      }
+    }
+    const bool need_mask = lo_max > n0 || hi_min < n0 + BN - 1;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int64_t row = row_g + half * 8;
-      // last visible key of this row relative to n0, clamped to [-1, BN] (32-bit compares below)
-      const int64_t last_abs = p.causal ? min(row + diag, Sk - 1) : Sk - 1;  // inclusive
-      const int last_key = int(max(int64_t(-1), min(int64_t(BN), last_abs - n0)));
+      // visible keys of this row relative to n0: [first_key, last_key], clamped to [0, BN] and
+      // [-1, BN] (32-bit compares below)
+      const FlashKeyRange kr = flash_key_range(p, row, Sq, Sk);
+      const int first_key = int(max(int64_t(0), min(int64_t(BN), kr.lo - n0)));
+      const int last_key = int(max(int64_t(-1), min(int64_t(BN), kr.hi - n0)));
       float mx = m_run[half];
 #pragma unroll
       for (int nt = 0; nt < Tile::kNTiles; ++nt) {
@@ -271,7 +299,7 @@ flash_fwd_kernel(const FlashParams p) {
         for (int e = 0; e < 2; ++e) {
           const int col = nt * 8 + 2 * t + e;  // key index inside the block
           float x = s[nt][half * 2 + e] * scale_log2;
-          if (need_mask && col > last_key) x = -CUDART_INF_F;
+          if (need_mask && (col < first_key || col > last_key)) x = -CUDART_INF_F;
           s[nt][half * 2 + e] = x;
           mx = fmaxf(mx, x);
         }
@@ -324,31 +352,40 @@ flash_fwd_kernel(const FlashParams p) {
   }
   cp_async_wait<0>();  // no K block: the Q copy is still in flight; drain before exit
 
-  // 7. Epilogue: complete the row sums across the quad, o = acc / l (0 for rows with no key).
+  // 7. Epilogue: complete the row sums across the quad, o = acc / l; l == 0: 0 for rows with no
+  //    key, NaN for rows whose visible scores were all -inf (flash_finish_row).
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float l = l_run[half];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
     const int64_t rloc = warp * Tile::kWarpRows + g + half * 8;
     if (m0 + rloc >= Sq) continue;
     if (splits > 1) {
-      // split-KV: fp32 partial o = acc / l and lse = m + log2(l) (-inf: this split saw no key)
+      // split-KV: fp32 partial o = acc / l and lse = m + log2(l) (-inf: this split saw no finite
+      // score; NaN: a NaN score)
+      const float inv = l > 0.f ? 1.f / l : 0.f;
       const int64_t r = ((int64_t(split) * p.batch + b) * p.seqlen_q + m0 + rloc) * p.heads_q + h;
-      if (t == 0) p.lse_accum[r] = l > 0.f ? m_run[half] + __log2f(l) : -CUDART_INF_F;
+      if (t == 0) p.lse_accum[r] = l > 0.f ? m_run[half] + __log2f(l) : l == 0.f ? -CUDART_INF_F : CUDART_NAN_F;
       float* oa = p.o_accum + r * kHeadDim;
 #pragma unroll
       for (int dt = 0; dt < Tile::kDTiles; ++dt)
         *reinterpret_cast<float2*>(oa + dt * 8 + 2 * t) = make_float2(acc[dt][half * 2] * inv, acc[dt][half * 2 + 1] * inv);
       continue;
     }
+    const FlashKeyRange kr = flash_key_range(p, m0 + rloc, Sq, Sk);
+    const FlashRowFinish f = flash_finish_row(m_run[half], l, kr.lo <= kr.hi);
+    if (p.lse != nullptr && t == 0) {
+      const int64_t r = (p.cu_seqlens_q != nullptr ? int64_t(p.cu_seqlens_q[b]) : 0) + m0 + rloc;
+      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + r * p.lse_row_stride] = f.lse;
+    }
     T* orow = gO + rloc * p.o_row_stride;
 #pragma unroll
     for (int dt = 0; dt < Tile::kDTiles; ++dt) {
       // 4-byte store of columns 2t, 2t+1 (o strides are even: the address is 4-byte aligned)
-      *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t) =
-          pack2<T>(acc[dt][half * 2] * inv, acc[dt][half * 2 + 1] * inv);
+      const float o0 = l > 0.f ? acc[dt][half * 2] * f.inv : f.inv;
+      const float o1 = l > 0.f ? acc[dt][half * 2 + 1] * f.inv : f.inv;
+      *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t) = pack2<T>(o0, o1);
     }
   }
 }
@@ -370,9 +407,13 @@ __global__ void __launch_bounds__(kCombineWarps * 32) flash_combine_kernel(const
   float wsum = 0.f;
   for (int s = 0; s < p.num_splits; ++s)
     wsum += mx == -CUDART_INF_F ? 0.f : fast_exp2(p.lse_accum[s * split_stride + rh] - mx);
-  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
   const int64_t rt = rh / p.heads_q, h = rh % p.heads_q;
   const int64_t b = rt / p.seqlen_q, row = rt % p.seqlen_q;
+  // merged statistics: max mx, sum wsum (NaN when a split saw a NaN score)
+  const FlashKeyRange kr = flash_key_range(p, row, p.seqlen_q, p.seqlen_k);
+  const FlashRowFinish f = flash_finish_row(mx == -CUDART_INF_F ? 0.f : mx, wsum, kr.lo <= kr.hi);
+  if (p.lse != nullptr && lane == 0)
+    p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row * p.lse_row_stride] = f.lse;
   T* orow = static_cast<T*>(p.o) + b * p.o_batch_stride + row * p.o_row_stride + h * p.o_head_stride;
   for (int64_t d = lane; d < p.head_dim; d += 32) {
     float v = 0.f;
@@ -380,7 +421,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) flash_combine_kernel(const
       const float w = mx == -CUDART_INF_F ? 0.f : fast_exp2(p.lse_accum[s * split_stride + rh] - mx);
       v += w * p.o_accum[(s * split_stride + rh) * p.head_dim + d];
     }
-    orow[d] = from_f32<T>(v * inv);
+    orow[d] = from_f32<T>(wsum > 0.f ? v * f.inv : f.inv);
   }
 }
 

@@ -20,13 +20,15 @@
 //   the 16-byte chunk c of row r at c ^ (r % 8) (TMA SWIZZLE_128B; the wgmma descriptors use
 //   the same 128B-swizzle layout type); panels 1024-byte aligned.
 // Limits: Hq, B <= 65535 (grid); any Sq, Sk: TMA zero-fills rows past the tensor end, tails and
-//   causal keys are masked in registers; block skipping as flash_fwd.cuh.
+//   causal keys are masked in registers; block skipping as flash_fwd.cuh. No sliding window and
+//   no softcap (flash_fwd_sm90_usable refuses them: the sm_80 kernel runs); writes lse when asked.
 #pragma once
 #include <cuda.h>
 #include <cstdint>
 #include <math_constants.h>
 
 #include "kernels/attention/flash_params.h"
+#include "kernels/attention/flash_row.cuh"
 #include "kernels/attention/wgmma_sm90.cuh"
 #include "kernels/common/numeric.cuh"
 
@@ -307,21 +309,26 @@ flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_con
     if (lane == 0) mbar_arrive(empty(s));
   }
 
-  // 5. Epilogue: o = acc / l (0 for rows that saw no key), 4-byte stores straight from registers.
+  // 5. Epilogue: o = acc / l and lse (natural log) with flash_fwd.cuh's rule (flash_finish_row:
+  //    rows that see no key get 0 and -inf), 4-byte stores straight from registers.
   T* gO = static_cast<T*>(p.o) + int64_t(b) * p.o_batch_stride + int64_t(h) * p.o_head_stride;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float l = l_run[half];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const float inv = l > 0.f ? 1.f / l : 0.f;
     const int64_t row = row_g + half * 8;
     if (row >= Sq) continue;
+    const FlashKeyRange kr = flash_key_range(p, row, Sq, Sk);
+    const FlashRowFinish f = flash_finish_row(m_run[half], l, kr.lo <= kr.hi);
+    if (p.lse != nullptr && t == 0)
+      p.lse[int64_t(b) * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + row * p.lse_row_stride] = f.lse;
     T* orow = gO + row * p.o_row_stride;
 #pragma unroll
     for (int j = 0; j < kHeadDim / 8; ++j)
       *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
-          pack2<T>(acc[4 * j + 2 * half] * inv, acc[4 * j + 2 * half + 1] * inv);
+          pack2<T>(l > 0.f ? acc[4 * j + 2 * half] * f.inv : f.inv,
+                   l > 0.f ? acc[4 * j + 2 * half + 1] * f.inv : f.inv);
   }
 }
 

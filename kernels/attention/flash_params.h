@@ -27,8 +27,8 @@ struct FlashParams {
   // the cache capacity and bounds every length. Keys still start at b * k_batch_stride.
   const int* seqused_k = nullptr;
   int64_t batch = 0;
-  int64_t seqlen_q = 0;  // dense: Sq; varlen: max_seqlen_q (sizes the grid)
-  int64_t seqlen_k = 0;  // dense: Sk; varlen: max_seqlen_k
+  int64_t seqlen_q = 0;  // dense: Sq; varlen: min(max_seqlen_q, total_q) (sizes the CUDA grid)
+  int64_t seqlen_k = 0;  // dense: Sk; varlen: min(max_seqlen_k, total_k) (unused)
   int64_t heads_q = 0, heads_kv = 0;  // heads_q % heads_kv == 0; q head h reads kv head h / (Hq/Hkv)
   int64_t head_dim = 0;
   float scale = 1.f;  // softmax scale applied to q.k
@@ -42,7 +42,41 @@ struct FlashParams {
   int num_splits = 1;
   float* o_accum = nullptr;
   float* lse_accum = nullptr;
+
+  // ---- flash-attn 2 extras (window_size, softcap, softmax_lse) -------------------------------
+  // Sliding window (flash-attn semantics, bottom-right aligned like causal): key j is visible to
+  // query i iff i + Sk - Sq - window_left <= j <= i + Sk - Sq + window_right; a negative bound is
+  // unbounded. `causal` forces window_right = 0 (flash-attn's causal == window (left, 0)). The
+  // binding clamps both bounds below max(Sq, Sk) so that index arithmetic never overflows.
+  int64_t window_left = -1, window_right = -1;
+  // Softcap (flash-attn): s = softcap * tanh(scale * q.k / softcap) before the softmax; 0 = off.
+  float softcap = 0.f;
+  // Log-sum-exp of every query row, natural log, fp32 (nullptr: not written). Element of
+  // (batch b, head h, row i) at lse + b * lse_batch_stride + h * lse_head_stride + r * lse_row_stride
+  // where r = i (dense) or the packed token index cu_seqlens_q[b] + i (varlen, batch stride 0).
+  // A row that sees no key (or whose visible scores are all -inf) gets -inf.
+  float* lse = nullptr;
+  int64_t lse_batch_stride = 0, lse_head_stride = 0, lse_row_stride = 1;
 };
+
+// Visible key range [lo, hi] (inclusive, clipped to [0, Sk - 1]; lo > hi: none) of query row
+// `row` in a sequence of Sq queries and Sk keys, under causal / window (see FlashParams).
+// Every term stays within +-(Sq + Sk + window): the binding bounds the windows, so no overflow.
+struct FlashKeyRange {
+  int64_t lo, hi;
+};
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline FlashKeyRange flash_key_range(const FlashParams& p, int64_t row, int64_t Sq, int64_t Sk) {
+  const int64_t diag = Sk - Sq;
+  const int64_t right = p.causal ? 0 : p.window_right;
+  int64_t lo = p.window_left >= 0 ? row + diag - p.window_left : 0;
+  int64_t hi = right >= 0 ? row + diag + right : Sk - 1;
+  lo = lo > 0 ? lo : 0;
+  hi = hi < Sk - 1 ? hi : Sk - 1;
+  return {lo, hi};
+}
 
 // The tile both implementations walk: Q blocks of kBlockM rows (one CUDA thread block, 16 rows
 // per warp), K/V blocks of kBlockN keys.

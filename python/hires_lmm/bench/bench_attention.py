@@ -62,7 +62,7 @@ def _max_err_fn(q, k, v, causal, heads):
     def err():
         qs, ks, vs = q[:, :, :heads], k[:, :, :kv_heads], v[:, :, :kv_heads]
         ours = ops.flash_attn_func(qs, ks, vs, causal=causal).float()
-        ref = reference.flash_attn_func(qs.float(), ks.float(), vs.float(), None, causal)
+        ref = reference.flash_attn_func(qs.float(), ks.float(), vs.float(), causal=causal)
         return (ours - ref).abs().max().item()
 
     return err
@@ -79,7 +79,7 @@ def _case(name, B, Sq, Sk, Hq, Hkv, D, causal, dtype, device, backends, err_head
         if fn is not None:
             refs[b] = fn
     if device == "cpu":
-        refs["reference"] = lambda: reference.flash_attn_func(q, k, v, None, causal)
+        refs["reference"] = lambda: reference.flash_attn_func(q, k, v, causal=causal)
     flops = 4.0 * B * Hq * Sq * Sk * D * (0.5 if causal and Sq == Sk else 1.0)
     return Case(op="flash_attn_func", case=f"{name} B={B} Sq={Sq} Sk={Sk} Hq={Hq} Hkv={Hkv} D={D}"
                 f"{' causal' if causal else ''}", dtype=dtype,
@@ -97,14 +97,14 @@ def _varlen_case(device, dtype):
 
     def err():
         ours = ops.flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=True).float()
-        ref = reference.flash_attn_varlen_func(q.float(), k.float(), v.float(), cu, cu, mx, mx, None, True)
+        ref = reference.flash_attn_varlen_func(q.float(), k.float(), v.float(), cu, cu, mx, mx, causal=True)
         return (ours - ref).abs().max().item()
 
     flops = sum(4.0 * H * n * n * D * 0.5 for n in lens)
     return Case(op="flash_attn_varlen_func", case=f"varlen lens={lens} H={H} D={D} causal", dtype=dtype,
                 ours=lambda: ops.flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, causal=True),
                 references={"reference": lambda: reference.flash_attn_varlen_func(
-                    q, k, v, cu, cu, mx, mx, None, True)},
+                    q, k, v, cu, cu, mx, mx, causal=True)},
                 flops=flops, max_err=err, tol=2e-2 if dtype != torch.float32 else 1e-4)
 
 

@@ -1,58 +1,121 @@
-"""Attention family: flash attention with flash-attn's layouts (kernels/attention/,
+"""Attention family: flash attention with flash-attn 2's layouts and signatures (kernels/attention/,
 csrc/attention.cpp)."""
-from .. import reference as _ref
 from .._backend import use_reference
+from ..reference import attention as _ref_attn
+import functools
+
 import torch
 
-from ._register import op, register_reference_backward
+from ._register import check_fake_devices, op
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 
 
-def flash_attn_func(q, k, v, softmax_scale=None, causal: bool = False):
-    """o = softmax(q k^T * scale [+ causal mask]) v, online softmax in fp32, O(S) memory.
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal: bool = False,
+                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic: bool = False,
+                    return_attn_probs: bool = False):
+    """o = softmax(s) v with s = q k^T * scale (softcap > 0: softcap * tanh(q k^T * scale / softcap))
+    over the visible keys; online softmax in fp32, O(S) memory. flash-attn 2's signature and
+    argument order (`flash_attn_func(q, k, v, 0.0, causal=True)` works as there).
 
     q (B,Sq,Hq,D), k/v (B,Sk,Hkv,D) -> o (B,Sq,Hq,D) contiguous, q's dtype. Hq % Hkv == 0
-    (GQA/MQA: q head h reads kv head h // (Hq // Hkv)). scale defaults to 1/sqrt(D). Causal is
-    aligned bottom-right (query i sees keys j <= i + Sk - Sq); a row that sees no key outputs 0.
+    (GQA/MQA: q head h reads kv head h // (Hq // Hkv)). scale defaults to 1/sqrt(D).
+    Visible keys (bottom-right aligned, flash-attn): j with i + Sk - Sq - left <= j <= i + Sk - Sq
+    + right for window_size = (left, right), -1 unbounded; causal = right 0. A row that sees no key
+    outputs 0 (lse -inf); NaN/inf reaching a row's visible scores give NaN there.
+    return_attn_probs=True -> (o, softmax_lse, None): softmax_lse (B,Hq,Sq) fp32, natural log of
+    sum_j exp(s_ij) (no gradient flows through it). dropout_p must be 0.0 and alibi_slopes None
+    (NotImplementedError otherwise); deterministic is accepted (the forward is deterministic).
     Dtypes float32/float16/bfloat16, equal for q, k, v; last dim must be contiguous (else copied).
     CPU: any head dim <= 512. CUDA: tensor-core kernel for fp16/bf16 with D in {64, 128}; fp32 and
     other head dims run an ATen fallback (same result, O(S^2) memory). Backward recomputes through
     hires_lmm.reference (O(S^2) memory)."""
+    _ref_attn._check_unsupported("flash_attn_func", dropout_p, alibi_slopes)
+    left, right = _ref_attn._window_pair("flash_attn_func", window_size)
+    softcap = _ref_attn._check_softcap("flash_attn_func", softcap)
     if use_reference():
-        return _ref.flash_attn_func(q, k, v, softmax_scale, causal)
-    return op("flash_attn_func")(q, k, v, softmax_scale, causal)
+        out, lse = _ref_attn._flash_attn_fwd(q, k, v, softmax_scale, causal, left, right, softcap)
+    else:
+        out, lse = op("flash_attn_func")(q, k, v, softmax_scale, causal, left, right, softcap)
+    return (out, lse, None) if return_attn_probs else out
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
-                           max_seqlen_k: int, softmax_scale=None, causal: bool = False):
-    """flash_attn_func over packed sequences: q (total_q,Hq,D), k/v (total_k,Hkv,D),
-    cu_seqlens_q/k (B+1,) int32 prefix sums starting at 0 (sequence b is tokens
-    cu[b]:cu[b+1]); max_seqlen_q/k >= every length (they size the CUDA grid: no host sync).
-    Causal alignment is per sequence. Tokens past cu_seqlens_q[-1] get 0. The cu_seqlens value
-    checks cost one device->host copy on CUDA (hires_lmm.set_value_checks(False) skips them)."""
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                           dropout_p=0.0, softmax_scale=None, causal: bool = False, window_size=(-1, -1),
+                           softcap=0.0, alibi_slopes=None, deterministic: bool = False,
+                           return_attn_probs: bool = False):
+    """flash_attn_func over packed sequences (flash-attn 2's varlen signature): q (total_q,Hq,D),
+    k/v (total_k,Hkv,D), cu_seqlens_q/k (B+1,) int32 prefix sums starting at 0 (sequence b is
+    tokens cu[b]:cu[b+1]); max_seqlen_q/k >= every length (a bound only: the work follows the real
+    lengths; a bound below a real length is an error). Causal and window alignment are per
+    sequence. Tokens past cu_seqlens_q[-1] get 0 (lse -inf). return_attn_probs=True ->
+    (o, softmax_lse (Hq,total_q) fp32, None). The cu_seqlens value checks cost one device->host
+    copy on CUDA (hires_lmm.set_value_checks(False) skips them)."""
+    _ref_attn._check_unsupported("flash_attn_varlen_func", dropout_p, alibi_slopes)
+    left, right = _ref_attn._window_pair("flash_attn_varlen_func", window_size)
+    softcap = _ref_attn._check_softcap("flash_attn_varlen_func", softcap)
     if use_reference():
-        return _ref.flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                           max_seqlen_k, softmax_scale, causal)
-    return op("flash_attn_varlen_func")(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                        max_seqlen_k, softmax_scale, causal)
+        out, lse = _ref_attn._flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                    max_seqlen_k, softmax_scale, causal, left, right, softcap)
+    else:
+        out, lse = op("flash_attn_varlen_func")(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                max_seqlen_k, softmax_scale, causal, left, right, softcap)
+    return (out, lse, None) if return_attn_probs else out
 
 
 # ---- fake kernels (shapes only; torch.compile and meta tensors) ----------------------------
 @torch.library.register_fake("hires_lmm::flash_attn_func")
-def _(q, k, v, softmax_scale=None, causal=False):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+def _(q, k, v, softmax_scale=None, causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0):
+    check_fake_devices("flash_attn_func", q=q, k=k, v=v)
+    B, Sq, Hq, _D = q.shape
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device))
 
 
 @torch.library.register_fake("hires_lmm::flash_attn_varlen_func")
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
-      causal=False):
-    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+      causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0):
+    check_fake_devices("flash_attn_varlen_func", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q,
+                       cu_seqlens_k=cu_seqlens_k)
+    total_q, Hq, _D = q.shape
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty((Hq, total_q), dtype=torch.float32, device=q.device))
 
 
-# ---- autograd: backward recomputes the forward with the reference and differentiates it -------
-register_reference_backward("flash_attn_func", _ref.flash_attn_func)
-register_reference_backward("flash_attn_varlen_func", _ref.flash_attn_varlen_func)
+# ---- autograd: backward recomputes the forward's `out` with the reference and differentiates it;
+# softmax_lse is marked non-differentiable (no gradient flows through it).
+def _register_reference_backward_out_lse(name: str, reference_fn) -> None:
+    def setup_context(ctx, inputs, output):
+        ctx.tensor_pos = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+        ctx.others = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+        ctx.save_for_backward(*[inputs[i] for i in ctx.tensor_pos])
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_out, _grad_lse):
+        args = list(ctx.others)
+        for i, t in zip(ctx.tensor_pos, ctx.saved_tensors):
+            args[i] = t
+        diff = [i for i in ctx.tensor_pos if ctx.needs_input_grad[i] and args[i].is_floating_point()]
+        result = [None] * len(args)
+        if not diff or grad_out is None:
+            return tuple(result)
+        with torch.enable_grad():
+            leaves = {i: args[i].detach().requires_grad_(True) for i in diff}
+            for i, leaf in leaves.items():
+                args[i] = leaf
+            out = reference_fn(*args)[0]
+        got = torch.autograd.grad([out], [leaves[i] for i in diff], [grad_out], allow_unused=True)
+        for i, g in zip(diff, got):
+            result[i] = g if g is not None else torch.zeros_like(leaves[i])
+        return tuple(result)
+
+    torch.library.register_autograd(f"hires_lmm::{name}", backward, setup_context=setup_context)
+
+
+_register_reference_backward_out_lse(
+    "flash_attn_func", functools.partial(_ref_attn._flash_attn_fwd, exact_nonfinite_v=False))
+_register_reference_backward_out_lse(
+    "flash_attn_varlen_func", functools.partial(_ref_attn._flash_attn_varlen_fwd, exact_nonfinite_v=False))
 
 
 # ---- flash_attn_with_kvcache (decode over a dense KV cache) ------------------------------------
@@ -94,7 +157,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     if use_reference():
-        return _ref.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens,
+        return _ref_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens,
                                             softmax_scale, causal)
     return op("flash_attn_with_kvcache")(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale,
                                          causal)
