@@ -11,7 +11,7 @@ import torch
 
 from .. import reference as _ref
 from .._backend import use_reference
-from ._register import op, register_reference_backward
+from ._register import check_fake_devices, op, register_reference_backward
 
 __all__ = ["similarity_topk", "similarity_topp", "gather_tokens"]
 
@@ -48,7 +48,8 @@ def similarity_topp(local_tokens, text_embeds, p: float, text_mask=None, tempera
 
 def gather_tokens(tokens, indices):
     """out[b,j] = tokens[b, indices[b,j]], zeros where indices[b,j] == -1 (the padding of
-    similarity_topp). tokens (B,N,D) any float dtype, indices (B,K) int64 in [-1, N).
+    similarity_topp). tokens (B,N,D) float32/float16/bfloat16 (float64 is refused), indices
+    (B,K) int64 in [-1, N).
     Returns (B,K,D) of tokens' dtype; take out[b, :lengths[b]] for a ragged row."""
     if use_reference():
         return _ref.gather_tokens(tokens, indices)
@@ -58,6 +59,8 @@ def gather_tokens(tokens, indices):
 # ---- fake kernels: every output shape is static ------------------------------------------
 @torch.library.register_fake("hires_lmm::similarity_topk")
 def _(local_tokens, text_embeds, k, text_mask=None):
+    check_fake_devices("similarity_topk", local_tokens=local_tokens, text_embeds=text_embeds,
+                       text_mask=text_mask)
     B, N = local_tokens.shape[0], local_tokens.shape[1]
     return (local_tokens.new_empty((B, k), dtype=torch.long),
             local_tokens.new_empty((B, N), dtype=torch.float32))
@@ -65,6 +68,8 @@ def _(local_tokens, text_embeds, k, text_mask=None):
 
 @torch.library.register_fake("hires_lmm::similarity_topp")
 def _(local_tokens, text_embeds, p, text_mask=None, temperature=1.0, presoftmax_temperature=0.5):
+    check_fake_devices("similarity_topp", local_tokens=local_tokens, text_embeds=text_embeds,
+                       text_mask=text_mask)
     B, N = local_tokens.shape[0], local_tokens.shape[1]
     return (local_tokens.new_empty((B, N), dtype=torch.long),
             local_tokens.new_empty((B,), dtype=torch.long))
@@ -72,6 +77,7 @@ def _(local_tokens, text_embeds, p, text_mask=None, temperature=1.0, presoftmax_
 
 @torch.library.register_fake("hires_lmm::gather_tokens")
 def _(tokens, indices):
+    check_fake_devices("gather_tokens", tokens=tokens, indices=indices)
     return tokens.new_empty((tokens.shape[0], indices.shape[1], tokens.shape[2]))
 
 
