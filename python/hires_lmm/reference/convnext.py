@@ -3,6 +3,8 @@ rounded once to the input dtype. x is NHWC (B, H, W, C)."""
 import torch
 import torch.nn.functional as F
 
+from .deepstack import stable_layer_norm
+
 __all__ = ["dwconv_layernorm", "convnext_block"]
 
 
@@ -13,8 +15,9 @@ def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
     y = F.conv2d(x.permute(0, 3, 1, 2).float(), dw_weight.float(),
                  None if dw_bias is None else dw_bias.float(), padding=dw_weight.shape[-1] // 2,
                  groups=C)
-    y = F.layer_norm(y.permute(0, 2, 3, 1), (C,), ln_weight.float(),
-                     None if ln_bias is None else ln_bias.float(), eps)
+    # fp32 LayerNorm; a pixel whose fp32 variance overflows is redone in fp64 (as the kernels)
+    y = stable_layer_norm(y.permute(0, 2, 3, 1), ln_weight.float(),
+                          None if ln_bias is None else ln_bias.float(), eps)
     return y.to(x.dtype)
 
 

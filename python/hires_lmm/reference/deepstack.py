@@ -19,15 +19,36 @@ def deepstack_inject(hidden, visual_embeds, visual_index):
 
 
 def rms_norm(x, weight, eps):
-    # LlamaRMSNorm: fp32 statistics, cast to the input dtype, then times weight.
+    # LlamaRMSNorm: fp32 statistics, cast to the input dtype, then times weight. A row whose fp32
+    # mean square is not finite (|x| > ~1.8e19, or a non-finite x) is redone in fp64, as the
+    # kernels do (README "Non-finite values": never a finite wrong value such as 0).
     xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    ms = xf.pow(2).mean(-1, keepdim=True)
+    y = xf * torch.rsqrt(ms + eps)
+    bad = ~torch.isfinite(ms)
+    if bool(bad.any()):
+        xd = xf.double()
+        y = torch.where(bad, (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)).float(), y)
     return weight * y.to(x.dtype)
 
 
+def stable_layer_norm(xf, weight, bias, eps):
+    """fp32 LayerNorm over the last dim of fp32 `xf`; a row whose fp32 (two-pass) variance is not
+    finite is redone in fp64 (F.layer_norm alone returns NaN or, through an overflowed
+    variance, `bias`). Returns fp32."""
+    C = xf.shape[-1]
+    y = F.layer_norm(xf, (C,), weight, bias, eps)
+    var = (xf - xf.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True)
+    bad = ~torch.isfinite(var)
+    if bool(bad.any()):
+        yd = F.layer_norm(xf.double(), (C,), None if weight is None else weight.double(),
+                          None if bias is None else bias.double(), eps)
+        y = torch.where(bad, yd.float(), y)
+    return y
+
+
 def layer_norm(x, weight, bias, eps):
-    y = F.layer_norm(x.float(), (x.shape[-1],), weight.float(),
-                     None if bias is None else bias.float(), eps)
+    y = stable_layer_norm(x.float(), weight.float(), None if bias is None else bias.float(), eps)
     return y.to(x.dtype)
 
 
