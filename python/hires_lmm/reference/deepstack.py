@@ -22,29 +22,37 @@ def rms_norm(x, weight, eps):
     # LlamaRMSNorm: fp32 statistics, cast to the input dtype, then times weight. A row whose fp32
     # mean square is not finite (|x| > ~1.8e19, or a non-finite x) is redone in fp64, as the
     # kernels do (README "Non-finite values": never a finite wrong value such as 0).
+    # (Both are always computed: no data-dependent branch, so the reference traces and compiles.)
     xf = x.float()
     ms = xf.pow(2).mean(-1, keepdim=True)
     y = xf * torch.rsqrt(ms + eps)
-    bad = ~torch.isfinite(ms)
-    if bool(bad.any()):
-        xd = xf.double()
-        y = torch.where(bad, (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)).float(), y)
+    xd = xf.double()
+    yd = (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)).float()
+    y = torch.where(torch.isfinite(ms), y, yd)
     return weight * y.to(x.dtype)
 
 
+def _layer_norm_two_pass(x, weight, bias, eps):
+    mean = x.mean(-1, keepdim=True)
+    d = x - mean
+    var = d.pow(2).mean(-1, keepdim=True)
+    y = d * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y, var
+
+
 def stable_layer_norm(xf, weight, bias, eps):
-    """fp32 LayerNorm over the last dim of fp32 `xf`; a row whose fp32 (two-pass) variance is not
-    finite is redone in fp64 (F.layer_norm alone returns NaN or, through an overflowed
-    variance, `bias`). Returns fp32."""
-    C = xf.shape[-1]
-    y = F.layer_norm(xf, (C,), weight, bias, eps)
-    var = (xf - xf.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True)
-    bad = ~torch.isfinite(var)
-    if bool(bad.any()):
-        yd = F.layer_norm(xf.double(), (C,), None if weight is None else weight.double(),
-                          None if bias is None else bias.double(), eps)
-        y = torch.where(bad, yd.float(), y)
-    return y
+    """LayerNorm over the last dim of fp32 `xf`: fp32 two-pass statistics (as the kernels; not
+    F.layer_norm, whose fp32 variance overflows to NaN for |x| > ~1.8e19 even when the two-pass
+    one does not); a row whose fp32 variance is not finite is redone in fp64 (both are always
+    computed: no data-dependent branch, so the reference traces and compiles). Returns fp32."""
+    y, var = _layer_norm_two_pass(xf, weight, bias, eps)
+    yd, _ = _layer_norm_two_pass(xf.double(), None if weight is None else weight.double(),
+                                 None if bias is None else bias.double(), eps)
+    return torch.where(torch.isfinite(var), y, yd.float())
 
 
 def layer_norm(x, weight, bias, eps):
