@@ -273,7 +273,25 @@ def fuzz_deepstack_bad(device):
         if data.draw(st.booleans(), label="device cases"):
             device_cases(name, fn, args, names)
 
-    return [bad]
+    @fuzz_settings(15)
+    @given(st.data())
+    def unchecked_index_values(data):
+        # value checks off (hires_lmm.set_value_checks(False)): out-of-range or unsorted index
+        # values give unspecified rows but never a read outside the tensors (no crash)
+        dtype, hidden, embeds, index, weight, bias, eps = deepstack_case(data, device)
+        rows = hidden.numel() // hidden.shape[-1]
+        nv = index.numel()
+        seed = data.draw(st.integers(0, 2 ** 31 - 1), label="bad index seed")
+        bad_index = torch.randint(-2 ** 40, 2 ** 40, (nv,), generator=torch.Generator().manual_seed(seed))
+        bad_index[: nv // 2] = torch.arange(nv // 2) + rows  # just past the end
+        hires_lmm.set_value_checks(False)
+        try:
+            out = ops.deepstack_inject_rms_norm(hidden, embeds, bad_index.to(device), weight, eps)
+        finally:
+            hires_lmm.set_value_checks(True)
+        assert out[0].shape == hidden.shape and out[1].shape == hidden.shape
+
+    return [bad, unchecked_index_values]
 
 
 # ---- convnext family -------------------------------------------------------------------------
@@ -493,7 +511,24 @@ def fuzz_select_bad(device):
         if data.draw(st.booleans(), label="device cases"):
             device_cases(name, fn, args, names)
 
-    return [bad]
+    @fuzz_settings(15)
+    @given(st.data())
+    def unchecked_gather_values(data):
+        # value checks off: indices outside [-1, N) give zero rows, never a read outside tokens
+        local, _, _ = select_case(data, device)
+        B, N, D = local.shape
+        seed = data.draw(st.integers(0, 2 ** 31 - 1), label="bad indices seed")
+        idx = torch.randint(-2 ** 40, 2 ** 40, (B, 5), generator=torch.Generator().manual_seed(seed))
+        idx[:, 0] = N
+        idx[:, 1] = -2
+        hires_lmm.set_value_checks(False)
+        try:
+            out = ops.gather_tokens(local, idx.to(device))
+        finally:
+            hires_lmm.set_value_checks(True)
+        assert out.shape == (B, 5, D) and bool((out.float().cpu() == 0).all())
+
+    return [bad, unchecked_gather_values]
 
 
 FAMILIES = {

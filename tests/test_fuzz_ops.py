@@ -22,7 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def run_family(family, device):
     env = dict(os.environ)
-    src = os.path.join(os.path.dirname(HERE), "python")
+    # the subprocess imports the very hires_lmm this process imported (installed or source tree)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(hires_lmm.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, os.path.join(HERE, "fuzz_ops_lib.py"), family, device],
                           capture_output=True, text=True, env=env, timeout=1800)
