@@ -22,7 +22,8 @@ def similarity_topk(local_tokens, text_embeds, k: int, text_mask=None):
     local_tokens (B,N,D), text_embeds (B,T,D) float32/float16/bfloat16 (same dtype not
     required), text_mask (B,T) bool or None (all text tokens count), 1 <= k <= N.
     Returns (indices (B,k) int64 ascending, scores (B,N) float32) with
-    scores[b,i] = sum over unmasked t of cos(local[b,i], text[b,t]); ties go to the lower index.
+    scores[b,i] = sum over unmasked t of cos(local[b,i], text[b,t]); ties go to the lower index,
+    a NaN score ranks after every other (README "Non-finite values").
     Gradients flow to local_tokens and text_embeds through `scores`."""
     if use_reference():
         return _ref.similarity_topk(local_tokens, text_embeds, k, text_mask)
@@ -35,9 +36,10 @@ def similarity_topp(local_tokens, text_embeds, p: float, text_mask=None, tempera
 
     probs = softmax(s / temperature), s = softmax(scores / presoftmax_temperature) (the first
     released code, matching the checkpoints; default 0.5) or s = scores when
-    presoftmax_temperature is None (the code at HEAD). Sort probs descending (ties to the lower
-    index), keep the positions whose cumulative sum <= p plus one more (all N when every sum
-    <= p), return them ascending. p in (0, 1].
+    presoftmax_temperature is None (the code at HEAD); both in fp64 from the fp32 scores. Rank by
+    score descending (ties to the lower index; a NaN score ranks last with probability 0), keep
+    the positions whose cumulative sum (fp64, rounded to fp32) <= float32(p) plus one more (all
+    N when every sum <= p), return them ascending. p in (0, 1].
     Returns (indices (B,N) int64: kept indices ascending then -1, lengths (B,) int64)."""
     if use_reference():
         return _ref.similarity_topp(local_tokens, text_embeds, p, text_mask, temperature,
