@@ -173,9 +173,15 @@ def deepstack_case(data, device, with_embeds=True):
         index = index.to(device)
         edtype = data.draw(st.sampled_from(DTYPES), label="embeds dtype")
         embeds = draw_tensor(data, (nv, D), edtype, device, "visual_embeds")
-    weight = draw_tensor(data, (D,), dtype, device, "weight", shift=1.0, layouts=["contig", "step"])
+    # Special weights only where no input row is huge: a huge row normalizes its moderate entries
+    # to ~1e-30 * (x - mean) with a mean that no fp64 order computes exactly (1e30 absorbs the
+    # small terms), and a huge or infinite weight would amplify that rounding into the output.
+    huge = any(bool((t.float().abs() > 1e20).any()) for t in (hidden, embeds) if t is not None)
+    weight = draw_tensor(data, (D,), dtype, device, "weight", shift=1.0, specials=not huge,
+                         layouts=["contig", "step"])
     bias = data.draw(st.sampled_from([True, False]), label="bias")
-    bias = draw_tensor(data, (D,), dtype, device, "bias", scale=0.2, layouts=["contig", "step"]) if bias else None
+    bias = draw_tensor(data, (D,), dtype, device, "bias", scale=0.2, specials=not huge,
+                       layouts=["contig", "step"]) if bias else None
     eps = data.draw(st.sampled_from([1e-6, 1e-5, 0.1]), label="eps")
     return dtype, hidden, embeds, index, weight, bias, eps
 
@@ -326,6 +332,10 @@ def convnext_case(data, device, block):
 DWLN = ["dw_weight", "dw_bias", "ln_weight", "ln_bias"]
 BLOCK = DWLN + ["fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "gamma"]
 BLOCK_SCALE = {torch.float32: 1.0, torch.float16: 2.0, torch.bfloat16: 2.0}  # test_convnext_ops
+# fp32: the LayerNorm divides the conv's rounding (fp32 taps in another order than the
+# reference's) by the pixel's std, which is small against |y| for a few channels (C = 2): the
+# fuzz allows 8x the fp32 tolerance there (far below the fp16/bf16 tolerances)
+LN_FP32_SCALE = 8.0
 
 
 def fuzz_convnext_valid(device):
@@ -335,7 +345,7 @@ def fuzz_convnext_valid(device):
         dtype, x, p, eps = convnext_case(data, device, block=False)
         args = [p[n] for n in DWLN]
         assert_match(ops.dwconv_layernorm(x, *args, eps), R.dwconv_layernorm(x, *args, eps), dtype,
-                     "dwconv_layernorm")
+                     "dwconv_layernorm", LN_FP32_SCALE if dtype == torch.float32 else 1.0)
 
     @fuzz_settings(20)
     @given(st.data())
@@ -343,7 +353,7 @@ def fuzz_convnext_valid(device):
         dtype, x, p, eps = convnext_case(data, device, block=True)
         args = [p[n] for n in BLOCK]
         assert_match(ops.convnext_block(x, *args, eps), R.convnext_block(x, *args, eps), dtype,
-                     "convnext_block", BLOCK_SCALE[dtype])
+                     "convnext_block", LN_FP32_SCALE if dtype == torch.float32 else BLOCK_SCALE[dtype])
 
     return [dwconv_layernorm, convnext_block]
 

@@ -72,15 +72,25 @@ void run(const DwconvLnParams& p) {
             // in registers for all 49 taps instead of round-tripping through the stack.
             // Taps that fall on the zero padding are skipped, not multiplied by 0 (an inf weight
             // must not turn border pixels into NaN: F.conv2d's rule, README "Non-finite values").
+            // Interior tiles (every tap inside the image) keep the branch-free loop.
             V8 a[kPix] = {};
+            const bool interior = w0 >= PAD && w0 + kPix + PAD <= W;
             for (int kh = 0; kh < K; ++kh) {
               if (h + kh - PAD < 0 || h + kh - PAD >= H) continue;
-              for (int kw = 0; kw < K; ++kw) {
-                const V8 wv = load8(wf.data() + (kh * K + kw) * C + c0);
-                const float* xi = in.data() + (kh * Wp + w0 + kw) * C + c0;
-                for (int r = 0; r < kPix; ++r) {
-                  const int64_t iw = w0 + r + kw - PAD;
-                  if (iw >= 0 && iw < W) a[r] += wv * load8(xi + r * C);
+              if (interior) {
+                for (int kw = 0; kw < K; ++kw) {
+                  const V8 wv = load8(wf.data() + (kh * K + kw) * C + c0);
+                  const float* xi = in.data() + (kh * Wp + w0 + kw) * C + c0;
+                  for (int r = 0; r < kPix; ++r) a[r] += wv * load8(xi + r * C);
+                }
+              } else {
+                for (int kw = 0; kw < K; ++kw) {
+                  const V8 wv = load8(wf.data() + (kh * K + kw) * C + c0);
+                  const float* xi = in.data() + (kh * Wp + w0 + kw) * C + c0;
+                  for (int r = 0; r < kPix; ++r) {
+                    const int64_t iw = w0 + r + kw - PAD;
+                    if (iw >= 0 && iw < W) a[r] += wv * load8(xi + r * C);
+                  }
                 }
               }
             }
