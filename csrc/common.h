@@ -46,6 +46,13 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
               "' is on ", b.device(), "; all tensors must be on one device");
 }
 
+// The tensor lives where a kernel can read it (a meta tensor reaches a binding only through an
+// explicit redispatch; it has no data).
+inline void check_device_kind(const at::Tensor& t, const char* op, const char* arg) {
+  HIRES_CHECK(t.is_cpu() || t.is_cuda(), op, arg, "must be a CPU or CUDA tensor, got one on ",
+              t.device());
+}
+
 // Registry of which kernels exist for which device ("cpu", "cuda", "cuda_sm90a"), filled by
 // static registrars in each family's binding file; read by build_info().
 std::map<std::string, std::set<std::string>>& kernel_registry();

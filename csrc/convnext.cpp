@@ -51,6 +51,7 @@ void check_opt_param(const char* op, const c10::optional<at::Tensor>& t, const c
 void check_dwconv_ln_args(const char* op, const at::Tensor& x, const at::Tensor& dw_weight,
                           const c10::optional<at::Tensor>& dw_bias, const at::Tensor& ln_weight,
                           const c10::optional<at::Tensor>& ln_bias, double eps) {
+  check_device_kind(x, op, "x");
   check_float(x, op, "x");
   HIRES_CHECK(x.dim() == 4, op, "x", "must be 4-D (B, H, W, C) channels-last (NHWC), got shape ",
               x.sizes());

@@ -46,6 +46,12 @@ std::tuple<at::Tensor, at::Tensor> inject_norm(const char* op, const at::Tensor&
                                                 const c10::optional<at::Tensor>& bias, double eps,
                                                 Norm norm, bool want_injected) {
   const char* hname = embeds ? "hidden" : "x";
+  // devices first, before any data pointer is taken
+  check_device_kind(hidden, op, hname);
+  if (embeds) check_same_device(*embeds, hidden, op, "visual_embeds", hname);
+  if (index) check_same_device(*index, hidden, op, "visual_index", hname);
+  if (weight) check_same_device(*weight, hidden, op, "weight", hname);
+  if (bias) check_same_device(*bias, hidden, op, "bias", hname);
   check_float(hidden, op, hname);
   HIRES_CHECK(hidden.dim() >= 1, op, hname, "must have a last (hidden) dimension, got a scalar");
   const int64_t D = hidden.size(-1);
@@ -65,8 +71,6 @@ std::tuple<at::Tensor, at::Tensor> inject_norm(const char* op, const at::Tensor&
   at::ScalarType etype = hidden.scalar_type();
   if (embeds) {
     check_float(*embeds, op, "visual_embeds");
-    check_same_device(*embeds, hidden, op, "visual_embeds", "hidden");
-    check_same_device(*index, hidden, op, "visual_index", "hidden");
     HIRES_CHECK(embeds->dim() == 2, op, "visual_embeds", "must be 2-D (num_visual, hidden_size), got shape ",
                 embeds->sizes());
     HIRES_CHECK(embeds->size(1) == D, op, "visual_embeds", "has hidden size ", embeds->size(1),
@@ -88,19 +92,17 @@ std::tuple<at::Tensor, at::Tensor> inject_norm(const char* op, const at::Tensor&
   }
   at::Tensor w, b;
   if (norm != Norm::kNone) {
-    check_same_device(*weight, hidden, op, "weight", hname);
     HIRES_CHECK(weight->scalar_type() == hidden.scalar_type(), op, "weight", "must have the dtype of '",
                 hname, "' (", hidden.scalar_type(), "), got ", weight->scalar_type());
     HIRES_CHECK(weight->dim() == 1 && weight->size(0) == D, op, "weight", "must have shape (", D,
-                ",), got ", weight->sizes());
+                ",) (the last dim of '", hname, "'), got ", weight->sizes());
     w = weight->contiguous();
     p.weight = w.data_ptr();
     if (bias) {
-      check_same_device(*bias, hidden, op, "bias", hname);
       HIRES_CHECK(bias->scalar_type() == hidden.scalar_type(), op, "bias", "must have the dtype of '",
                   hname, "' (", hidden.scalar_type(), "), got ", bias->scalar_type());
       HIRES_CHECK(bias->dim() == 1 && bias->size(0) == D, op, "bias", "must have shape (", D,
-                  ",), got ", bias->sizes());
+                  ",) (the last dim of '", hname, "'), got ", bias->sizes());
       b = bias->contiguous();
       p.bias = b.data_ptr();
     }
@@ -134,6 +136,7 @@ std::tuple<at::Tensor, at::Tensor> inject_norm(const char* op, const at::Tensor&
 }
 
 at::Tensor visual_index(const at::Tensor& mask) {
+  check_device_kind(mask, "visual_index", "visual_pos_masks");
   HIRES_CHECK(mask.scalar_type() == at::kBool, "visual_index", "visual_pos_masks",
               "must be a bool mask, got ", mask.scalar_type());
   HIRES_CHECK(mask.dim() >= 1, "visual_index", "visual_pos_masks", "must be (B, S), got a scalar");

@@ -19,18 +19,17 @@
 namespace hires::select {
 namespace {
 
-#ifdef HIRES_LMM_WITH_CUDA
-#endif
-
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_select(
     const char* op, const at::Tensor& local, const at::Tensor& text,
     const c10::optional<at::Tensor>& mask, SelectMode mode, int64_t k, double p, double temperature,
     c10::optional<double> presoftmax_temperature) {
+  check_device_kind(local, op, "local_tokens");
+  check_same_device(text, local, op, "text_embeds", "local_tokens");
+  if (mask) check_same_device(*mask, local, op, "text_mask", "local_tokens");
   check_float(local, op, "local_tokens");
   check_float(text, op, "text_embeds");
-  check_same_device(text, local, op, "text_embeds", "local_tokens");
   HIRES_CHECK(local.dim() == 3, op, "local_tokens", "must be 3-D (B, N, D), got shape ", local.sizes());
   HIRES_CHECK(text.dim() == 3, op, "text_embeds", "must be 3-D (B, T, D), got shape ", text.sizes());
   const int64_t B = local.size(0), N = local.size(1), D = local.size(2), T = text.size(1);
@@ -43,7 +42,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_select(
               " but 'local_tokens' has ", D, " (project both into the same space first)");
   HIRES_CHECK(T >= 1, op, "text_embeds", "must have at least one text token (T >= 1), got shape ", text.sizes());
   if (mask) {
-    check_same_device(*mask, local, op, "text_mask", "local_tokens");
     HIRES_CHECK(mask->scalar_type() == at::kBool, op, "text_mask", "must be bool, got ", mask->scalar_type());
     HIRES_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == T, op, "text_mask",
                 "must have shape (B, T) = (", B, ", ", T, "), got ", mask->sizes());
@@ -78,10 +76,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_select(
   prm.dim = D;
   prm.mode = mode;
   prm.k = k;
-  prm.p = static_cast<float>(p);
-  prm.temperature = static_cast<float>(temperature);
+  prm.p = p;
+  prm.temperature = temperature;
   prm.presoftmax = presoftmax_temperature.has_value();
-  prm.presoftmax_temperature = presoftmax_temperature ? static_cast<float>(*presoftmax_temperature) : 1.f;
+  prm.presoftmax_temperature = presoftmax_temperature ? *presoftmax_temperature : 1.0;
 
   const auto lopts = local.options().dtype(at::kLong);
   at::Tensor scores = at::empty({B, N}, local.options().dtype(at::kFloat));
@@ -147,6 +145,7 @@ void check_gather_values(const at::Tensor& indices, int64_t n) {
 
 at::Tensor gather_tokens(const at::Tensor& tokens, const at::Tensor& indices) {
   const char* op = "gather_tokens";
+  check_device_kind(tokens, op, "tokens");
   check_float(tokens, op, "tokens");
   check_same_device(indices, tokens, op, "indices", "tokens");
   HIRES_CHECK(tokens.dim() == 3, op, "tokens", "must be 3-D (B, N, D), got shape ", tokens.sizes());

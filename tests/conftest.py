@@ -1,4 +1,7 @@
-"""Shared test fixtures: devices, dtypes and the one table of tolerances."""
+"""Shared test fixtures: devices, dtypes, the one table of tolerances, and the --fuzz-long option
+of the property-based suite (tests/test_fuzz_ops.py)."""
+import os
+
 import pytest
 import torch
 
@@ -33,3 +36,19 @@ def _kernels_backend():
     yield
     hires_lmm.set_backend("kernels")
     hires_lmm.set_value_checks(True)
+
+
+# ---- property-based fuzzing (tests/test_fuzz_ops.py, tests/fuzz_ops_lib.py) ---------------------
+FUZZ_LONG_SCALE = 20  # --fuzz-long multiplies every hypothesis example count by this
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help=f"property-based op fuzzing: {FUZZ_LONG_SCALE}x the hypothesis example "
+                          "counts (the default run is sized for CI)")
+
+
+def pytest_configure(config):
+    # an environment variable, so that the fuzz subprocesses see it too
+    if config.getoption("--fuzz-long"):
+        os.environ["HIRES_LMM_FUZZ_SCALE"] = str(FUZZ_LONG_SCALE)

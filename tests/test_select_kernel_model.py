@@ -27,6 +27,8 @@ def pow2(n):
 
 def ordered_bits(v):
     v = np.float32(v)
+    if np.isnan(v):
+        return 0  # NaN ranks after -inf (README "Non-finite values")
     if v == 0:
         v = np.float32(0.0)
     u = int(np.array(v, dtype=np.float32).view(np.uint32))
@@ -84,8 +86,27 @@ def bitonic_sort_desc(keys):
     return keys
 
 
-def select_row(vals, mode, k=0, p=1.0):
-    """select_row of the kernel (vals: the fp32 values the keys are built from)."""
+def topp_probs(sorted_scores, t0, t1):
+    """TopPProbs of similarity_select.h over the sorted scores (fp64; NaN -> probability 0)."""
+    import math
+    m = sorted_scores[0]
+    if math.isnan(m):
+        return [0.0] * len(sorted_scores)
+    ok = [v for v in sorted_scores if not math.isnan(v)]
+    if t0 is not None:
+        m0 = m / t0
+        s0 = sum(math.exp(v / t0 - m0) for v in ok)
+        a = lambda v: math.exp(v / t0 - m0) / s0  # noqa: E731
+        a_max1 = (1.0 / s0) / t1
+    else:
+        a = lambda v: v  # noqa: E731
+        a_max1 = m / t1
+    s1 = sum(math.exp(a(v) / t1 - a_max1) for v in ok)
+    return [0.0 if math.isnan(v) else math.exp(a(v) / t1 - a_max1) / s1 for v in sorted_scores]
+
+
+def select_row(vals, mode, k=0, p=1.0, t0=None, t1=1.0):
+    """select_row of the kernel (vals: the fp32 scores the keys are built from)."""
     N = len(vals)
     P = pow2(N)
     keys = [rank_key(vals[i], i) if i < N else 0 for i in range(P)]
@@ -95,13 +116,14 @@ def select_row(vals, mode, k=0, p=1.0):
     keep = k
     length = None
     if mode == "topp":
-        parts = [sum((key_value(keys[j]) for j in range(lo, hi)), 0.0) for lo, hi in bounds]
+        q = topp_probs([key_value(keys[j]) for j in range(N)], t0, t1)
+        parts = [sum((q[j] for j in range(lo, hi)), 0.0) for lo, hi in bounds]
         excl = np.concatenate([[0.0], np.cumsum(parts)[:-1]])
         c = 0
         for tid, (lo, hi) in enumerate(bounds):
             run = excl[tid]
             for j in range(lo, hi):
-                run += key_value(keys[j])
+                run += q[j]
                 c += int(np.float32(run) <= np.float32(p))
         keep = min(c + 1, N)
         length = keep
@@ -128,11 +150,14 @@ def test_bitonic_network_sorts_descending_any_n(N):
     rng = np.random.default_rng(N)
     vals = rng.integers(-3, 4, size=N).astype(np.float32)  # many ties
     vals[rng.integers(0, N)] = -0.0
+    if N > 3:
+        vals[rng.integers(0, N)] = np.nan  # ranks after -inf
+        vals[rng.integers(0, N)] = -np.inf
     P = pow2(N)
     keys = bitonic_sort_desc([rank_key(vals[i], i) if i < N else 0 for i in range(P)])
     assert keys == sorted(keys, reverse=True)
     order = [key_index(x) for x in keys[:N]]
-    expect = torch.sort(torch.from_numpy(vals), descending=True, stable=True).indices.tolist()
+    expect = ref._rank_desc(torch.from_numpy(vals).view(1, -1))[0].tolist()
     assert order == expect  # ties to the lower index, -0.0 ties +0.0
     assert keys[N:] == [0] * (P - N)
 
@@ -146,13 +171,16 @@ def test_select_row_topk_matches_reference(N, k):
     assert out == torch.sort(top).values.tolist()
 
 
+@pytest.mark.parametrize("t0", [None, 0.5])
 @pytest.mark.parametrize("N,p", [(1, 0.5), (7, 0.3), (100, 0.9), (600, 0.95), (600, 1.0)])
-def test_select_row_topp_matches_reference(N, p):
+def test_select_row_topp_matches_reference(N, p, t0):
     rng = np.random.default_rng(N)
     scores = torch.from_numpy(rng.standard_normal((1, N)).astype(np.float32)) * 3
-    probs = ref.topp_probabilities(scores, 1.0, None)
-    order, K = ref.topp_count(probs, p)
-    out, length = select_row(probs[0].numpy(), "topp", p=p)
+    if N > 5:
+        scores[0, [2, 5]] = float("nan")  # NaN: probability 0, ranked last
+    probs = ref.topp_probabilities(scores, 1.0, t0)
+    order, K = ref.topp_count(probs, p, scores)
+    out, length = select_row(scores[0].numpy(), "topp", p=p, t0=t0)
     assert length == int(K[0])
     exp = torch.full((N,), -1, dtype=torch.long)
     exp[:length] = torch.sort(order[0, :length]).values

@@ -77,8 +77,29 @@ void run(const InjectNormParams& p, Norm norm) {
       if (norm == Norm::kNone) continue;
       // 3. fp32 statistics (two-pass variance for LayerNorm); 4. normalize
       const float shift = norm == Norm::kLayer ? sum_of(x.data(), D, 0.f, false) / float(D) : 0.f;
-      const float rstd = 1.f / std::sqrt(sum_of(x.data(), D, shift, true) / float(D) + p.eps);
+      const float var = sum_of(x.data(), D, shift, true) / float(D);
       T* o = normed + row * D;
+      if (!std::isfinite(var)) {
+        // The fp32 statistic overflowed (|x| > ~1.8e19, or a non-finite x): redo the row in fp64,
+        // which cannot overflow for finite fp32 input (README "Non-finite values"); rare, so the
+        // fast path above stays fp32. A non-finite x still gives what IEEE arithmetic gives.
+        double sd = 0.0;
+        if (norm == Norm::kLayer)
+          for (int64_t c = 0; c < D; ++c) sd += x[c];
+        const double mean = sd / double(D);
+        double ssd = 0.0;
+        for (int64_t c = 0; c < D; ++c) ssd += (x[c] - mean) * (x[c] - mean);
+        const double rstd = 1.0 / std::sqrt(ssd / double(D) + double(p.eps));
+        if (norm == Norm::kRms) {
+          for (int64_t c = 0; c < D; ++c)
+            o[c] = static_cast<T>(w[c] * round_to<T>(static_cast<float>(x[c] * rstd)));
+        } else {
+          for (int64_t c = 0; c < D; ++c)
+            o[c] = static_cast<T>(static_cast<float>((x[c] - mean) * rstd) * w[c] + b[c]);
+        }
+        continue;
+      }
+      const float rstd = 1.f / std::sqrt(var + p.eps);
       if (norm == Norm::kRms) {
         for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(w[c] * round_to<T>(x[c] * rstd));
       } else {

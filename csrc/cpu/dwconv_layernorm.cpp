@@ -48,7 +48,7 @@ void run(const DwconvLnParams& p) {
     std::vector<float> ybuf(W * C);  // conv outputs of one output row (the kernel's shared memory)
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / H, h = r % H;
-      // 1. Stage the window's input rows in fp32 with zero padding (the kernel's zero fill).
+      // 1. Stage the window's input rows in fp32 (the padding columns are never multiplied).
       std::fill(in.begin(), in.end(), 0.f);
       for (int kh = 0; kh < K; ++kh) {
         const int64_t ih = h + kh - PAD;
@@ -70,22 +70,42 @@ void run(const DwconvLnParams& p) {
           if (nr == kPix && cn == kCh) {
             // Register tile as 4 vectors of 8 floats (GCC/Clang vector extension): the sums stay
             // in registers for all 49 taps instead of round-tripping through the stack.
+            // Taps that fall on the zero padding are skipped, not multiplied by 0 (an inf weight
+            // must not turn border pixels into NaN: F.conv2d's rule, README "Non-finite values").
+            // Interior tiles (every tap inside the image) keep the branch-free loop.
             V8 a[kPix] = {};
+            const bool interior = w0 >= PAD && w0 + kPix + PAD <= W;
             for (int kh = 0; kh < K; ++kh) {
-              for (int kw = 0; kw < K; ++kw) {
-                const V8 wv = load8(wf.data() + (kh * K + kw) * C + c0);
-                const float* xi = in.data() + (kh * Wp + w0 + kw) * C + c0;
-                for (int r = 0; r < kPix; ++r) a[r] += wv * load8(xi + r * C);
+              if (h + kh - PAD < 0 || h + kh - PAD >= H) continue;
+              if (interior) {
+                for (int kw = 0; kw < K; ++kw) {
+                  const V8 wv = load8(wf.data() + (kh * K + kw) * C + c0);
+                  const float* xi = in.data() + (kh * Wp + w0 + kw) * C + c0;
+                  for (int r = 0; r < kPix; ++r) a[r] += wv * load8(xi + r * C);
+                }
+              } else {
+                for (int kw = 0; kw < K; ++kw) {
+                  const V8 wv = load8(wf.data() + (kh * K + kw) * C + c0);
+                  const float* xi = in.data() + (kh * Wp + w0 + kw) * C + c0;
+                  for (int r = 0; r < kPix; ++r) {
+                    const int64_t iw = w0 + r + kw - PAD;
+                    if (iw >= 0 && iw < W) a[r] += wv * load8(xi + r * C);
+                  }
+                }
               }
             }
             for (int r = 0; r < kPix; ++r) std::memcpy(acc[r], &a[r], sizeof(V8));
           } else {
             for (int kh = 0; kh < K; ++kh) {
+              if (h + kh - PAD < 0 || h + kh - PAD >= H) continue;
               for (int kw = 0; kw < K; ++kw) {
                 const float* wk = wf.data() + (kh * K + kw) * C + c0;
                 const float* xi = in.data() + (kh * Wp + w0 + kw) * C + c0;
-                for (int64_t r = 0; r < nr; ++r)
+                for (int64_t r = 0; r < nr; ++r) {
+                  const int64_t iw = w0 + r + kw - PAD;
+                  if (iw < 0 || iw >= W) continue;
                   for (int64_t e = 0; e < cn; ++e) acc[r][e] += wk[e] * xi[r * C + e];
+                }
               }
             }
           }
@@ -104,8 +124,22 @@ void run(const DwconvLnParams& p) {
           const float d = acc[c] - mean;
           ss += d * d;
         }
-        const float rstd = 1.f / std::sqrt(ss / float(C) + p.eps);
+        const float var = ss / float(C);
         T* o = out + ((b * H + h) * W + w) * C;
+        if (!std::isfinite(var)) {
+          // The fp32 statistic overflowed (huge conv outputs, or a non-finite one): redo the pixel
+          // in fp64, which cannot overflow for finite fp32 values; rare, the fast path stays fp32.
+          double sd = 0.0;
+          for (int64_t c = 0; c < C; ++c) sd += acc[c];
+          const double md = sd / double(C);
+          double ssd = 0.0;
+          for (int64_t c = 0; c < C; ++c) ssd += (acc[c] - md) * (acc[c] - md);
+          const double rd = 1.0 / std::sqrt(ssd / double(C) + double(p.eps));
+          for (int64_t c = 0; c < C; ++c)
+            o[c] = static_cast<T>(static_cast<float>((acc[c] - md) * rd) * lwf[c] + lbf[c]);
+          continue;
+        }
+        const float rstd = 1.f / std::sqrt(var + p.eps);
         for (int64_t c = 0; c < C; ++c) o[c] = static_cast<T>((acc[c] - mean) * rstd * lwf[c] + lbf[c]);
       }
     }

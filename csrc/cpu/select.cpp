@@ -28,7 +28,13 @@ void scores_cpu(const SimilaritySelectParams& p, std::vector<float>& dir) {
         const float v = static_cast<float>(x[d]);
         ss += v * v;
       }
-      w[r] = 1.f / std::max(std::sqrt(ss), kCosEps);
+      if (std::isfinite(ss)) {
+        w[r] = 1.f / std::max(std::sqrt(ss), kCosEps);
+      } else {  // fp32 overflow or a non-finite x: the kernel's rare fp64 path
+        double ssd = 0.0;
+        for (int64_t d = 0; d < D; ++d) ssd += double(static_cast<float>(x[d])) * double(static_cast<float>(x[d]));
+        w[r] = text_weight_f64(ssd);
+      }
     }
   });
   // the kernel's order: kDirGroups partial sums over t = g (mod kDirGroups), added in group order
@@ -50,10 +56,18 @@ void scores_cpu(const SimilaritySelectParams& p, std::vector<float>& dir) {
         for (int64_t d = 0; d < D; ++d) o[d] += part[g * D + d];
     }
   });
+  // a row with no unmasked text token: every score is the empty sum 0 (l is not read)
+  std::vector<uint8_t> any_text(B, 1);
+  if (p.mask != nullptr)
+    for (int64_t b = 0; b < B; ++b) any_text[b] = std::any_of(p.mask + b * T, p.mask + (b + 1) * T, [](bool m) { return m; });
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
   at::parallel_for(0, B * N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / N, i = r % N;
+      if (!any_text[b]) {
+        p.scores[r] = 0.f;
+        continue;
+      }
       const TL* l = local + b * p.local_stride_b + i * p.local_stride_n;
       const float* o = dir.data() + b * D;
       float dot = 0.f, ll = 0.f;
@@ -62,46 +76,61 @@ void scores_cpu(const SimilaritySelectParams& p, std::vector<float>& dir) {
         dot += v * o[d];
         ll += v * v;
       }
+      if (!std::isfinite(ll) || !std::isfinite(dot)) {  // the kernel's rare fp64 path
+        double dd = 0.0, lld = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          const double v = static_cast<float>(l[d]);
+          dd += v * double(o[d]);
+          lld += v * v;
+        }
+        dot = float(local_score_f64(dd, lld));
+        ll = 1.f;
+      }
       p.scores[r] = dot / std::max(std::sqrt(ll), kCosEps);
     }
   });
 }
 
-// softmax(x / temp) over n values in place, fp32: max, exp(x - max), sum, divide.
-void softmax_inplace(float* x, int64_t n, float temp) {
-  float m = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = x[i] / temp;
-    m = std::max(m, x[i]);
-  }
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    x[i] = std::exp(x[i] - m);
-    s += x[i];
-  }
-  for (int64_t i = 0; i < n; ++i) x[i] = x[i] / s;
-}
-
 // Step 4: selection of one row; writes indices[0, out_cols) and, for top-p, the length.
+// Ranking by score (the shared key rule: ties to the lower index, NaN last); top-p probabilities
+// in fp64 (similarity_select.h, TopPProbs), cumulative sums in fp64 rounded to fp32.
 void select_row(const SimilaritySelectParams& p, int64_t b) {
   const int64_t N = p.n;
   const float* s = p.scores + b * N;
-  std::vector<float> v(s, s + N);
+  std::vector<uint64_t> keys(N);
+  for (int64_t i = 0; i < N; ++i) keys[i] = rank_key(s[i], i);
+  std::sort(keys.begin(), keys.end(), std::greater<uint64_t>());
   int64_t keep = p.k;
   if (p.mode == SelectMode::kTopP) {
-    if (p.presoftmax) softmax_inplace(v.data(), N, p.presoftmax_temperature);
-    softmax_inplace(v.data(), N, p.temperature);
-  }
-  std::vector<uint64_t> keys(N);
-  for (int64_t i = 0; i < N; ++i) keys[i] = rank_key(v[i], i);
-  std::sort(keys.begin(), keys.end(), std::greater<uint64_t>());
-  if (p.mode == SelectMode::kTopP) {
-    // cumulative sums in fp64, each rounded to fp32, compared with float32(p)
+    TopPProbs q;
+    q.presoftmax = p.presoftmax;
+    q.t0 = p.presoftmax_temperature;
+    q.t1 = p.temperature;
+    const float m = key_value(keys[0]);  // the largest score; NaN only when every score is NaN
+    q.none = m != m;
+    if (!q.none) {
+      if (q.presoftmax) {
+        q.m0 = double(m) / q.t0;
+        double s0 = 0.0;
+        for (int64_t i = 0; i < N; ++i)
+          if (s[i] == s[i]) s0 += topp_exp0(q, s[i]);
+        q.s0 = s0;
+        q.a_max1 = (1.0 / s0) / q.t1;
+      } else {
+        q.a_max1 = double(m) / q.t1;
+      }
+      double s1 = 0.0;
+      for (int64_t i = 0; i < N; ++i)
+        if (s[i] == s[i]) s1 += topp_exp1(q, s[i]);
+      q.s1 = s1;
+    }
+    // cumulative sums in ranking order in fp64, each rounded to fp32, compared with float32(p)
+    const float pf = static_cast<float>(p.p);
     double cum = 0.0;
     int64_t c = 0;
     for (int64_t j = 0; j < N; ++j) {
-      cum += double(key_value(keys[j]));
-      if (float(cum) <= p.p) ++c;
+      cum += topp_prob(q, key_value(keys[j]));
+      if (float(cum) <= pf) ++c;
     }
     keep = std::min<int64_t>(c + 1, N);
     p.lengths[b] = keep;

@@ -59,6 +59,13 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// fp64 warp sum: the rare exact paths (norm statistics that overflow fp32) use it.
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
 inline __host__ __device__ bool is_aligned(const void* p, int bytes) {
   return (reinterpret_cast<uintptr_t>(p) % bytes) == 0;
 }

@@ -1,10 +1,12 @@
 // Fused depthwise 7x7 conv + LayerNorm over channels (the first half of a ConvNeXt block).
 //
 // Formula (per output pixel (b, h, w), channels c in [0, C)):
-//   y[c]   = sum_{kh, kw in [0,7)} w_t[kh*7+kw][c] * x[b, h+kh-3, w+kw-3, c]  (zero outside)
+//   y[c]   = sum_{kh, kw in [0,7)} w_t[kh*7+kw][c] * x[b, h+kh-3, w+kw-3, c]  (taps on the zero
+//            padding are skipped, not multiplied: an inf weight leaves border pixels finite)
 //            + dw_bias[c]                       (fp32, taps row by row, bias added last)
 //   mean   = sum_c y[c] / C;  var = sum_c (y[c] - mean)^2 / C   (two-pass, biased, fp32)
 //   out[c] = round_T((y[c] - mean) * rsqrt(var + eps) * ln_weight[c] + ln_bias[c])
+//   (a pixel whose fp32 var is not finite is redone in fp64: no overflow for finite y)
 // Shapes: x (B,H,W,C) of T with strides (sx_b, sx_h, sx_w, 1); w_t (49, C) contiguous (the
 //   checkpoint's (C,1,7,7) transposed by the binding, so one tap of VEC channels is one 16-byte
 //   load); dw_bias, ln_weight, ln_bias (C,); out (B,H,W,C) contiguous.
@@ -49,6 +51,35 @@ struct DwconvLnTile {
                 "conv outputs must fit the 48 KiB of dynamic shared memory that needs no opt-in");
 };
 
+// The 7 taps of kernel row kh for one work item (kRun pixels x VEC channels). kEdge: the run's
+// window reaches the zero padding left or right of the image; those taps are skipped, not
+// multiplied by 0 (an inf weight must leave border pixels finite, as F.conv2d: README
+// "Non-finite values"). Interior runs take the unpredicated instance.
+template <typename T, int VEC, bool kEdge>
+__device__ __forceinline__ void dwconv_row_taps(float (&acc)[DwconvLnTile::kRun][VEC],
+                                                const float (&xin)[DwconvLnTile::kWindow][VEC],
+                                                const T* __restrict__ wt, int kh, int64_t C,
+                                                int64_t c, int64_t wf, int64_t W) {
+  using Tile = DwconvLnTile;
+  using PackT = Pack<T, VEC>;
+#pragma unroll
+  for (int kw = 0; kw < Tile::kK; ++kw) {
+    const PackT wv = *reinterpret_cast<const PackT*>(wt + int64_t(kh * Tile::kK + kw) * C + c);
+    float wf32[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) wf32[e] = to_f32<T>(wv.v[e]);
+#pragma unroll
+    for (int r = 0; r < Tile::kRun; ++r) {
+      if constexpr (kEdge) {
+        const int64_t iw = wf + r + kw - Tile::kPad;
+        if (iw < 0 || iw >= W) continue;
+      }
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) acc[r][e] = fmaf(wf32[e], xin[r + kw][e], acc[r][e]);
+    }
+  }
+}
+
 // Grid: one block per (b, h, segment of P pixels); blockIdx.x = (b*H + h) * segs + seg.
 // Dynamic shared memory: P * C floats.
 template <typename T, int VEC>
@@ -88,12 +119,15 @@ dwconv_layernorm_kernel(const DwconvLnParams p, const int P, const int64_t segs)
 #pragma unroll
       for (int v = 0; v < VEC; ++v) acc[r][v] = 0.f;
 
+    // every input column of the run's window inside the image: no tap touches the padding
+    const bool interior = wf >= Tile::kPad && wf + Tile::kWindow - Tile::kPad <= W;
 #pragma unroll 1
     for (int kh = 0; kh < Tile::kK; ++kh) {
       const int64_t ih = h + kh - Tile::kPad;
       if (ih < 0 || ih >= H) continue;  // zero padding rows contribute nothing (block-uniform)
       const T* xrow = x + b * p.sx_b + ih * p.sx_h + c;
-      // The kRun + 6 input packs this run's 7 taps touch on row ih, loaded once (zero padding).
+      // The kRun + 6 input packs this run's 7 taps touch on row ih, loaded once (0 outside the
+      // image; edge runs skip those taps).
       float xin[Tile::kWindow][VEC];
 #pragma unroll
       for (int j = 0; j < Tile::kWindow; ++j) {
@@ -107,17 +141,8 @@ dwconv_layernorm_kernel(const DwconvLnParams p, const int P, const int64_t segs)
           for (int e = 0; e < VEC; ++e) xin[j][e] = 0.f;
         }
       }
-#pragma unroll
-      for (int kw = 0; kw < Tile::kK; ++kw) {
-        const PackT wv = *reinterpret_cast<const PackT*>(wt + int64_t(kh * Tile::kK + kw) * C + c);
-        float wf32[VEC];
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) wf32[e] = to_f32<T>(wv.v[e]);
-#pragma unroll
-        for (int r = 0; r < Tile::kRun; ++r)
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[r][e] = fmaf(wf32[e], xin[r + kw][e], acc[r][e]);
-      }
+      if (interior) dwconv_row_taps<T, VEC, false>(acc, xin, wt, kh, C, c, wf, W);
+      else dwconv_row_taps<T, VEC, true>(acc, xin, wt, kh, C, c, wf, W);
     }
     if (dwb != nullptr) {
       const PackT bv = *reinterpret_cast<const PackT*>(dwb + c);
@@ -159,8 +184,25 @@ dwconv_layernorm_kernel(const DwconvLnParams p, const int P, const int64_t segs)
       const float d = y[c] - mean;
       ss += d * d;
     }
-    const float rstd = rsqrtf(warp_sum(ss) * inv_c + p.eps);
+    const float var = warp_sum(ss) * inv_c;  // the same value in every lane: uniform branches
     T* o = out + ((b * H + h) * W + w0 + pw) * C;
+    if (!isfinite(var)) {
+      // The fp32 statistic overflowed (huge conv outputs, or a non-finite one): redo the pixel in
+      // fp64, which cannot overflow for finite fp32 values (README "Non-finite values"). Rare:
+      // the fast path below stays fp32. Scalar accesses; this is not the hot path.
+      double sd = 0.0;
+      for (int64_t c = lane; c < C; c += Tile::kWarp) sd += y[c];
+      const double md = warp_sum(sd) / double(C);
+      double ssd = 0.0;
+      for (int64_t c = lane; c < C; c += Tile::kWarp) ssd += (y[c] - md) * (y[c] - md);
+      const double rd = 1.0 / sqrt(warp_sum(ssd) / double(C) + double(p.eps));
+      for (int64_t c = lane; c < C; c += Tile::kWarp) {
+        const float bias = lb != nullptr ? to_f32<T>(lb[c]) : 0.f;
+        o[c] = from_f32<T>(float((y[c] - md) * rd) * to_f32<T>(lw[c]) + bias);
+      }
+      continue;
+    }
+    const float rstd = rsqrtf(var + p.eps);
     for (int64_t cp = lane; cp < npack; cp += Tile::kWarp) {
       const int64_t c = cp * VEC;
       const PackT wv = *reinterpret_cast<const PackT*>(lw + c);

@@ -7,6 +7,7 @@
 //                  (HF LlamaRMSNorm: fp32 statistics, cast to T, then times weight)
 //   Norm::kLayer : normed[n] = round_T((inj[n] - mean) * rsqrt(var + eps) * w + b)
 //                  (nn.LayerNorm: fp32 statistics, two-pass variance, one rounding)
+//   A row whose fp32 statistic is not finite (|x| > ~1.8e19) is redone in fp64 (never `bias`).
 // Shapes: hidden (rows, dim) T with a row stride; embeds (num_visual, dim) E; index (num_visual,)
 //   int64 strictly increasing; weight, bias (dim,) T; outputs contiguous (rows, dim) T.
 // Ownership: a block is (threads_per_row x rows_per_block); threads_per_row threads own one row,
@@ -34,19 +35,31 @@ struct InjectNormTile {
   static_assert(kMinThreadsPerBlock % kWarp == 0, "rows are made of whole warps");
 };
 
+// Barrier of the threads that own one row: named barrier 1 + threadIdx.y over blockDim.x threads
+// (whole warps), so that the rows of a block never wait for each other and a row may take a
+// branch of its own (the fp64 path below) with barriers inside.
+__device__ __forceinline__ void row_sync() {
+  if (blockDim.y == 1) {
+    __syncthreads();
+  } else {
+    asm volatile("bar.sync %0, %1;" ::"r"(int(threadIdx.y) + 1), "r"(int(blockDim.x)) : "memory");
+  }
+}
+
 // Sum over the threads that own one row (threadIdx.x in [0, blockDim.x), blockDim.x a multiple
-// of 32). `scratch` holds one float per warp of each row; the trailing barrier lets the caller
+// of 32). `scratch` holds one value per warp of each row; the trailing barrier lets the caller
 // reuse it for the next reduction.
-__device__ __forceinline__ float row_sum(float v, float (*scratch)[InjectNormTile::kMaxWarpsPerRow]) {
+template <typename V>
+__device__ __forceinline__ V row_sum(V v, V (*scratch)[InjectNormTile::kMaxWarpsPerRow]) {
   v = warp_sum(v);
   const int warps = blockDim.x / InjectNormTile::kWarp;
   if (warps == 1) return v;
   const int lane = threadIdx.x % InjectNormTile::kWarp, warp = threadIdx.x / InjectNormTile::kWarp;
   if (lane == 0) scratch[threadIdx.y][warp] = v;
-  __syncthreads();
-  float s = 0.f;
+  row_sync();
+  V s = V(0);
   for (int w = 0; w < warps; ++w) s += scratch[threadIdx.y][w];
-  __syncthreads();
+  row_sync();
   return s;
 }
 
@@ -66,6 +79,7 @@ inject_norm_kernel(const InjectNormParams p) {
   using PackT = Pack<T, VEC>;
   using PackE = Pack<E, VEC>;
   __shared__ float scratch[InjectNormTile::kMaxRowsPerBlock][InjectNormTile::kMaxWarpsPerRow];
+  __shared__ double scratch64[InjectNormTile::kMaxRowsPerBlock][InjectNormTile::kMaxWarpsPerRow];
 
   const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool active = row < p.rows;  // inactive threads still join the barriers in row_sum
@@ -138,35 +152,68 @@ inject_norm_kernel(const InjectNormParams p) {
         ss += d * d;
       }
     }
-    const float rstd = rsqrtf(row_sum(ss, scratch) * inv_dim + p.eps);
-    if (!active) return;
+    const float var = row_sum(ss, scratch) * inv_dim;  // the same value in all the row's threads
 
-    // 4. Normalize, scale (and shift), store.
+    // 4. Normalize, scale (and shift), store: value(x) is the normalized fp32 value.
     const T* w = static_cast<const T*>(p.weight);
     const T* b = static_cast<const T*>(p.bias);
     T* orow = static_cast<T*>(p.normed) + row * p.dim;
+    auto store = [&](auto value) {
 #pragma unroll
-    for (int i = 0; i < MAXV; ++i) {
-      const int64_t c = int64_t(i) * blockDim.x + threadIdx.x;
-      if (c < nvec) {
-        const PackT wv = *reinterpret_cast<const PackT*>(w + c * VEC);
-        PackT o;
-        if constexpr (kNorm == Norm::kRms) {
+      for (int i = 0; i < MAXV; ++i) {
+        const int64_t c = int64_t(i) * blockDim.x + threadIdx.x;
+        if (c < nvec) {
+          const PackT wv = *reinterpret_cast<const PackT*>(w + c * VEC);
+          PackT o;
+          if constexpr (kNorm == Norm::kRms) {
 #pragma unroll
-          for (int j = 0; j < VEC; ++j)
-            o.v[j] = from_f32<T>(to_f32<T>(wv.v[j]) * round_to<T>(x[i][j] * rstd));
-        } else {
-          PackT bv;
-          if (b != nullptr) bv = *reinterpret_cast<const PackT*>(b + c * VEC);
+            for (int j = 0; j < VEC; ++j)
+              o.v[j] = from_f32<T>(to_f32<T>(wv.v[j]) * round_to<T>(value(x[i][j])));
+          } else {
+            PackT bv;
+            if (b != nullptr) bv = *reinterpret_cast<const PackT*>(b + c * VEC);
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) {
-            const float bj = b != nullptr ? to_f32<T>(bv.v[j]) : 0.f;
-            o.v[j] = from_f32<T>((x[i][j] - shift) * rstd * to_f32<T>(wv.v[j]) + bj);
+            for (int j = 0; j < VEC; ++j) {
+              const float bj = b != nullptr ? to_f32<T>(bv.v[j]) : 0.f;
+              o.v[j] = from_f32<T>(value(x[i][j]) * to_f32<T>(wv.v[j]) + bj);
+            }
           }
+          *reinterpret_cast<PackT*>(orow + c * VEC) = o;
         }
-        *reinterpret_cast<PackT*>(orow + c * VEC) = o;
       }
+    };
+    if (!isfinite(var)) {
+      // The fp32 statistic overflowed (|x| > ~1.8e19, or a non-finite x): redo the row's
+      // statistics and normalization in fp64, which cannot overflow for finite fp32 input
+      // (README "Non-finite values"). Rare and row-uniform; the row's own barriers (row_sync)
+      // make the divergence from the other rows of the block safe.
+      double sd = 0.0;
+      if constexpr (kNorm == Norm::kLayer) {
+#pragma unroll
+        for (int i = 0; i < MAXV; ++i)
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) sd += double(x[i][j]);
+        sd = row_sum(sd, scratch64);
+      }
+      const double mean = sd / double(p.dim);
+      double ssd = 0.0;
+#pragma unroll
+      for (int i = 0; i < MAXV; ++i) {
+        const bool in_row = int64_t(i) * blockDim.x + threadIdx.x < nvec;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const double d = in_row ? double(x[i][j]) - mean : 0.0;
+          ssd += d * d;
+        }
+      }
+      const double rstd = 1.0 / sqrt(row_sum(ssd, scratch64) / double(p.dim) + double(p.eps));
+      if (!active) return;
+      store([&](float v) { return float((double(v) - mean) * rstd); });
+      return;
     }
+    const float rstd = rsqrtf(var + p.eps);
+    if (!active) return;
+    store([&](float v) { return (v - shift) * rstd; });
   }
 }
 

@@ -4,11 +4,13 @@
 // Formula, per batch row b:
 //   w[t]      = mask[b,t] / max(|text[b,t]|, eps)                      (eps = 1e-8, fp32)
 //   dir       = sum_t w[t] * text[b,t]                                 (fp32, t in order)
-//   scores[i] = (local[b,i] . dir) / max(|local[b,i]|, eps)            (= sum_t cos(l_i, x_t))
+//   scores[i] = (local[b,i] . dir) / max(|local[b,i]|, eps)            (= sum_t cos(l_i, x_t);
+//               0 when every text token of row b is masked; fp64 when fp32 overflows)
 //   top-k : the k best scores (key rule of similarity_select.h: ties to the lower index),
 //           written in ascending index order
-//   top-p : s = softmax(scores / t0) (optional), q = softmax(s / t1) (fp32); sort q descending
-//           (same key rule); prefix sums in fp64 rounded to fp32; c = #{j : cum_j <= p};
+//   top-p : s = softmax(scores / t0) (optional), q = softmax(s / t1), both in fp64 from the fp32
+//           scores (TopPProbs; a NaN score has q = 0); rank by score (same key rule: NaN last);
+//           prefix sums of q in fp64 rounded to fp32; c = #{j : cum_j <= float(p)};
 //           K = min(c + 1, N); the K first sorted indices, ascending, then -1; lengths[b] = K
 // Shapes: local (B,N,D) TL and text (B,T,D) TT with unit column stride and int64 row strides;
 //   mask (B,T) bool contiguous or null; scores (B,N) fp32; indices (B,out_cols) int64.
@@ -20,9 +22,9 @@
 //   3. score_select_kernel: grid (ceil(N / kScoreWarps), B); one warp per local token (16-byte
 //      loads, dir in shared memory), a matrix-vector product. The last block of a row to finish
 //      (threadfence + atomic counter, the "last block" pattern) reads the row's N scores back
-//      from L2 and runs the selection in shared memory: softmaxes, a bitonic sort of P = pow2 >=
-//      max(N, 64) 64-bit keys (strides >= 32 in shared memory, strides < 32 with warp shuffles),
-//      fp64 block scan, ascending compaction of the kept flags.
+//      from L2 and runs the selection in shared memory: a bitonic sort of P = pow2 >= max(N, 64)
+//      64-bit score keys (strides >= 32 in shared memory, strides < 32 with warp shuffles), the
+//      fp64 softmax sums (top-p), fp64 block scan, ascending compaction of the kept flags.
 // Limits: N <= SelectTile::kMaxSortKeys (8192: the keys live in shared memory), D <= 32768 (dir
 //   in shared memory), B <= 65535 (gridDim.y). VEC > 1 needs D % VEC == 0, strides % VEC == 0
 //   and 16-byte aligned bases (the launcher checks and falls back to VEC = 1).
@@ -46,8 +48,8 @@ struct SelectTile {
 };
 
 // Shared-memory layout of kernel 3 (bytes): region 0 holds dir (D floats) during the scores and
-// the P sort keys during the selection (the same bytes, one after the other); region 1 holds N
-// floats (softmax staging) and then N int flags.
+// the P sort keys during the selection (the same bytes, one after the other); region 1 holds the
+// N int flags of the kept tokens.
 // Sort size: the power of two >= n, at least 64 (whole warps in the register stages of the sort;
 // positions >= n hold the padding key 0, which sorts last).
 __host__ __device__ inline int64_t select_pow2(int64_t n) {
@@ -83,25 +85,14 @@ __device__ __forceinline__ int warp_sum_int(int v) {
   return v;
 }
 
-__device__ __forceinline__ float block_sum(float v, SelectScratch& s) {
+__device__ __forceinline__ double block_sum_f64(double v, SelectScratch& s) {
   const int lane = threadIdx.x % SelectTile::kWarp, warp = threadIdx.x / SelectTile::kWarp;
   v = warp_sum(v);
-  if (lane == 0) s.f[warp] = v;
+  if (lane == 0) s.d[warp] = v;
   __syncthreads();
-  float r = 0.f;
-  for (int w = 0; w < int(blockDim.x) / SelectTile::kWarp; ++w) r += s.f[w];  // same order everywhere
-  __syncthreads();  // s.f is reused by the next call
-  return r;
-}
-
-__device__ __forceinline__ float block_max(float v, SelectScratch& s) {
-  const int lane = threadIdx.x % SelectTile::kWarp, warp = threadIdx.x / SelectTile::kWarp;
-  v = warp_max(v);
-  if (lane == 0) s.f[warp] = v;
-  __syncthreads();
-  float r = -INFINITY;
-  for (int w = 0; w < int(blockDim.x) / SelectTile::kWarp; ++w) r = fmaxf(r, s.f[w]);
-  __syncthreads();
+  double r = 0.0;
+  for (int w = 0; w < int(blockDim.x) / SelectTile::kWarp; ++w) r += s.d[w];  // same order everywhere
+  __syncthreads();  // s.d is reused by the next call
   return r;
 }
 
@@ -134,24 +125,6 @@ __device__ __forceinline__ V block_exclusive_scan(V v, V* scratch) {
   for (int w = 0; w < warp; ++w) off += scratch[w];
   __syncthreads();
   return off + excl;
-}
-
-// v[i] = softmax(v / temp)[i] over n values, fp32 (max, exp(x - max), sum, divide).
-__device__ __forceinline__ void block_softmax(float* v, int n, float temp, SelectScratch& s) {
-  float m = -INFINITY;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    v[i] = v[i] / temp;
-    m = fmaxf(m, v[i]);
-  }
-  m = block_max(m, s);
-  float sum = 0.f;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    v[i] = expf(v[i] - m);
-    sum += v[i];
-  }
-  sum = block_sum(sum, s);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) v[i] = v[i] / sum;
-  __syncthreads();
 }
 
 // Sort P (a power of two, >= 64) keys descending in place: a bitonic network. Stages with a
@@ -195,34 +168,54 @@ __device__ void select_row(const SimilaritySelectParams& p, int64_t b, unsigned 
   const int N = int(p.n);
   const int P = int(select_pow2(p.n));
   uint64_t* keys = reinterpret_cast<uint64_t*>(smem);
-  float* vals = reinterpret_cast<float*>(smem + select_region0_bytes(p.dim, p.n));
   const float* scores = p.scores + b * p.n;
 
-  int64_t keep = p.k;
-  if (p.mode == SelectMode::kTopP) {
-    for (int i = threadIdx.x; i < N; i += blockDim.x) vals[i] = __ldcg(scores + i);
-    __syncthreads();
-    if (p.presoftmax) block_softmax(vals, N, p.presoftmax_temperature, s);
-    block_softmax(vals, N, p.temperature, s);
-    for (int i = threadIdx.x; i < P; i += blockDim.x) keys[i] = i < N ? rank_key(vals[i], i) : 0ull;
-  } else {
-    // __ldcg: the other blocks' scores are in L2 (after their fence), not in this SM's L1
-    for (int i = threadIdx.x; i < P; i += blockDim.x) keys[i] = i < N ? rank_key(__ldcg(scores + i), i) : 0ull;
-  }
+  // Rank by score for both modes (softmax is monotone; NaN last: the key rule).
+  // __ldcg: the other blocks' scores are in L2 (after their fence), not in this SM's L1
+  for (int i = threadIdx.x; i < P; i += blockDim.x) keys[i] = i < N ? rank_key(__ldcg(scores + i), i) : 0ull;
   __syncthreads();
   bitonic_sort_desc(keys, P);
 
   const int chunk = (N + int(blockDim.x) - 1) / int(blockDim.x);  // contiguous positions per thread
   const int lo = min(N, int(threadIdx.x) * chunk), hi = min(N, lo + chunk);
+  int64_t keep = p.k;
   if (p.mode == SelectMode::kTopP) {
-    // cumulative sums over the sorted probabilities: fp64, each rounded to fp32 before the test
+    // probabilities in fp64 from the sorted scores (TopPProbs in similarity_select.h)
+    TopPProbs q;
+    q.presoftmax = p.presoftmax;
+    q.t0 = p.presoftmax_temperature;
+    q.t1 = p.temperature;
+    const float m = key_value(keys[0]);  // the largest score; NaN only when every score is NaN
+    q.none = m != m;                     // uniform over the block
+    if (!q.none) {
+      if (q.presoftmax) {
+        q.m0 = double(m) / q.t0;
+        double part = 0.0;
+        for (int j = lo; j < hi; ++j) {
+          const float v = key_value(keys[j]);
+          if (v == v) part += topp_exp0(q, v);
+        }
+        q.s0 = block_sum_f64(part, s);
+        q.a_max1 = (1.0 / q.s0) / q.t1;
+      } else {
+        q.a_max1 = double(m) / q.t1;
+      }
+      double part = 0.0;
+      for (int j = lo; j < hi; ++j) {
+        const float v = key_value(keys[j]);
+        if (v == v) part += topp_exp1(q, v);
+      }
+      q.s1 = block_sum_f64(part, s);
+    }
+    // cumulative sums over the ranked probabilities: fp64, each rounded to fp32 before the test
+    const float pf = float(p.p);
     double part = 0.0;
-    for (int j = lo; j < hi; ++j) part += double(key_value(keys[j]));
+    for (int j = lo; j < hi; ++j) part += topp_prob(q, key_value(keys[j]));
     double run = block_exclusive_scan<double>(part, s.d);
     int cnt = 0;
     for (int j = lo; j < hi; ++j) {
-      run += double(key_value(keys[j]));
-      cnt += float(run) <= p.p ? 1 : 0;
+      run += topp_prob(q, key_value(keys[j]));
+      cnt += float(run) <= pf ? 1 : 0;
     }
     const int c = block_sum_int(cnt, s);
     keep = int64_t(c) + 1 < p.n ? int64_t(c) + 1 : p.n;
@@ -230,7 +223,7 @@ __device__ void select_row(const SimilaritySelectParams& p, int64_t b, unsigned 
   }
 
   // kept flags in index order, then an ascending compaction (no second sort)
-  int* flag = reinterpret_cast<int*>(vals);  // vals is no longer read (sort ended with a barrier)
+  int* flag = reinterpret_cast<int*>(smem + select_region0_bytes(p.dim, p.n));
   for (int i = threadIdx.x; i < N; i += blockDim.x) flag[i] = 0;
   __syncthreads();
   for (int j = threadIdx.x; j < keep; j += blockDim.x) flag[key_index(keys[j])] = 1;
@@ -271,8 +264,19 @@ text_weight_kernel(const SimilaritySelectParams p) {
         ss = fmaf(f, f, ss);
       }
     }
-    ss = warp_sum(ss);
-    w = 1.f / fmaxf(sqrtf(ss), kCosEps);
+    ss = warp_sum(ss);  // the same value in every lane: uniform branch
+    if (isfinite(ss)) {
+      w = 1.f / fmaxf(sqrtf(ss), kCosEps);
+    } else {
+      // |x|^2 overflowed fp32 (|x| > ~1.8e19) or x holds inf/NaN: the norm in fp64 (rare path).
+      // A non-finite x gives w = NaN (x/|x| is NaN), never 0: it must not vanish like a mask.
+      double ssd = 0.0;
+      for (int64_t c = lane; c < p.dim; c += SelectTile::kWarp) {
+        const double f = double(to_f32<TT>(x[c]));
+        ssd += f * f;
+      }
+      w = text_weight_f64(warp_sum(ssd));
+    }
   }
   if (lane == 0) p.text_weight[row] = w;
 }
@@ -333,13 +337,19 @@ score_select_kernel(const SimilaritySelectParams p) {
   const int lane = threadIdx.x % SelectTile::kWarp, warp = threadIdx.x / SelectTile::kWarp;
   const int64_t b = blockIdx.y;
 
-  // 1. the text direction of row b -> shared memory
+  // 1. the text direction of row b -> shared memory, and whether row b has an unmasked text
+  //    token at all (none: every score is the empty sum 0, whatever l holds, NaN included)
+  int any_text = p.mask == nullptr ? 1 : 0;
+  if (p.mask != nullptr)
+    for (int64_t t = threadIdx.x; t < p.t; t += blockDim.x) any_text |= p.mask[b * p.t + t] ? 1 : 0;
   for (int64_t d = threadIdx.x; d < p.dim; d += blockDim.x) dir[d] = p.text_dir[b * p.dim + d];
-  __syncthreads();
+  any_text = __syncthreads_or(any_text);  // the barrier that publishes dir
 
   // 2. one warp per local token: l . dir and |l|^2 in fp32
   const int64_t i = int64_t(blockIdx.x) * SelectTile::kScoreWarps + warp;
-  if (i < p.n) {
+  if (i < p.n && !any_text) {
+    if (lane == 0) p.scores[b * p.n + i] = 0.f;
+  } else if (i < p.n) {
     const TL* l = static_cast<const TL*>(p.local) + b * p.local_stride_b + i * p.local_stride_n;
     const int64_t nvec = p.dim / VEC;
     float dot = 0.f, ll = 0.f;
@@ -355,7 +365,19 @@ score_select_kernel(const SimilaritySelectParams p) {
       }
     }
     dot = warp_sum(dot);
-    ll = warp_sum(ll);
+    ll = warp_sum(ll);  // the same value in every lane: uniform branch
+    if (!isfinite(ll) || !isfinite(dot)) {
+      // fp32 overflow of |l|^2 or of l . dir (huge l), or a non-finite l or dir: redo in fp64
+      // (rare path; a non-finite input gives NaN, never a finite wrong score)
+      double dd = 0.0, lld = 0.0;
+      for (int64_t c = lane; c < p.dim; c += SelectTile::kWarp) {
+        const double f = double(to_f32<TL>(l[c]));
+        dd += f * double(dir[c]);
+        lld += f * f;
+      }
+      dot = float(local_score_f64(warp_sum(dd), warp_sum(lld)));
+      ll = 1.f;
+    }
     if (lane == 0) p.scores[b * p.n + i] = dot / fmaxf(sqrtf(ll), kCosEps);
   }
 

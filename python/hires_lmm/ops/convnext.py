@@ -9,7 +9,7 @@ import torch
 
 from .. import reference as _ref
 from .._backend import use_reference
-from ._register import op, register_reference_backward
+from ._register import check_fake_devices, op, register_reference_backward
 
 __all__ = ["dwconv_layernorm", "convnext_block"]
 
@@ -44,6 +44,8 @@ def convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bi
 # ---- fake kernels (shapes only; torch.compile and meta tensors) ----------------------------
 @torch.library.register_fake("hires_lmm::dwconv_layernorm")
 def _(x, dw_weight, dw_bias, ln_weight, ln_bias, eps):
+    check_fake_devices("dwconv_layernorm", x=x, dw_weight=dw_weight, dw_bias=dw_bias,
+                       ln_weight=ln_weight, ln_bias=ln_bias)
     torch._check(x.dim() == 4, lambda: "dwconv_layernorm: argument 'x' must be 4-D (B, H, W, C)")
     torch._check(dw_weight.shape[0] == x.shape[-1],
                  lambda: "dwconv_layernorm: argument 'x' channel mismatch with 'dw_weight'")
@@ -53,6 +55,9 @@ def _(x, dw_weight, dw_bias, ln_weight, ln_bias, eps):
 @torch.library.register_fake("hires_lmm::convnext_block")
 def _(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
       gamma, eps):
+    check_fake_devices("convnext_block", x=x, dw_weight=dw_weight, dw_bias=dw_bias,
+                       ln_weight=ln_weight, ln_bias=ln_bias, fc1_weight=fc1_weight,
+                       fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias, gamma=gamma)
     torch._check(x.dim() == 4, lambda: "convnext_block: argument 'x' must be 4-D (B, H, W, C)")
     torch._check(dw_weight.shape[0] == x.shape[-1],
                  lambda: "convnext_block: argument 'x' channel mismatch with 'dw_weight'")

@@ -10,7 +10,7 @@ import torch
 
 from .. import reference as _ref
 from .._backend import use_reference
-from ._register import op, register_reference_backward
+from ._register import check_fake_devices, op, register_reference_backward
 
 __all__ = ["visual_index", "deepstack_inject", "deepstack_inject_rms_norm",
            "deepstack_inject_layer_norm", "rms_norm", "layer_norm"]
@@ -27,8 +27,9 @@ def visual_index(visual_pos_masks: torch.Tensor) -> torch.Tensor:
 def deepstack_inject(hidden, visual_embeds, visual_index):
     """out = hidden with visual_embeds[r] added to row visual_index[r].
 
-    hidden (..., D) float32/float16/bfloat16, any strides; visual_embeds (Nv, D) any float
-    dtype (rounded to hidden's dtype first, as HF); visual_index (Nv,) int64. Bit-exact with
+    hidden (..., D) float32/float16/bfloat16, any strides; visual_embeds (Nv, D)
+    float32/float16/bfloat16, not necessarily hidden's dtype (rounded to hidden's dtype first, as
+    HF; float64 is refused like everywhere else); visual_index (Nv,) int64. Bit-exact with
     `out = hidden.clone(); out[mask] = out[mask] + visual_embeds.to(hidden.dtype)`."""
     if use_reference():
         return _ref.deepstack_inject(hidden, visual_embeds, visual_index)
@@ -76,28 +77,36 @@ def _(visual_pos_masks):
 
 @torch.library.register_fake("hires_lmm::deepstack_inject")
 def _(hidden, visual_embeds, visual_index):
+    check_fake_devices("deepstack_inject", hidden=hidden, visual_embeds=visual_embeds,
+                       visual_index=visual_index)
     return torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
 
 
 @torch.library.register_fake("hires_lmm::deepstack_inject_rms_norm")
 def _(hidden, visual_embeds, visual_index, weight, eps):
+    check_fake_devices("deepstack_inject_rms_norm", hidden=hidden, visual_embeds=visual_embeds,
+                       visual_index=visual_index, weight=weight)
     return (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device),
             torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device))
 
 
 @torch.library.register_fake("hires_lmm::deepstack_inject_layer_norm")
 def _(hidden, visual_embeds, visual_index, weight, bias, eps):
+    check_fake_devices("deepstack_inject_layer_norm", hidden=hidden, visual_embeds=visual_embeds,
+                       visual_index=visual_index, weight=weight, bias=bias)
     return (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device),
             torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device))
 
 
 @torch.library.register_fake("hires_lmm::rms_norm")
 def _(x, weight, eps):
+    check_fake_devices("rms_norm", x=x, weight=weight)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 @torch.library.register_fake("hires_lmm::layer_norm")
 def _(x, weight, bias, eps):
+    check_fake_devices("layer_norm", x=x, weight=weight, bias=bias)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 

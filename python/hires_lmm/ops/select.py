@@ -11,7 +11,7 @@ import torch
 
 from .. import reference as _ref
 from .._backend import use_reference
-from ._register import op, register_reference_backward
+from ._register import check_fake_devices, op, register_reference_backward
 
 __all__ = ["similarity_topk", "similarity_topp", "gather_tokens"]
 
@@ -22,7 +22,8 @@ def similarity_topk(local_tokens, text_embeds, k: int, text_mask=None):
     local_tokens (B,N,D), text_embeds (B,T,D) float32/float16/bfloat16 (same dtype not
     required), text_mask (B,T) bool or None (all text tokens count), 1 <= k <= N.
     Returns (indices (B,k) int64 ascending, scores (B,N) float32) with
-    scores[b,i] = sum over unmasked t of cos(local[b,i], text[b,t]); ties go to the lower index.
+    scores[b,i] = sum over unmasked t of cos(local[b,i], text[b,t]); ties go to the lower index,
+    a NaN score ranks after every other (README "Non-finite values").
     Gradients flow to local_tokens and text_embeds through `scores`."""
     if use_reference():
         return _ref.similarity_topk(local_tokens, text_embeds, k, text_mask)
@@ -35,9 +36,10 @@ def similarity_topp(local_tokens, text_embeds, p: float, text_mask=None, tempera
 
     probs = softmax(s / temperature), s = softmax(scores / presoftmax_temperature) (the first
     released code, matching the checkpoints; default 0.5) or s = scores when
-    presoftmax_temperature is None (the code at HEAD). Sort probs descending (ties to the lower
-    index), keep the positions whose cumulative sum <= p plus one more (all N when every sum
-    <= p), return them ascending. p in (0, 1].
+    presoftmax_temperature is None (the code at HEAD); both in fp64 from the fp32 scores. Rank by
+    score descending (ties to the lower index; a NaN score ranks last with probability 0), keep
+    the positions whose cumulative sum (fp64, rounded to fp32) <= float32(p) plus one more (all
+    N when every sum <= p), return them ascending. p in (0, 1].
     Returns (indices (B,N) int64: kept indices ascending then -1, lengths (B,) int64)."""
     if use_reference():
         return _ref.similarity_topp(local_tokens, text_embeds, p, text_mask, temperature,
@@ -48,7 +50,8 @@ def similarity_topp(local_tokens, text_embeds, p: float, text_mask=None, tempera
 
 def gather_tokens(tokens, indices):
     """out[b,j] = tokens[b, indices[b,j]], zeros where indices[b,j] == -1 (the padding of
-    similarity_topp). tokens (B,N,D) any float dtype, indices (B,K) int64 in [-1, N).
+    similarity_topp). tokens (B,N,D) float32/float16/bfloat16 (float64 is refused), indices
+    (B,K) int64 in [-1, N).
     Returns (B,K,D) of tokens' dtype; take out[b, :lengths[b]] for a ragged row."""
     if use_reference():
         return _ref.gather_tokens(tokens, indices)
@@ -58,6 +61,8 @@ def gather_tokens(tokens, indices):
 # ---- fake kernels: every output shape is static ------------------------------------------
 @torch.library.register_fake("hires_lmm::similarity_topk")
 def _(local_tokens, text_embeds, k, text_mask=None):
+    check_fake_devices("similarity_topk", local_tokens=local_tokens, text_embeds=text_embeds,
+                       text_mask=text_mask)
     B, N = local_tokens.shape[0], local_tokens.shape[1]
     return (local_tokens.new_empty((B, k), dtype=torch.long),
             local_tokens.new_empty((B, N), dtype=torch.float32))
@@ -65,6 +70,8 @@ def _(local_tokens, text_embeds, k, text_mask=None):
 
 @torch.library.register_fake("hires_lmm::similarity_topp")
 def _(local_tokens, text_embeds, p, text_mask=None, temperature=1.0, presoftmax_temperature=0.5):
+    check_fake_devices("similarity_topp", local_tokens=local_tokens, text_embeds=text_embeds,
+                       text_mask=text_mask)
     B, N = local_tokens.shape[0], local_tokens.shape[1]
     return (local_tokens.new_empty((B, N), dtype=torch.long),
             local_tokens.new_empty((B,), dtype=torch.long))
@@ -72,6 +79,7 @@ def _(local_tokens, text_embeds, p, text_mask=None, temperature=1.0, presoftmax_
 
 @torch.library.register_fake("hires_lmm::gather_tokens")
 def _(tokens, indices):
+    check_fake_devices("gather_tokens", tokens=tokens, indices=indices)
     return tokens.new_empty((tokens.shape[0], indices.shape[1], tokens.shape[2]))
 
 

@@ -3,6 +3,8 @@ rounded once to the input dtype. x is NHWC (B, H, W, C)."""
 import torch
 import torch.nn.functional as F
 
+from .deepstack import stable_layer_norm
+
 __all__ = ["dwconv_layernorm", "convnext_block"]
 
 
@@ -10,12 +12,39 @@ def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
     """LayerNorm over C of the depthwise 7x7 conv (zero padding 3) of x (B,H,W,C);
     dw_weight (C,1,7,7) as stored in checkpoints, dw_bias (C,) or None."""
     C = x.shape[-1]
-    y = F.conv2d(x.permute(0, 3, 1, 2).float(), dw_weight.float(),
-                 None if dw_bias is None else dw_bias.float(), padding=dw_weight.shape[-1] // 2,
-                 groups=C)
-    y = F.layer_norm(y.permute(0, 2, 3, 1), (C,), ln_weight.float(),
-                     None if ln_bias is None else ln_bias.float(), eps)
+    # The conv as a masked sum over the taps, not F.conv2d: F.conv2d multiplies the
+    # zero padding on some paths (an inf/NaN weight on a 1x1 image gives NaN), and the rule is
+    # that padding is not a product (README "Non-finite values").
+    y = _dwconv_taps(x.float(), dw_weight.float(), None if dw_bias is None else dw_bias.float())
+    # fp32 LayerNorm; a pixel whose fp32 variance overflows is redone in fp64 (as the kernels)
+    y = stable_layer_norm(y, ln_weight.float(),
+                          None if ln_bias is None else ln_bias.float(), eps)
     return y.to(x.dtype)
+
+
+def _dwconv_taps(x, w, b, chunk_bytes=1 << 28):
+    """Depthwise KxK conv (zero padding K//2) of fp32 x (B,H,W,C) in which a tap that falls on the
+    padding adds nothing (rather than w * 0). Windows of the zero-padded input (unfold), a mask of
+    the taps inside the image, fp32 sum over the taps, then the bias. Rows are processed in chunks
+    of at most `chunk_bytes` of windows. -> (B,H,W,C)."""
+    B, H, W, C = x.shape
+    K = w.shape[-1]
+    pad = K // 2
+    y = x.new_zeros((B, H, W, C))
+    if x.numel() > 0:
+        xp = F.pad(x, (0, 0, pad, pad, pad, pad))  # (B, H+2p, W+2p, C), zeros outside
+        inside = F.pad(torch.ones(H, W, dtype=torch.bool, device=x.device), (pad, pad, pad, pad))
+        wk = w.reshape(C, K, K)
+        rows = max(1, chunk_bytes // max(1, B * W * C * K * K * 4))
+        for h0 in range(0, H, rows):  # shapes only: no data-dependent branch (the reference traces)
+            h1 = min(H, h0 + rows)
+            win = xp[:, h0:h1 + 2 * pad].unfold(1, K, 1).unfold(2, K, 1)  # (B, h, W, C, K, K)
+            ok = inside[h0:h1 + 2 * pad].unfold(0, K, 1).unfold(1, K, 1)  # (h, W, K, K)
+            prod = torch.where(ok[None, :, :, None], win * wk, torch.zeros((), dtype=x.dtype, device=x.device))
+            y[:, h0:h1] = prod.sum((-2, -1))
+    if b is not None:
+        y = y + b
+    return y
 
 
 def convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight,
