@@ -7,7 +7,8 @@
 //                  (HF LlamaRMSNorm: fp32 statistics, cast to T, then times weight)
 //   Norm::kLayer : normed[n] = round_T((inj[n] - mean) * rsqrt(var + eps) * w + b)
 //                  (nn.LayerNorm: fp32 statistics, two-pass variance, one rounding)
-//   A row whose fp32 statistic is not finite (|x| > ~1.8e19) is redone in fp64 (never `bias`).
+//   A row whose fp32 statistic is not finite (|x| > ~1.8e19) is redone on x scaled by a power of
+//   two (exact; never `bias`).
 // Shapes: hidden (rows, dim) T with a row stride; embeds (num_visual, dim) E; index (num_visual,)
 //   int64 strictly increasing; weight, bias (dim,) T; outputs contiguous (rows, dim) T.
 // Ownership: a block is (threads_per_row x rows_per_block); threads_per_row threads own one row,
@@ -58,9 +59,28 @@ __device__ __forceinline__ V row_sum(V v, V (*scratch)[InjectNormTile::kMaxWarps
   if (lane == 0) scratch[threadIdx.y][warp] = v;
   row_sync();
   V s = V(0);
-  for (int w = 0; w < warps; ++w) s += scratch[threadIdx.y][w];
+#pragma unroll  // straight-line code: no loop for register spills of the scalar path to sit in
+  for (int w = 0; w < InjectNormTile::kMaxWarpsPerRow; ++w)
+    if (w < warps) s += scratch[threadIdx.y][w];
   row_sync();
   return s;
+}
+
+// Max over the threads that own one row (as row_sum).
+__device__ __forceinline__ float row_max(float v, float (*scratch)[InjectNormTile::kMaxWarpsPerRow]) {
+#pragma unroll
+  for (int o = InjectNormTile::kWarp / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  const int warps = blockDim.x / InjectNormTile::kWarp;
+  if (warps == 1) return v;
+  const int lane = threadIdx.x % InjectNormTile::kWarp, warp = threadIdx.x / InjectNormTile::kWarp;
+  if (lane == 0) scratch[threadIdx.y][warp] = v;
+  row_sync();
+  float m = 0.f;
+#pragma unroll
+  for (int w = 0; w < InjectNormTile::kMaxWarpsPerRow; ++w)
+    if (w < warps) m = fmaxf(m, scratch[threadIdx.y][w]);
+  row_sync();
+  return m;
 }
 
 // First r with index[r] >= row (index strictly increasing), or -1 when row is not visual.
@@ -79,7 +99,6 @@ inject_norm_kernel(const InjectNormParams p) {
   using PackT = Pack<T, VEC>;
   using PackE = Pack<E, VEC>;
   __shared__ float scratch[InjectNormTile::kMaxRowsPerBlock][InjectNormTile::kMaxWarpsPerRow];
-  __shared__ double scratch64[InjectNormTile::kMaxRowsPerBlock][InjectNormTile::kMaxWarpsPerRow];
 
   const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool active = row < p.rows;  // inactive threads still join the barriers in row_sum
@@ -184,31 +203,44 @@ inject_norm_kernel(const InjectNormParams p) {
     };
     if (!isfinite(var)) {
       // The fp32 statistic overflowed (|x| > ~1.8e19, or a non-finite x): redo the row's
-      // statistics and normalization in fp64, which cannot overflow for finite fp32 input
-      // (README "Non-finite values"). Rare and row-uniform; the row's own barriers (row_sync)
-      // make the divergence from the other rows of the block safe.
-      double sd = 0.0;
+      // statistics on x * 2^-e, where 2^e bounds max |x| (README "Non-finite values"). Scaling by
+      // a power of two is exact, so the scaled statistics cannot overflow and are as accurate as
+      // the plain fp32 path; eps scales with the variance (eps * 2^-2e, 0 once that underflows,
+      // where it is negligible anyway). No fp64 registers: the common path keeps its register
+      // budget. Rare and row-uniform; the row's own barriers (row_sync) make the divergence from
+      // the other rows of the block safe. A non-finite x keeps max |x| infinite: no scaling, and
+      // the row is NaN as the formula gives.
+      float amax = 0.f;
+#pragma unroll
+      for (int i = 0; i < MAXV; ++i)
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) amax = fmaxf(amax, fabsf(x[i][j]));
+      amax = row_max(amax, scratch);
+      int e = 0;
+      if (isfinite(amax) && amax > 0.f) frexpf(amax, &e);   // amax < 2^e
+      // 2^-e as two normal factors (2^-e alone is subnormal for e > 126)
+      const float s1 = ldexpf(1.f, -(e / 2)), s2 = ldexpf(1.f, -(e - e / 2));
+      float sm = 0.f;
       if constexpr (kNorm == Norm::kLayer) {
 #pragma unroll
         for (int i = 0; i < MAXV; ++i)
 #pragma unroll
-          for (int j = 0; j < VEC; ++j) sd += double(x[i][j]);
-        sd = row_sum(sd, scratch64);
+          for (int j = 0; j < VEC; ++j) sm += x[i][j] * s1 * s2;
+        sm = row_sum(sm, scratch) * inv_dim;
       }
-      const double mean = sd / double(p.dim);
-      double ssd = 0.0;
+      float ssd = 0.f;
 #pragma unroll
       for (int i = 0; i < MAXV; ++i) {
         const bool in_row = int64_t(i) * blockDim.x + threadIdx.x < nvec;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          const double d = in_row ? double(x[i][j]) - mean : 0.0;
+          const float d = in_row ? x[i][j] * s1 * s2 - sm : 0.f;
           ssd += d * d;
         }
       }
-      const double rstd = 1.0 / sqrt(row_sum(ssd, scratch64) / double(p.dim) + double(p.eps));
+      const float rstd_s = rsqrtf(row_sum(ssd, scratch) * inv_dim + p.eps * s1 * s1 * s2 * s2);
       if (!active) return;
-      store([&](float v) { return float((double(v) - mean) * rstd); });
+      store([&](float v) { return (v * s1 * s2 - sm) * rstd_s; });
       return;
     }
     const float rstd = rsqrtf(var + p.eps);
