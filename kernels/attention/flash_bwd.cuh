@@ -17,7 +17,8 @@
 //      every query head of its GQA group and, per head, the Q blocks of kBlockM = 64 rows whose
 //      key ranges meet its keys (block skipping for causal/window). Per Q block:
 //        load Q, dO (cp.async, swizzled), lse, D and each row's visible key range (smem);
-//        S^T = K Q^T and dP^T = V dO^T (16 keys x 64 rows per warp; the transposed products keep
+//        S^T = K Q^T and dP^T = V dO^T (16 keys x kSubM rows per warp at a time: 32 at D = 64,
+//        16 at D = 128, so that they fit in registers next to dK and dV; the transposed products keep
 //        every key of a warp in its own rows, so P^T and dS^T are A fragments of dV += P^T dO and
 //        dK += dS^T Q straight from the accumulators, as the forward's P);
 //        dS^T is written to shared memory (T) and dQ (64 rows x D) = dS K is computed with
@@ -29,8 +30,9 @@
 //   FlashAttention-2 makes the same choice; the cost is 64 x D fp32 atomicAdds per (K block, Q
 //   block) tile against 4 64x64xD GEMMs, and non-deterministic dQ summation order (dK/dV are
 //   deterministic). The workspace is O(S) (rows x Hq x D fp32), zeroed by the binding.
-// Registers: dK + dV accumulators (2 x D/2 per thread) + S^T and dP^T (2 x 32) dominate: 192 at
-//   D = 128; `cuda_check.py -v` reports the ptxas count and spills.
+// Registers: dK + dV accumulators (2 x D/2 per thread) + S^T and dP^T of a kSubM-row slice
+//   (2 x kSubM / 2) dominate: 144 at D = 128 with kSubM = 16 (64 rows at once: 192, 236 bytes of
+//   spills; 32 rows: 36 bytes); `cuda_check.py -v` reports the ptxas count and spills.
 // Limits: T in {__half, __nv_bfloat16}; D in {64, 128}; contiguous 16-byte aligned tensors
 //   (the binding copies otherwise); Hkv, B <= 65535.
 // Status: compiled for sm_80/sm_90a, NEVER RUN ON A GPU (the CPU twin is what the tests prove).
@@ -53,7 +55,9 @@ struct FlashBwdTile {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kWarpKeys = kBlockN / kWarps;  // 16: one m16 row tile of S^T per warp
   static constexpr int kChunk = 8;                    // elements per 16-byte chunk
-  static constexpr int kMTiles = kBlockM / 8;         // n8 tiles of S^T (over Q rows)
+  // Q rows of S^T / dP^T held in registers at once: 32, or 16 at D = 128 (where dK + dV take 128)
+  static constexpr int kSubM = kHeadDim >= 128 ? 16 : 32;
+  static constexpr int kSubTiles = kSubM / 8;         // their n8 tiles
   static constexpr int kDTiles = kHeadDim / 8;        // n8 tiles of dK/dV/dQ
   static constexpr int kTileElems = 64 * kHeadDim;
   // smem: K, V, Q, dO (64 x D each, swizzled), dS^T (kBlockN x kBlockM), then fp32 row data
@@ -240,77 +244,83 @@ __global__ void __launch_bounds__(FlashBwdTile<kHeadDim>::kThreads) flash_bwd_ke
       cp_async_commit_wait_all();
       __syncthreads();
 
-      // S^T = K_w Q^T and dP^T = V_w dO^T: 16 keys x 64 rows per warp
-      float st[Tile::kMTiles][4], dpt[Tile::kMTiles][4];
+      // The Q block in slices of kSubM rows (registers: S^T and dP^T of 16 keys x kSubM rows next
+      // to the 2 x D/2 fp32 of dK and dV; 64 or 32 rows at once spill at D = 128).
+#pragma unroll 1
+      for (int mo = 0; mo < BM; mo += Tile::kSubM) {
+        // S^T = K_w Q^T and dP^T = V_w dO^T: 16 keys x kSubM rows per warp
+        float st[Tile::kSubTiles][4], dpt[Tile::kSubTiles][4];
 #pragma unroll
-      for (int i = 0; i < Tile::kMTiles; ++i)
+        for (int i = 0; i < Tile::kSubTiles; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
-#pragma unroll 2
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t ka[4], va[4];
-        ldsm_x4(ka, sK + bswz<D>(kw + lane % 16, kk * 16 + (lane / 16) * 8));
-        ldsm_x4(va, sV + bswz<D>(kw + lane % 16, kk * 16 + (lane / 16) * 8));
-        const int mi = lane / 8;
+          for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
+#pragma unroll 1  // st/dpt are indexed by nn only; one k16 slice of fragments live at a time
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t ka[4], va[4];
+          ldsm_x4(ka, sK + bswz<D>(kw + lane % 16, kk * 16 + (lane / 16) * 8));
+          ldsm_x4(va, sV + bswz<D>(kw + lane % 16, kk * 16 + (lane / 16) * 8));
+          const int mi = lane / 8;
 #pragma unroll
-        for (int nn = 0; nn < BM / 16; ++nn) {
-          uint32_t r[4];
-          ldsm_x4(r, sQ + bswz<D>(nn * 16 + lane % 8 + (mi >> 1) * 8, kk * 16 + (mi & 1) * 8));
-          mma16816<T>(st[2 * nn], ka, r[0], r[1]);
-          mma16816<T>(st[2 * nn + 1], ka, r[2], r[3]);
-          ldsm_x4(r, sdO + bswz<D>(nn * 16 + lane % 8 + (mi >> 1) * 8, kk * 16 + (mi & 1) * 8));
-          mma16816<T>(dpt[2 * nn], va, r[0], r[1]);
-          mma16816<T>(dpt[2 * nn + 1], va, r[2], r[3]);
-        }
-      }
-      // P^T and scale * dS^T, element (key kw + g + 8 (e >> 1), row nt * 8 + 2t + (e & 1))
-#pragma unroll
-      for (int nt = 0; nt < Tile::kMTiles; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = kw + g + 8 * (e >> 1), row = nt * 8 + 2 * t + (e & 1);
-          float x = st[nt][e], c = 0.f;
-          if (capped) {
-            c = tanhf(x * cap_in);
-            x = c * p.softcap;
-          } else {
-            x *= p.scale;
+          for (int nn = 0; nn < Tile::kSubM / 16; ++nn) {
+            uint32_t r[4];
+            ldsm_x4(r, sQ + bswz<D>(mo + nn * 16 + lane % 8 + (mi >> 1) * 8, kk * 16 + (mi & 1) * 8));
+            mma16816<T>(st[2 * nn], ka, r[0], r[1]);
+            mma16816<T>(st[2 * nn + 1], ka, r[2], r[3]);
+            ldsm_x4(r, sdO + bswz<D>(mo + nn * 16 + lane % 8 + (mi >> 1) * 8, kk * 16 + (mi & 1) * 8));
+            mma16816<T>(dpt[2 * nn], va, r[0], r[1]);
+            mma16816<T>(dpt[2 * nn + 1], va, r[2], r[3]);
           }
-          const bool vis = key >= sLo[row] && key <= sHi[row];
-          const float pr = vis ? exp2f(x * kLog2e - sLse[row]) : 0.f;
-          float ds = pr * (dpt[nt][e] - sDsum[row]);
-          if (capped) ds *= 1.f - c * c;
-          st[nt][e] = pr;
-          dpt[nt][e] = vis ? ds * p.scale : 0.f;
         }
-      }
-      // dV_w += P^T dO and dK_w += (scale dS^T) Q: A fragments from the accumulators
+        // P^T and scale * dS^T, element (key kw + g + 8 (e >> 1), row mo + nt * 8 + 2t + (e & 1))
 #pragma unroll
-      for (int kk = 0; kk < BM / 16; ++kk) {
-        uint32_t pa[4], sa[4];
-        pa[0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
-        pa[1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
-        pa[2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-        pa[3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-        sa[0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
-        sa[1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
-        sa[2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-        sa[3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
-        // dS^T (T) to shared memory for dQ: rows = keys, 2 consecutive q rows per store
-        *reinterpret_cast<uint32_t*>(sdS + bswz<BM>(kw + g, kk * 16) + 2 * t) = sa[0];
-        *reinterpret_cast<uint32_t*>(sdS + bswz<BM>(kw + g + 8, kk * 16) + 2 * t) = sa[1];
-        *reinterpret_cast<uint32_t*>(sdS + bswz<BM>(kw + g, kk * 16 + 8) + 2 * t) = sa[2];
-        *reinterpret_cast<uint32_t*>(sdS + bswz<BM>(kw + g + 8, kk * 16 + 8) + 2 * t) = sa[3];
-        const int mi = lane / 8;
+        for (int nt = 0; nt < Tile::kSubTiles; ++nt) {
 #pragma unroll
-        for (int dd = 0; dd < D / 16; ++dd) {
-          uint32_t r[4];
-          ldsm_x4_t(r, sdO + bswz<D>(kk * 16 + lane % 8 + (mi & 1) * 8, dd * 16 + (mi >> 1) * 8));
-          mma16816<T>(dv[2 * dd], pa, r[0], r[1]);
-          mma16816<T>(dv[2 * dd + 1], pa, r[2], r[3]);
-          ldsm_x4_t(r, sQ + bswz<D>(kk * 16 + lane % 8 + (mi & 1) * 8, dd * 16 + (mi >> 1) * 8));
-          mma16816<T>(dk[2 * dd], sa, r[0], r[1]);
-          mma16816<T>(dk[2 * dd + 1], sa, r[2], r[3]);
+          for (int e = 0; e < 4; ++e) {
+            const int key = kw + g + 8 * (e >> 1), row = mo + nt * 8 + 2 * t + (e & 1);
+            float x = st[nt][e], c = 0.f;
+            if (capped) {
+              c = tanhf(x * cap_in);
+              x = c * p.softcap;
+            } else {
+              x *= p.scale;
+            }
+            const bool vis = key >= sLo[row] && key <= sHi[row];
+            const float pr = vis ? exp2f(x * kLog2e - sLse[row]) : 0.f;
+            float ds = pr * (dpt[nt][e] - sDsum[row]);
+            if (capped) ds *= 1.f - c * c;
+            st[nt][e] = pr;
+            dpt[nt][e] = vis ? ds * p.scale : 0.f;
+          }
+        }
+        // dV_w += P^T dO and dK_w += (scale dS^T) Q: A fragments from the accumulators
+#pragma unroll
+        for (int kk = 0; kk < Tile::kSubM / 16; ++kk) {
+          uint32_t pa[4], sa[4];
+          pa[0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
+          pa[1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
+          pa[2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+          pa[3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+          sa[0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
+          sa[1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
+          sa[2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+          sa[3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+          // dS^T (T) to shared memory for dQ: rows = keys, 2 consecutive q rows per store
+          const int c0 = mo + kk * 16;
+          *reinterpret_cast<uint32_t*>(sdS + bswz<BM>(kw + g, c0) + 2 * t) = sa[0];
+          *reinterpret_cast<uint32_t*>(sdS + bswz<BM>(kw + g + 8, c0) + 2 * t) = sa[1];
+          *reinterpret_cast<uint32_t*>(sdS + bswz<BM>(kw + g, c0 + 8) + 2 * t) = sa[2];
+          *reinterpret_cast<uint32_t*>(sdS + bswz<BM>(kw + g + 8, c0 + 8) + 2 * t) = sa[3];
+          const int mi = lane / 8;
+#pragma unroll
+          for (int dd = 0; dd < D / 16; ++dd) {
+            uint32_t r[4];
+            ldsm_x4_t(r, sdO + bswz<D>(c0 + lane % 8 + (mi & 1) * 8, dd * 16 + (mi >> 1) * 8));
+            mma16816<T>(dv[2 * dd], pa, r[0], r[1]);
+            mma16816<T>(dv[2 * dd + 1], pa, r[2], r[3]);
+            ldsm_x4_t(r, sQ + bswz<D>(c0 + lane % 8 + (mi & 1) * 8, dd * 16 + (mi >> 1) * 8));
+            mma16816<T>(dk[2 * dd], sa, r[0], r[1]);
+            mma16816<T>(dk[2 * dd + 1], sa, r[2], r[3]);
+          }
         }
       }
       __syncthreads();  // dS^T complete
