@@ -89,8 +89,10 @@ void run(const FlashBwdParams& p) {
   const float cap_in = capped ? p.scale / p.softcap : 0.f;
 
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kf(BN * D), vf(BN * D), dk(BN * D), dv(BN * D), q(BM * D), dout(BM * D),
-        s(BM * BN), c2(BM * BN), ds(BM * BN), dq(BM * D);
+    // kf/vf: K and V rows (for dQ); kt/vt: transposed (D x BN), so that the rows of S = Q K^T and
+    // dP = dO V^T accumulate over contiguous keys (vectorizable)
+    std::vector<float> kf(BN * D), vf(BN * D), kt(D * BN), vt(D * BN), dk(BN * D), dv(BN * D), q(BM * D),
+        dout(BM * D), s(BM * BN), ds(BM * BN), xr(BN), dpr(BN), dq(BM * D);
     std::vector<int64_t> lo(BM), hi(BM);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t gk = item / p.heads_kv, hk = item % p.heads_kv;
@@ -106,8 +108,8 @@ void run(const FlashBwdParams& p) {
         const T* kr = krow(K, p.k_batch_stride, p.k_row_stride, p.k_head_stride, j);
         const T* vr = krow(V, p.v_batch_stride, p.v_row_stride, p.v_head_stride, j);
         for (int64_t d = 0; d < D; ++d) {
-          kf[j * D + d] = static_cast<float>(kr[d]);
-          vf[j * D + d] = static_cast<float>(vr[d]);
+          kf[j * D + d] = kt[d * BN + j] = static_cast<float>(kr[d]);
+          vf[j * D + d] = vt[d * BN + j] = static_cast<float>(vr[d]);
         }
       }
       std::fill(dk.begin(), dk.end(), 0.f);
@@ -147,21 +149,27 @@ void run(const FlashBwdParams& p) {
             const float Di = p.dsum[h * p.rows + r];
             float* si = s.data() + i * BN;
             float* dsi = ds.data() + i * BN;
+            std::fill(xr.begin(), xr.begin() + cols, 0.f);
+            std::fill(dpr.begin(), dpr.begin() + cols, 0.f);
+            const float* qi = q.data() + i * D;
+            const float* di = dout.data() + i * D;
+            for (int64_t d = 0; d < D; ++d) {
+              const float qd = qi[d], dd = di[d];
+              const float* kd = kt.data() + d * BN;
+              const float* vd = vt.data() + d * BN;
+              for (int64_t j = 0; j < cols; ++j) {
+                xr[j] += qd * kd[j];
+                dpr[j] += dd * vd[j];
+              }
+            }
             for (int64_t j = 0; j < cols; ++j) {
               if (j < lo[i] || j > hi[i]) {
                 si[j] = 0.f;
                 dsi[j] = 0.f;
                 continue;
               }
-              float x = 0.f, dp = 0.f;
-              const float* qi = q.data() + i * D;
-              const float* kj = kf.data() + j * D;
-              const float* di = dout.data() + i * D;
-              const float* vj = vf.data() + j * D;
-              for (int64_t d = 0; d < D; ++d) {
-                x += qi[d] * kj[d];
-                dp += di[d] * vj[d];
-              }
+              float x = xr[j];
+              const float dp = dpr[j];
               float c = 0.f;
               if (capped) {
                 c = std::tanh(x * cap_in);
