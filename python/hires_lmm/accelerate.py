@@ -44,10 +44,9 @@ What is patched (each family can be turned off by its keyword):
   says which rows; causal right padding: the pad queries see all valid keys of their row, as in
   HF's mask, through a second varlen call; pad queries that see no key are 0, as SDPA gives).
   Outputs at valid positions match the unpatched model (with an SDPA original, all of them).
-  It falls back to the
+  Training runs the kernel too: the ops' backward is FlashAttention-2's (O(S) memory; the
+  packing and scatter of padded batches are differentiable indexing). It falls back to the
   module's original implementation ("sdpa" or "eager"; anything else -> "sdpa") when:
-    * gradients are needed (grad mode on and q, k or v requires grad): no backward kernel yet,
-      and the reference backward is O(S^2) in memory,
     * the mask is anything else (packed sequences, a sliding window that cuts, a hole, a float
       or custom 4-D mask; with an "eager" original the boolean mask is turned into the additive
       mask eager expects), or under torch.compile / CUDA-graph capture (packing needs
@@ -327,9 +326,6 @@ def _is_hf_qwen3vl_text_model(m) -> bool:
 # ---- attention --------------------------------------------------------------------------------
 _ATTN_WHY = {
     "dropout": "attention dropout > 0 (training) is not implemented by the kernel",
-    "grad": "gradients are needed (grad mode on and q/k/v require grad); the kernel has no "
-            "backward yet (it would recompute through the O(S^2) reference): wrap inference in "
-            "torch.no_grad() / torch.inference_mode() to use the kernel",
     "output_attentions": "output_attentions needs the attention weights",
     "softcap": "logit softcapping and this build's ops.flash_attn_func has no softcap argument",
     "sliding_window": "a sliding window shorter than the keys, and this build's "
@@ -380,9 +376,9 @@ def _attn_unsupported(query, key, value, attention_mask, dropout, kwargs, module
         return "dropout", extra, window
     if kwargs.get("output_attentions", False):
         return "output_attentions", extra, window
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
-                                    or value.requires_grad):
-        return "grad", extra, window
+    # gradients: the ops' autograd is FlashAttention-2's backward (hires_lmm::flash_attn_bwd /
+    # flash_attn_varlen_bwd, O(S) memory) for every case the forward takes, so training stays on
+    # the kernel (no fallback for grad mode any more)
     for name in ("s_aux", "position_bias", "cache"):
         if kwargs.get(name) is not None:
             return name, extra, window
@@ -784,8 +780,8 @@ def accelerate(model: nn.Module, *, attention: bool = True, norms: bool = True,
 
     attention: Llama / CLIP / Qwen3-VL / Mistral / Qwen2 / Phi-3 / ... attention ->
         ops.flash_attn_func through transformers.AttentionInterface ("hires_lmm"), padding masks
-        -> ops.flash_attn_varlen_func, with a fallback to the original implementation when
-        gradients are needed, for other masks, dropout in training, output_attentions and other
+        -> ops.flash_attn_varlen_func (with gradients: their FlashAttention-2 backward), with a
+        fallback to the original implementation for other masks, dropout in training, output_attentions and other
         unsupported cases (module docstring lists them);
     norms: RMSNorms with LlamaRMSNorm's forward -> ops.rms_norm (others skipped, with the
         reason in `model._hires_lmm_skipped`), nn.LayerNorm -> ops.layer_norm (when dtypes

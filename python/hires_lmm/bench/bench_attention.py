@@ -9,6 +9,8 @@ quick=True: tiny shapes on the CPU against the reference and SDPA's math backend
 On an sm_90 device with sm_90a kernels built, every prefill / CLIP case is repeated as
 "flash_attn_func[sm90a]" with the opt-in Hopper kernel (HIRES_LMM_ATTN_SM90=1).
 flash_attn_with_kvcache: ragged batched decode (B=8, 4096-slot cache) against masked SDPA.
+Forward + backward ("flash_attn_func[fwd+bwd]"): S=2048 causal, 32 heads, D=128 and CLIP-L
+(B=8, S=577, 16 heads, D=64) against SDPA's flash / cuDNN / efficient backward; tiny on the CPU.
 max_err: max |ours - fp32 reference| on the first heads (the full fp32 reference is O(S^2))."""
 import dataclasses
 import math
@@ -86,6 +88,58 @@ def _case(name, B, Sq, Sk, Hq, Hkv, D, causal, dtype, device, backends, err_head
                 ours=lambda: ops.flash_attn_func(q, k, v, causal=causal), references=refs,
                 flops=flops, max_err=_max_err_fn(q, k, v, causal, err_heads),
                 tol=2e-2 if dtype != torch.float32 else 1e-4)
+
+
+def _fwd_bwd_case(name, B, S, H, D, causal, dtype, device, backends, err_heads):
+    """Forward + backward (torch.autograd.grad of o against a fixed dO for q, k, v): ours
+    (FlashAttention-2 backward, hires_lmm::flash_attn_bwd) against SDPA's backends' autograd.
+    FLOPs: forward 4 B H S^2 D + backward 10 B H S^2 D (5 GEMMs), halved for causal.
+    max_err: max |dq, dk, dv ours - fp32 reference autograd| on the first `err_heads` heads."""
+    gen = torch.Generator(device=device).manual_seed(S + D + 1)
+    q, k, v = (torch.randn(B, S, H, D, dtype=dtype, device=device, generator=gen).requires_grad_(True)
+               for _ in range(3))
+    g = torch.randn(B, S, H, D, dtype=dtype, device=device, generator=gen)
+
+    def grads(fn, qq, kk, vv, gg):
+        return torch.autograd.grad(fn(qq, kk, vv), (qq, kk, vv), gg)
+
+    def ours():
+        return grads(lambda a, b, c: ops.flash_attn_func(a, b, c, causal=causal), q, k, v, g)
+
+    refs = {}
+    for bname in backends:
+        fwd = _sdpa_fn(bname, q.detach(), k.detach(), v.detach(), causal)
+        if fwd is None:
+            continue
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = getattr(SDPBackend, _BACKENDS[bname])
+
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   is_causal=causal)
+                return torch.autograd.grad(o, (q, k, v), g.transpose(1, 2))
+        try:
+            run()
+        except Exception:  # no backward for this backend / shape
+            continue
+        refs[bname] = run
+    if device == "cpu":
+        refs["reference"] = lambda: grads(lambda a, b, c: reference.flash_attn_func(a, b, c, causal=causal),
+                                          q, k, v, g)
+
+    def err():
+        sl = [t[:, :, :err_heads].detach() for t in (q, k, v, g)]
+        got = grads(lambda a, b, c: ops.flash_attn_func(a, b, c, causal=causal),
+                    *[t.clone().requires_grad_(True) for t in sl[:3]], sl[3])
+        ref = grads(lambda a, b, c: reference.flash_attn_func(a, b, c, causal=causal),
+                    *[t.float().requires_grad_(True) for t in sl[:3]], sl[3].float())
+        return max((a.float() - b).abs().max().item() for a, b in zip(got, ref))
+
+    flops = 14.0 * B * H * S * S * D * (0.5 if causal else 1.0)
+    return Case(op="flash_attn_func[fwd+bwd]", case=f"{name} B={B} S={S} H={H} D={D}"
+                f"{' causal' if causal else ''}", dtype=dtype, ours=ours, references=refs, flops=flops,
+                max_err=err, tol=5e-2 if dtype != torch.float32 else 1e-3)
 
 
 def _varlen_case(device, dtype):
@@ -196,6 +250,7 @@ def cases(device: str, quick: bool) -> List[Case]:
         if device == "cpu":
             out.append(_varlen_case(device, dtype))
         out.append(_kvcache_case(device, dtype, 3, 300, 8, 2, 128))
+        out.append(_fwd_bwd_case("tiny", 1, 128, 4, 64, True, dtype, device, ["sdpa_math"], 4))
         return out
 
     dtype = torch.bfloat16
@@ -214,4 +269,7 @@ def cases(device: str, quick: bool) -> List[Case]:
         out += [_sm90_variant(c) for c in list(out) if "decode" not in c.case]
     out.append(_varlen_case(device, dtype))
     out.append(_kvcache_case(device, dtype, 8, 4096, 32, 8, 128))
+    # forward + backward (training) at the model shapes
+    out.append(_fwd_bwd_case("llm-train", 1, 2048, 32, 128, True, dtype, device, no_math, 2))
+    out.append(_fwd_bwd_case("clip-l-train", 8, 577, 16, 64, False, dtype, device, no_math, 4))
     return out

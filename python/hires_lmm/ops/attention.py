@@ -2,7 +2,6 @@
 csrc/attention.cpp)."""
 from .._backend import use_reference
 from ..reference import attention as _ref_attn
-import functools
 
 import torch
 
@@ -28,8 +27,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal: bool = F
     (NotImplementedError otherwise); deterministic is accepted (the forward is deterministic).
     Dtypes float32/float16/bfloat16, equal for q, k, v; last dim must be contiguous (else copied).
     CPU: any head dim <= 512. CUDA: tensor-core kernel for fp16/bf16 with D in {64, 128}; fp32 and
-    other head dims run an ATen fallback (same result, O(S^2) memory). Backward recomputes through
-    hires_lmm.reference (O(S^2) memory)."""
+    other head dims run an ATen fallback (same result, O(S^2) memory).
+    Backward: FlashAttention-2's (hires_lmm::flash_attn_bwd): saves q, k, v, o and softmax_lse
+    only and recomputes P tile by tile, O(S) extra memory (fp32 dQ accumulator (B,Sq,Hq,D) and
+    D = rowsum(dO * o)); fp32 accumulation; dK/dV summed over a GQA group; softcap through
+    tanh's derivative; rows that see no key contribute nothing. CPU: the twin of the CUDA kernel
+    (any dtype, D <= 512); CUDA: sm_80 kernel for fp16/bf16, D in {64, 128} (compiled, never run
+    on a GPU yet), ATen O(S^2) math otherwise."""
     _ref_attn._check_unsupported("flash_attn_func", dropout_p, alibi_slopes)
     left, right = _ref_attn._window_pair("flash_attn_func", window_size)
     softcap = _ref_attn._check_softcap("flash_attn_func", softcap)
@@ -50,7 +54,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     lengths; a bound below a real length is an error). Causal and window alignment are per
     sequence. Tokens past cu_seqlens_q[-1] get 0 (lse -inf). return_attn_probs=True ->
     (o, softmax_lse (Hq,total_q) fp32, None). The cu_seqlens value checks cost one device->host
-    copy on CUDA (hires_lmm.set_value_checks(False) skips them)."""
+    copy on CUDA (hires_lmm.set_value_checks(False) skips them). Backward as flash_attn_func's
+    (hires_lmm::flash_attn_varlen_bwd; saves q, k, v, cu_seqlens, o, softmax_lse); tokens past
+    cu_seqlens_q[-1] / cu_seqlens_k[-1] get zero gradients."""
     _ref_attn._check_unsupported("flash_attn_varlen_func", dropout_p, alibi_slopes)
     left, right = _ref_attn._window_pair("flash_attn_varlen_func", window_size)
     softcap = _ref_attn._check_softcap("flash_attn_varlen_func", softcap)
@@ -82,40 +88,57 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
             torch.empty((Hq, total_q), dtype=torch.float32, device=q.device))
 
 
-# ---- autograd: backward recomputes the forward's `out` with the reference and differentiates it;
-# softmax_lse is marked non-differentiable (no gradient flows through it).
-def _register_reference_backward_out_lse(name: str, reference_fn) -> None:
+# ---- autograd: FlashAttention-2's backward (csrc/attention_bwd.cpp). The forward saves only q, k,
+# v, out and softmax_lse; hires_lmm::flash_attn_bwd / flash_attn_varlen_bwd recompute P tile by tile
+# (O(S) extra memory: an fp32 dQ accumulator and D = rowsum(dO * O)). softmax_lse is marked
+# non-differentiable (no gradient flows through it). Every case of the forward is covered (causal,
+# window, softcap through tanh's derivative, GQA/MQA, varlen); CUDA fp32 and head dims other than
+# 64/128 run the binding's ATen O(S^2) math.
+def _register_flash_backward(name: str, bwd_name: str, n_tensors: int) -> None:
     def setup_context(ctx, inputs, output):
-        ctx.tensor_pos = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
-        ctx.others = [None if isinstance(a, torch.Tensor) else a for a in inputs]
-        ctx.save_for_backward(*[inputs[i] for i in ctx.tensor_pos])
-        ctx.mark_non_differentiable(output[1])
+        out, lse = output
+        ctx.save_for_backward(*inputs[:n_tensors], out, lse)
+        ctx.others = inputs[n_tensors:]
+        ctx.mark_non_differentiable(lse)
 
     def backward(ctx, grad_out, _grad_lse):
-        args = list(ctx.others)
-        for i, t in zip(ctx.tensor_pos, ctx.saved_tensors):
-            args[i] = t
-        diff = [i for i in ctx.tensor_pos if ctx.needs_input_grad[i] and args[i].is_floating_point()]
-        result = [None] * len(args)
-        if not diff or grad_out is None:
-            return tuple(result)
-        with torch.enable_grad():
-            leaves = {i: args[i].detach().requires_grad_(True) for i in diff}
-            for i, leaf in leaves.items():
-                args[i] = leaf
-            out = reference_fn(*args)[0]
-        got = torch.autograd.grad([out], [leaves[i] for i in diff], [grad_out], allow_unused=True)
-        for i, g in zip(diff, got):
-            result[i] = g if g is not None else torch.zeros_like(leaves[i])
-        return tuple(result)
+        saved = ctx.saved_tensors
+        nones = [None] * (n_tensors + len(ctx.others))
+        if grad_out is None or not any(ctx.needs_input_grad[:3]):
+            return tuple(nones)
+        q, k, v = saved[:3]
+        extra = saved[3:n_tensors]  # varlen: cu_seqlens_q, cu_seqlens_k
+        out, lse = saved[n_tensors:]
+        dq, dk, dv = op(bwd_name)(grad_out, q, k, v, out, lse, *extra, *ctx.others)
+        nones[0] = dq if ctx.needs_input_grad[0] else None
+        nones[1] = dk if ctx.needs_input_grad[1] else None
+        nones[2] = dv if ctx.needs_input_grad[2] else None
+        return tuple(nones)
 
     torch.library.register_autograd(f"hires_lmm::{name}", backward, setup_context=setup_context)
 
 
-_register_reference_backward_out_lse(
-    "flash_attn_func", functools.partial(_ref_attn._flash_attn_fwd, exact_nonfinite_v=False))
-_register_reference_backward_out_lse(
-    "flash_attn_varlen_func", functools.partial(_ref_attn._flash_attn_varlen_fwd, exact_nonfinite_v=False))
+_register_flash_backward("flash_attn_func", "flash_attn_bwd", 3)
+_register_flash_backward("flash_attn_varlen_func", "flash_attn_varlen_bwd", 5)
+
+
+@torch.library.register_fake("hires_lmm::flash_attn_bwd")
+def _(dout, q, k, v, out, softmax_lse, softmax_scale=None, causal=False, window_size_left=-1,
+      window_size_right=-1, softcap=0.0):
+    check_fake_devices("flash_attn_bwd", dout=dout, q=q, k=k, v=v, out=out, softmax_lse=softmax_lse)
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+@torch.library.register_fake("hires_lmm::flash_attn_varlen_bwd")
+def _(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      softmax_scale=None, causal=False, window_size_left=-1, window_size_right=-1, softcap=0.0):
+    check_fake_devices("flash_attn_varlen_bwd", dout=dout, q=q, k=k, v=v, out=out,
+                       softmax_lse=softmax_lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
 # ---- flash_attn_with_kvcache (decode over a dense KV cache) ------------------------------------
