@@ -118,3 +118,30 @@ def test_report_of_the_built_extension(tmp_path, capsys):
     for r in rows:
         assert r["regs"] > 0 and r["threads"] == 128
         assert r["main_loop"]["mix"].get("mma", 0) > 0, r["kernel"]   # the QK^T / PV loop
+
+
+# A warp-divergence stub: BRA.DIV jumps to out-of-line code after EXIT that re-runs the shuffle
+# through a subroutine and branches back; that back branch is not a loop.
+DIV_STUB = """
+	code for sm_80
+		Function : _Z3barPf
+        /*0000*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;  /* 0x0 */
+        /*0010*/                   BRA.DIV ~URZ, 0x60 ;  /* 0x0 */
+        /*0020*/                   FADD R2, R2, R3 ;  /* 0x0 */
+        /*0030*/                   STL [R1], R2 ;  /* 0x0 */
+        /*0040*/               @P0 BRA 0x20 ;  /* 0x0 */
+        /*0050*/                   EXIT ;  /* 0x0 */
+        /*0060*/                   CALL.REL.NOINC 0x90 ;  /* 0x0 */
+        /*0070*/                   BRA 0x0 ;  /* 0x0 */
+        /*0080*/                   BRA 0x80;  /* 0x0 */
+        /*0090*/                   RET.REL.NODEC R20 0x0 ;  /* 0x0 */
+"""
+
+
+def test_divergence_stub_is_not_a_loop():
+    insns = sass.parse_sass(DIV_STUB.replace("code for sm_80", "arch = sm_80\n\tcode for sm_80"))[("sm_80", "_Z3barPf")]
+    loops = sass.find_loops(insns)
+    assert (0x0, 0x70) not in loops          # the stub's return branch
+    assert (0x20, 0x40) in loops             # the real (predicated) loop
+    ml = sass.analyse_function(insns)["main_loop"]
+    assert ml["start"] == "0x20" and ml["mix"]["local"] == 1

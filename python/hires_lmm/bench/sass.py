@@ -190,7 +190,10 @@ def parse_sass(text: str, keep=None) -> Dict[Tuple[str, str], List[Tuple[int, st
             name = s[len("Function : "):].strip()
             cur = out.setdefault((arch, name), []) if keep is None or name in keep else None
         elif cur is not None and (m := _INSN.search(line)):
-            cur.append((int(m[1], 16), m[3], m[4].strip()))
+            # a predicated instruction's operands start with its guard ("@P0 ..."): the loop
+            # finder needs to tell conditional from unconditional branches
+            pred = (m[2] or "").strip()
+            cur.append((int(m[1], 16), m[3], (pred + " " if pred else "") + m[4].strip()))
     return out
 
 
@@ -239,10 +242,30 @@ _BRA_TARGET = re.compile(r"^(?:`?\(?)?(0x[0-9a-f]+)")
 
 
 def find_loops(insns: List[Tuple[int, str, str]]) -> List[Tuple[int, int]]:
-    """Backward branches -> [(loop head address, branch address)]."""
+    """Backward branches -> [(loop head address, branch address)].
+
+    Not loops: the branch that ends a warp-divergence stub. `BRA.DIV ..., stub` jumps, when the
+    warp is not converged, to out-of-line code after the function body that re-runs a warp
+    collective (shfl) through a subroutine and then branches back unconditionally; that back
+    branch spans the whole tail of the function without being a loop."""
+    index = {addr: i for i, (addr, _, _) in enumerate(insns)}
+    stub_returns = set()
+    for addr, op, args in insns:
+        if op.startswith("BRA.DIV") and (m := re.search(r"(0x[0-9a-f]+)", args)):
+            i = index.get(int(m[1], 16))
+            while i is not None and i < len(insns):
+                a, o, rest = insns[i]
+                if o.split(".")[0] in ("BRA", "EXIT", "RET") and not rest.startswith("@"):
+                    if o.split(".")[0] == "BRA":
+                        stub_returns.add(a)
+                    break
+                i += 1
     loops = []
     for addr, op, args in insns:
-        if op.split(".")[0] in ("BRA", "JMP") and (m := _BRA_TARGET.match(args.strip())):
+        if addr in stub_returns:
+            continue
+        target = args.split(" ", 1)[1] if args.startswith("@") else args
+        if op.split(".")[0] in ("BRA", "JMP") and (m := _BRA_TARGET.match(target.strip())):
             tgt = int(m[1], 16)
             if tgt <= addr:
                 loops.append((tgt, addr))
