@@ -328,7 +328,7 @@ text_dir_kernel(const SimilaritySelectParams p) {
 
 // ---- kernel 3: scores + selection ----------------------------------------------------------
 template <typename TL, int VEC>
-__global__ void __launch_bounds__(SelectTile::kScoreThreads, 1)  // min 1: else ptxas caps at 40 regs and spills
+__global__ void __launch_bounds__(SelectTile::kScoreThreads, 2)  // 2 blocks: 64 registers (without the minimum ptxas aimed at 40 and spilled)
 score_select_kernel(const SimilaritySelectParams p) {
   using PackL = Pack<TL, VEC>;
   extern __shared__ __align__(16) unsigned char smem[];

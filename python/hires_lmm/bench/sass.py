@@ -94,6 +94,13 @@ def launch_config(name: str) -> Optional[Tuple[int, int, str]]:
         panels = d // 64
         smem = 1024 + panels * 128 * 128 + 2 * 2 * panels * 128 * 128 + 8 * (1 + 3 * 2)
         return 384, smem, f"D={d}"
+    if "flash_bwd_kernel" in name:                            # csrc/cuda/flash_attn_bwd.cu
+        d = _tmpl_ints(name)[-1]
+        return 128, (4 * 64 * d + 64 * 64) * 2 + 4 * 64 * 4, f"D={d}"
+    if "flash_bwd_dot_do_o_kernel" in name:
+        return 128, 0, ""
+    if "flash_bwd_convert_dq_kernel" in name:
+        return 256, 0, ""
     if "flash_fwd_kernel" in name:                            # csrc/cuda/flash_attn.cu
         d = _tmpl_ints(name)[-1]
         return 128, (64 * d + 2 * 2 * 64 * d) * 2, f"D={d}"
