@@ -1,0 +1,229 @@
+"""Backward kernel of the norms (hires_lmm::norm_backward: rms_norm, layer_norm,
+deepstack_inject_rms_norm, deepstack_inject_layer_norm; deepstack_inject's autograd): gradients
+against fp64 autograd of the formula with flash-attn's rule (our error at most 2x the error of
+PyTorch autograd through hires_lmm.reference in the same dtype, plus a small floor), odd sizes,
+non-contiguous inputs, the visual rows' gradient, bitwise determinism, gradcheck, opcheck, bad
+input."""
+import pytest
+import torch
+
+import hires_lmm
+import hires_lmm.reference as ref
+from hires_lmm import ops
+from conftest import DEVICES, DTYPES, HAS_CUDA, NO_CUDA_REASON
+
+FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _gold_norm(x, w, b, eps, layer):
+    """fp64 formula (the references compute in fp32 internally, so fp64 is written out here)."""
+    if layer:
+        mu = x.mean(-1, keepdim=True)
+        y = (x - mu) * torch.rsqrt((x - mu).pow(2).mean(-1, keepdim=True) + eps)
+        y = y * w
+        return y + b if b is not None else y
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _gold_inject(h, e, idx):
+    flat = h.reshape(-1, h.shape[-1])
+    return flat.index_put((idx,), flat[idx] + e.to(h.dtype)).view(h.shape)
+
+
+KINDS = ["rms", "ln", "ln_nobias", "inject_rms", "inject_ln", "inject"]
+
+
+def _make(kind, lead, D, dtype, device, seed=0, noncontig=False):
+    g = torch.Generator().manual_seed(seed)
+    rows = 1
+    for s in lead:
+        rows *= s
+    if noncontig:   # every other column of a wider tensor, and the rows transposed
+        h = (torch.randn(*lead, 2 * D, generator=g) * 2 + 0.3)[..., ::2]
+    else:
+        h = torch.randn(*lead, D, generator=g) * 2 + 0.3
+    nv = max(rows // 3, 1) if rows > 0 else 0
+    idx = torch.randperm(max(rows, 1), generator=g)[:nv].sort().values if rows > 0 else \
+        torch.zeros(0, dtype=torch.long)
+    e = torch.randn(nv, D, generator=g)
+    w = 1 + 0.5 * torch.randn(D, generator=g)
+    b = 0.1 * torch.randn(D, generator=g) if kind in ("ln", "inject_ln") else None
+    dn = torch.randn(*lead, D, generator=g)
+    di = torch.randn(*lead, D, generator=g)
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)
+    return dict(h=cast(h), e=cast(e), idx=idx.to(device), w=cast(w), b=cast(b), dn=cast(dn),
+                di=cast(di))
+
+
+def _run(kind, t, lib, dtype_out=None):
+    """Forward with `lib` (ops, ref or gold) and backward; returns the grads of h, e, w, b."""
+    leaves = {k: t[k].detach().clone().requires_grad_() for k in ("h", "e", "w", "b")
+              if t[k] is not None and (k != "e" or kind.startswith("inject"))
+              and (kind != "inject" or k in ("h", "e"))}
+    h, w, b = leaves["h"], leaves.get("w"), leaves.get("b")
+    layer = "ln" in kind
+    eps = 1e-5 if layer else 1e-6
+    if lib == "gold":
+        if kind.startswith("inject"):
+            inj = _gold_inject(h, leaves["e"], t["idx"])
+            outs = [inj] if kind == "inject" else [_gold_norm(inj, w, b, eps, layer), inj]
+        else:
+            outs = [_gold_norm(h, w, b, eps, layer)]
+    else:
+        m = ops if lib == "ops" else ref
+        if kind == "rms":
+            outs = [m.rms_norm(h, w, eps)]
+        elif kind in ("ln", "ln_nobias"):
+            outs = [m.layer_norm(h, w, b, eps)]
+        elif kind == "inject_rms":
+            outs = list(m.deepstack_inject_rms_norm(h, leaves["e"], t["idx"], w, eps))
+        elif kind == "inject_ln":
+            outs = list(m.deepstack_inject_layer_norm(h, leaves["e"], t["idx"], w, b, eps))
+        else:
+            outs = [m.deepstack_inject(h, leaves["e"], t["idx"])]
+    grads = [t["dn"], t["di"]] if kind.startswith("inject_") else \
+        [t["di"] if kind == "inject" else t["dn"]]
+    torch.autograd.backward(outs, [gr.to(o.dtype) for o, gr in zip(outs, grads)])
+    return {k: v.grad for k, v in leaves.items()}
+
+
+def _check_against_gold(kind, t, dtype):
+    ours = _run(kind, t, "ops")
+    theirs = _run(kind, t, "ref")
+    t64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+           for k, v in t.items()}
+    gold = _run(kind, t64, "gold")
+    assert set(ours) == set(gold)
+    for k in gold:
+        assert ours[k] is not None and ours[k].dtype == t[k].dtype, k
+        assert ours[k].shape == t[k].shape, k
+        err = (ours[k].double() - gold[k]).abs().max().item() if gold[k].numel() else 0.0
+        err_ref = (theirs[k].double() - gold[k]).abs().max().item() if gold[k].numel() else 0.0
+        scale = gold[k].abs().max().item() if gold[k].numel() else 0.0
+        assert err <= 2 * err_ref + FLOOR[dtype] * max(scale, 1.0), \
+            f"{kind} d{k}: error {err:.3g} vs reference autograd {err_ref:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("lead,D", [((37,), 67), ((3, 5), 129), ((1,), 1), ((300,), 24)])
+def test_grads_match_fp64(device, dtype, kind, lead, D):
+    _check_against_gold(kind, _make(kind, lead, D, dtype, device, seed=D), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_contiguous_inputs(device, kind):
+    t = _make(kind, (4, 9), 33, torch.float32, device, seed=1, noncontig=True)
+    assert not t["h"].is_contiguous()
+    t["h"] = t["h"].transpose(0, 1)
+    t["dn"], t["di"] = t["dn"].transpose(0, 1), t["di"].transpose(0, 1)   # non-contiguous grads
+    _check_against_gold(kind, t, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("edtype", [torch.float32, torch.bfloat16])
+def test_visual_rows_gradient(device, edtype):
+    """d(visual_embeds)[r] = d(injected)[visual_index[r]] (norm's dx plus injected's own
+    gradient), in visual_embeds' dtype; the other rows of hidden get theirs untouched."""
+    t = _make("inject_rms", (2, 11), 40, torch.bfloat16, device, seed=4)
+    e = t["e"].to(edtype).requires_grad_()
+    h = t["h"].clone().requires_grad_()
+    w = t["w"].clone().requires_grad_()
+    normed, inj = ops.deepstack_inject_rms_norm(h, e, t["idx"], w, 1e-6)
+    torch.autograd.backward([normed, inj], [t["dn"], t["di"]])
+    assert e.grad.dtype == edtype
+    dflat = h.grad.reshape(-1, 40)
+    torch.testing.assert_close(e.grad, dflat[t["idx"]].to(edtype), rtol=0, atol=0)
+    # and d(hidden) is exactly what rms_norm's backward gives on the injected rows, plus di
+    inj2 = inj.detach().clone().requires_grad_()
+    w2 = t["w"].clone().requires_grad_()
+    ops.rms_norm(inj2, w2, 1e-6).backward(t["dn"])
+    expect = (inj2.grad.float() + t["di"].float())
+    torch.testing.assert_close(h.grad.float(), expect, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic(device, dtype):
+    """Two runs are bitwise identical (the weight/bias gradients are a fixed-order two-stage sum
+    over 2500 rows = 250 chunks; no atomics)."""
+    t = _make("ln", (2500,), 96, dtype, device, seed=5)
+    a = op_bwd(t, True)
+    b = op_bwd(t, True)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def op_bwd(t, layer):
+    return torch.ops.hires_lmm.norm_backward(t["dn"], t["h"], t["w"], t["di"], 1e-5, layer, True)
+
+
+def test_zero_rows():
+    for layer in (False, True):
+        x = torch.zeros(0, 7)
+        dx, dw, db = torch.ops.hires_lmm.norm_backward(x, x, torch.ones(7), None, 1e-5, layer, layer)
+        assert dx.shape == (0, 7) and torch.equal(dw, torch.zeros(7))
+        assert db.shape == ((7,) if layer else (0,)) and (db == 0).all()
+
+
+def test_gradcheck_fp32_small():
+    """gradcheck (finite differences): the forward kernels are fp32/fp16/bf16 only, so this runs
+    in fp32 on a tiny shape with tolerances for fp32 differences (eps=1e-2)."""
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(3, 5, generator=g).requires_grad_()
+    e = torch.randn(1, 5, generator=g).requires_grad_()
+    w = (1 + 0.3 * torch.randn(5, generator=g)).requires_grad_()
+    b = (0.1 * torch.randn(5, generator=g)).requires_grad_()
+    idx = torch.tensor([1])
+    kw = dict(eps=1e-2, atol=2e-2, rtol=2e-2)
+    assert torch.autograd.gradcheck(lambda x, w_: ops.rms_norm(x, w_, 1e-6), (h, w), **kw)
+    assert torch.autograd.gradcheck(lambda x, w_, b_: ops.layer_norm(x, w_, b_, 1e-5), (h, w, b), **kw)
+    assert torch.autograd.gradcheck(
+        lambda x, e_, w_, b_: ops.deepstack_inject_layer_norm(x, e_, idx, w_, b_, 1e-5), (h, e, w, b), **kw)
+    assert torch.autograd.gradcheck(
+        lambda x, e_, w_: ops.deepstack_inject_rms_norm(x, e_, idx, w_, 1e-6), (h, e, w), **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_backward_op(device):
+    t = _make("ln", (5, 3), 17, torch.float32, device, seed=7)
+    lib = torch.ops.hires_lmm
+    torch.library.opcheck(lib.norm_backward, (t["dn"], t["h"], t["w"], t["di"], 1e-5, True, True))
+    torch.library.opcheck(lib.norm_backward, (t["dn"], t["h"], t["w"], None, 1e-6, False, False))
+    h = t["h"].clone().requires_grad_()
+    w = t["w"].clone().requires_grad_()
+    torch.library.opcheck(lib.rms_norm, (h, w, 1e-6))
+    torch.library.opcheck(lib.layer_norm, (h, w, t["b"], 1e-5))
+
+
+@pytest.mark.parametrize("mutate,arg", [
+    (lambda a: a.update(w=a["w"][:-1]), "weight"),
+    (lambda a: a.update(dn=a["dn"][:1]), "grad_out"),
+    (lambda a: a.update(di=a["di"].half()), "grad_res"),
+    (lambda a: a.update(eps=-1.0), "eps"),
+])
+def test_bad_input_names_the_argument(mutate, arg):
+    t = _make("ln", (4,), 8, torch.float32, "cpu")
+    a = dict(dn=t["dn"], h=t["h"], w=t["w"], di=t["di"], eps=1e-5)
+    mutate(a)
+    with pytest.raises(RuntimeError, match=f"norm_backward: argument '{arg}'"):
+        torch.ops.hires_lmm.norm_backward(a["dn"], a["h"], a["w"], a["di"], a["eps"], True, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layer", [False, True])
+def test_gpu_matches_cpu_twin(dtype, layer):
+    """Same partition and formula: dweight/dbias agree with the CPU twin to fp32 rounding of the
+    row statistics (block-tree vs serial row sums), dx likewise."""
+    t = _make("ln", (1031,), 200, dtype, "cpu", seed=8)
+    cpu = torch.ops.hires_lmm.norm_backward(t["dn"], t["h"], t["w"], t["di"], 1e-5, layer, True)
+    gpu = torch.ops.hires_lmm.norm_backward(*[t[k].cuda() for k in ("dn", "h", "w", "di")],
+                                            1e-5, layer, True)
+    atol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}[dtype]
+    for c, g in zip(cpu, gpu):
+        torch.testing.assert_close(g.cpu().float(), c.float(), atol=atol, rtol=atol)
