@@ -5,6 +5,8 @@ PyTorch autograd through hires_lmm.reference in the same dtype, plus a small flo
 non-contiguous inputs, the visual rows' gradient, bitwise determinism, gradcheck, opcheck, bad
 input."""
 import pytest
+
+pytestmark = pytest.mark.filterwarnings("ignore:Input #.*requires gradient and is not a double")
 import torch
 
 import hires_lmm
@@ -227,3 +229,89 @@ def test_gpu_matches_cpu_twin(dtype, layer):
     atol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 6e-2}[dtype]
     for c, g in zip(cpu, gpu):
         torch.testing.assert_close(g.cpu().float(), c.float(), atol=atol, rtol=atol)
+
+
+def test_autograd_runs_the_kernel():
+    """The ops' autograd is norm_backward itself (bitwise), not a reference recompute."""
+    t = _make("ln", (50,), 40, torch.bfloat16, "cpu", seed=9)
+    x = t["h"].clone().requires_grad_()
+    w = t["w"].clone().requires_grad_()
+    b = t["b"].clone().requires_grad_()
+    ops.layer_norm(x, w, b, 1e-5).backward(t["dn"])
+    dx, dw, db = torch.ops.hires_lmm.norm_backward(t["dn"], t["h"], t["w"], None, 1e-5, True, True)
+    assert torch.equal(x.grad, dx) and torch.equal(w.grad, dw) and torch.equal(b.grad, db)
+    x.grad = w.grad = None
+    ops.rms_norm(x, w, 1e-6).backward(t["dn"])
+    dx, dw, _ = torch.ops.hires_lmm.norm_backward(t["dn"], t["h"], t["w"], None, 1e-6, False, False)
+    assert torch.equal(x.grad, dx) and torch.equal(w.grad, dw)
+
+
+# ---- dwconv_layernorm and convnext_block backward ------------------------------------------------
+_BLOCK_KEYS = ["dw_weight", "dw_bias", "ln_weight", "ln_bias", "fc1_weight", "fc1_bias",
+               "fc2_weight", "fc2_bias", "gamma"]
+
+
+def _block_params(C, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=1.0, shift=0.0: (torch.randn(*s, generator=g) * scale + shift).to(device=device, dtype=dtype)
+    return dict(dw_weight=r(C, 1, 7, 7, scale=0.2), dw_bias=r(C, scale=0.5), ln_weight=r(C, scale=0.3, shift=1.0),
+                ln_bias=r(C, scale=0.2), fc1_weight=r(4 * C, C, scale=C ** -0.5), fc1_bias=r(4 * C, scale=0.2),
+                fc2_weight=r(C, 4 * C, scale=(4 * C) ** -0.5), fc2_bias=r(C, scale=0.2),
+                gamma=r(C, scale=0.3, shift=0.5))
+
+
+def _gold_block(x, p, eps, block):
+    F = torch.nn.functional
+    C = x.shape[-1]
+    y = F.conv2d(x.permute(0, 3, 1, 2), p["dw_weight"], p["dw_bias"], padding=3, groups=C).permute(0, 2, 3, 1)
+    y = F.layer_norm(y, (C,), p["ln_weight"], p["ln_bias"], eps)
+    if not block:
+        return y
+    h = F.linear(F.gelu(F.linear(y, p["fc1_weight"], p["fc1_bias"])), p["fc2_weight"], p["fc2_bias"])
+    return x + p["gamma"] * h
+
+
+def _block_grads(lib, x, p, dout, block):
+    xs = x.detach().clone().requires_grad_()
+    ps = {k: v.detach().clone().requires_grad_() for k, v in p.items()}
+    if lib == "gold":
+        out = _gold_block(xs, ps, 1e-6, block)
+    else:
+        m = ops if lib == "ops" else ref
+        out = (m.convnext_block(xs, *[ps[k] for k in _BLOCK_KEYS], 1e-6) if block else
+               m.dwconv_layernorm(xs, *[ps[k] for k in _BLOCK_KEYS[:4]], 1e-6))
+    out.backward(dout.to(out.dtype))
+    keys = _BLOCK_KEYS if block else _BLOCK_KEYS[:4]
+    return {"x": xs.grad, **{k: ps[k].grad for k in keys}}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block", [False, True])
+def test_convnext_grads_match_fp64(device, dtype, block):
+    C = 12
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 5, 9, C, generator=g).to(device=device, dtype=dtype)
+    dout = torch.randn(2, 5, 9, C, generator=g).to(device=device, dtype=dtype)
+    p = _block_params(C, dtype, device)
+    ours = _block_grads("ops", x, p, dout, block)
+    theirs = _block_grads("ref", x, p, dout, block)
+    gold = _block_grads("gold", x.double(), {k: v.double() for k, v in p.items()}, dout.double(), block)
+    for k in gold:
+        assert ours[k] is not None and ours[k].dtype == dtype and ours[k].shape == gold[k].shape, k
+        err = (ours[k].double() - gold[k]).abs().max().item()
+        err_ref = (theirs[k].double() - gold[k]).abs().max().item()
+        scale = gold[k].abs().max().item()
+        assert err <= 2 * err_ref + FLOOR[dtype] * max(scale, 1.0), \
+            f"block={block} d{k}: error {err:.3g} vs reference autograd {err_ref:.3g} (scale {scale:.3g})"
+
+
+def test_convnext_backward_deterministic():
+    C = 16
+    x = torch.randn(2, 14, 14, C)
+    p = _block_params(C, torch.float32, "cpu")
+    dout = torch.randn_like(x)
+    a = _block_grads("ops", x, p, dout, True)
+    b = _block_grads("ops", x, p, dout, True)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

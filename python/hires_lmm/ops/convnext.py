@@ -9,7 +9,7 @@ import torch
 
 from .. import reference as _ref
 from .._backend import use_reference
-from ._register import check_fake_devices, op, register_reference_backward
+from ._register import check_fake_devices, op
 
 __all__ = ["dwconv_layernorm", "convnext_block"]
 
@@ -64,6 +64,79 @@ def _(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weigh
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-# ---- autograd (recompute with the reference until backward kernels exist) -------------------
-register_reference_backward("dwconv_layernorm", _ref.dwconv_layernorm)
-register_reference_backward("convnext_block", _ref.convnext_block)
+# ---- autograd --------------------------------------------------------------------------------
+# dwconv_layernorm's backward, in two steps (no fused kernel yet):
+#   1. the depthwise conv output y is recomputed in fp32 (ATen conv2d, channels-last), and the
+#      LayerNorm backward runs on it through the fused norm kernel hires_lmm::norm_backward
+#      (kernels/deepstack/norm_bwd.cuh; deterministic two-stage sums for ln_weight / ln_bias);
+#   2. the conv's backward (dx: the transposed depthwise conv; dw_weight, dw_bias) is ATen's
+#      convolution_backward in fp32.
+#   Saved: x, dw_weight, dw_bias, ln_weight, ln_bias (nothing N x C beyond x).
+# convnext_block's backward recomputes the block as an autograd composition: ops.dwconv_layernorm
+# (whose backward is the above) then ATen GEMMs (fc1/fc2 weight and bias gradients), the erf-GELU
+# derivative and the layer scale, in fp32 as the reference. Saved: x and the parameters.
+
+
+def _dwln_setup(ctx, inputs, output):
+    x, dw_weight, dw_bias, ln_weight, ln_bias, eps = inputs
+    ctx.save_for_backward(x, dw_weight, dw_bias, ln_weight, ln_bias)
+    ctx.eps = eps
+
+
+def _dwln_backward(ctx, grad):
+    x, dw_weight, dw_bias, ln_weight, ln_bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    C = x.shape[-1]
+    k = dw_weight.shape[-1]
+    xf = x.float().permute(0, 3, 1, 2)                               # NCHW view of NHWC
+    wf = dw_weight.float()
+    y = torch.nn.functional.conv2d(xf, wf, None if dw_bias is None else dw_bias.float(),
+                                   padding=k // 2, groups=C).permute(0, 2, 3, 1)
+    dy, dlnw, dlnb = op("norm_backward")(grad.float(), y.contiguous(), ln_weight.float(), None,
+                                         ctx.eps, True, ln_bias is not None)
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        dy.permute(0, 3, 1, 2), xf, wf, [C] if dw_bias is not None else None, [1, 1],
+        [k // 2, k // 2], [1, 1], False, [0, 0], C, [need[0], need[1], need[2] and dw_bias is not None])
+    cast = lambda g, like: None if g is None or like is None else g.to(like.dtype)
+    gx = None if gx is None else gx.permute(0, 2, 3, 1).to(x.dtype)
+    return (gx, cast(gw, dw_weight) if need[1] else None, cast(gb, dw_bias) if need[2] else None,
+            cast(dlnw, ln_weight) if need[3] else None,
+            cast(dlnb, ln_bias) if need[4] and ln_bias is not None else None, None)
+
+
+def _block_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:10])
+    ctx.eps = inputs[10]
+
+
+def _block_forward_composed(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias,
+                            fc2_weight, fc2_bias, gamma, eps):
+    F = torch.nn.functional
+    h = op("dwconv_layernorm")(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)  # x's dtype, as the kernel
+    h = F.linear(h.float(), fc1_weight.float(), None if fc1_bias is None else fc1_bias.float())
+    h = F.gelu(h)
+    h = F.linear(h, fc2_weight.float(), None if fc2_bias is None else fc2_bias.float())
+    if gamma is not None:
+        h = gamma.float() * h
+    return x.float() + h
+
+
+def _block_backward(ctx, grad):
+    saved = list(ctx.saved_tensors)
+    need = ctx.needs_input_grad
+    diff = [i for i, t in enumerate(saved) if t is not None and need[i]]
+    with torch.enable_grad():
+        for i in diff:
+            saved[i] = saved[i].detach().requires_grad_(True)
+        out = _block_forward_composed(*saved, ctx.eps)
+        got = torch.autograd.grad(out, [saved[i] for i in diff], grad.float(), allow_unused=True)
+    result = [None] * 11
+    for i, g in zip(diff, got):
+        result[i] = torch.zeros_like(saved[i]) if g is None else g.to(saved[i].dtype)
+    return tuple(result)
+
+
+torch.library.register_autograd("hires_lmm::dwconv_layernorm", _dwln_backward,
+                                setup_context=_dwln_setup)
+torch.library.register_autograd("hires_lmm::convnext_block", _block_backward,
+                                setup_context=_block_setup)
