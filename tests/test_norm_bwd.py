@@ -315,3 +315,62 @@ def test_convnext_backward_deterministic():
     b = _block_grads("ops", x, p, dout, True)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dwconv_backward_op(device):
+    """dwconv_backward alone against ATen's depthwise convolution_backward in fp64, no bias,
+    odd sizes smaller than the kernel (every tap partly on the padding), opcheck."""
+    g = torch.Generator().manual_seed(11)
+    for shape in [(1, 3, 2, 5), (2, 9, 8, 3), (67, 2, 3, 4)]:   # B*H = 134 rows: 3 rows per chunk
+        C = shape[-1]
+        x = torch.randn(*shape, generator=g)
+        w = torch.randn(C, 1, 7, 7, generator=g)
+        dy = torch.randn(*shape, generator=g)
+        gx, gw, gb = torch.ops.hires_lmm.dwconv_backward(dy.to(device), x.to(device), w.to(device), True)
+        ex, ew, eb = torch.ops.aten.convolution_backward(
+            dy.double().permute(0, 3, 1, 2), x.double().permute(0, 3, 1, 2), w.double(), [C],
+            [1, 1], [3, 3], [1, 1], False, [0, 0], C, [True, True, True])
+        torch.testing.assert_close(gx.cpu().double(), ex.permute(0, 2, 3, 1), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(gw.cpu().double(), ew, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(gb.cpu().double(), eb, atol=1e-4, rtol=1e-4)
+    _, _, nb = torch.ops.hires_lmm.dwconv_backward(dy.to(device), x.to(device), w.to(device), False)
+    assert nb.shape == (0,)
+    torch.library.opcheck(torch.ops.hires_lmm.dwconv_backward,
+                          (dy.to(device), x.to(device), w.to(device), True))
+    with pytest.raises(RuntimeError, match="dwconv_backward: argument 'grad_y'"):
+        torch.ops.hires_lmm.dwconv_backward(dy.half().to(device), x.to(device), w.to(device), True)
+    with pytest.raises(RuntimeError, match="dwconv_backward: argument 'dw_weight'"):
+        torch.ops.hires_lmm.dwconv_backward(dy.to(device), x.to(device), w[:, :, :5, :5].to(device), True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dwconv_layernorm_no_bias_grads(device):
+    C = 6
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(1, 4, 11, C, generator=g).to(device)
+    p = _block_params(C, torch.float32, device)
+    args = lambda q: (q["dw_weight"], None, q["ln_weight"], None)
+    ps = {k: v.clone().requires_grad_() for k, v in p.items()}
+    xs = x.clone().requires_grad_()
+    ops.dwconv_layernorm(xs, *args(ps), 1e-6).sum().backward()
+    pr = {k: v.clone().requires_grad_() for k, v in p.items()}
+    xr = x.clone().requires_grad_()
+    ref.dwconv_layernorm(xr, *args(pr), 1e-6).sum().backward()
+    for a, b in [(xs, xr), (ps["dw_weight"], pr["dw_weight"]), (ps["ln_weight"], pr["ln_weight"])]:
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_dwconv_backward_matches_cpu_twin(dtype):
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 37, 23, 40, generator=g).to(dtype)
+    w = torch.randn(40, 1, 7, 7, generator=g).to(dtype)
+    dy = torch.randn(2, 37, 23, 40, generator=g)
+    cpu = torch.ops.hires_lmm.dwconv_backward(dy, x, w, True)
+    gpu = torch.ops.hires_lmm.dwconv_backward(dy.cuda(), x.cuda(), w.cuda(), True)
+    atol = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 0.25}[dtype]
+    for c, gg in zip(cpu, gpu):
+        torch.testing.assert_close(gg.cpu().float(), c.float(), atol=atol, rtol=2e-2)

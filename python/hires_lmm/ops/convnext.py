@@ -52,6 +52,15 @@ def _(x, dw_weight, dw_bias, ln_weight, ln_bias, eps):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+@torch.library.register_fake("hires_lmm::dwconv_backward")
+def _(grad_y, x, dw_weight, has_bias):
+    check_fake_devices("dwconv_backward", grad_y=grad_y, x=x, dw_weight=dw_weight)
+    c = x.shape[-1]
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            torch.empty(dw_weight.shape, dtype=x.dtype, device=x.device),
+            torch.empty((c if has_bias else 0,), dtype=x.dtype, device=x.device))
+
+
 @torch.library.register_fake("hires_lmm::convnext_block")
 def _(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
       gamma, eps):
@@ -69,8 +78,9 @@ def _(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weigh
 #   1. the depthwise conv output y is recomputed in fp32 (ATen conv2d, channels-last), and the
 #      LayerNorm backward runs on it through the fused norm kernel hires_lmm::norm_backward
 #      (kernels/deepstack/norm_bwd.cuh; deterministic two-stage sums for ln_weight / ln_bias);
-#   2. the conv's backward (dx: the transposed depthwise conv; dw_weight, dw_bias) is ATen's
-#      convolution_backward in fp32.
+#   2. the conv's backward through hires_lmm::dwconv_backward (kernels/convnext/dwconv_bwd.cuh, CPU
+#      twin csrc/cpu/dwconv_bwd.cpp): dx by the transposed depthwise conv, dw_weight / dw_bias by
+#      a deterministic two-stage fp32 reduction over chunks of image rows.
 #   Saved: x, dw_weight, dw_bias, ln_weight, ln_bias (nothing N x C beyond x).
 # convnext_block's backward recomputes the block as an autograd composition: ops.dwconv_layernorm
 # (whose backward is the above) then ATen GEMMs (fc1/fc2 weight and bias gradients), the erf-GELU
@@ -94,14 +104,11 @@ def _dwln_backward(ctx, grad):
                                    padding=k // 2, groups=C).permute(0, 2, 3, 1)
     dy, dlnw, dlnb = op("norm_backward")(grad.float(), y.contiguous(), ln_weight.float(), None,
                                          ctx.eps, True, ln_bias is not None)
-    gx, gw, gb = torch.ops.aten.convolution_backward(
-        dy.permute(0, 3, 1, 2), xf, wf, [C] if dw_bias is not None else None, [1, 1],
-        [k // 2, k // 2], [1, 1], False, [0, 0], C, [need[0], need[1], need[2] and dw_bias is not None])
-    cast = lambda g, like: None if g is None or like is None else g.to(like.dtype)
-    gx = None if gx is None else gx.permute(0, 2, 3, 1).to(x.dtype)
-    return (gx, cast(gw, dw_weight) if need[1] else None, cast(gb, dw_bias) if need[2] else None,
-            cast(dlnw, ln_weight) if need[3] else None,
-            cast(dlnb, ln_bias) if need[4] and ln_bias is not None else None, None)
+    gx, gw, gb = op("dwconv_backward")(dy, x, dw_weight, dw_bias is not None)
+    return (gx if need[0] else None, gw if need[1] else None,
+            gb if need[2] and dw_bias is not None else None,
+            dlnw.to(ln_weight.dtype) if need[3] else None,
+            dlnb.to(ln_bias.dtype) if need[4] and ln_bias is not None else None, None)
 
 
 def _block_setup(ctx, inputs, output):
