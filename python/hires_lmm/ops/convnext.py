@@ -20,7 +20,10 @@ def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps: float = 1e-
     x (B,H,W,C) NHWC float32/float16/bfloat16, any strides (a non-unit channel stride costs a
     copy); dw_weight (C,1,7,7) as stored in checkpoints; dw_bias, ln_weight, ln_bias (C,); all of
     x's dtype. Returns (B,H,W,C) contiguous. On CUDA the conv output never reaches device memory
-    before the norm (one kernel)."""
+    before the norm (one kernel).
+    Backward (two steps): conv recomputed in fp32, LayerNorm backward by the norm_backward kernel,
+    then the dwconv_backward kernel (dx, dw_weight, dw_bias). Saved for backward: x and the
+    parameters."""
     if use_reference():
         return _ref.dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
     return op("dwconv_layernorm")(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
@@ -33,7 +36,9 @@ def convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bi
     x (B,H,W,C); dwconv/LN parameters as in dwconv_layernorm; fc1_weight (F,C) (F = 4C in
     ConvNeXt), fc1_bias (F,), fc2_weight (C,F), fc2_bias (C,), gamma (C,) layer scale or None;
     all of x's dtype. On CUDA with fp16/bf16 and C, F multiples of 8 the pointwise layers are
-    CUTLASS GEMMs with fused epilogues; otherwise fp32 GEMMs."""
+    CUTLASS GEMMs with fused epilogues; otherwise fp32 GEMMs.
+    Backward: recomputes the block as dwconv_layernorm (its backward kernels) then ATen GEMMs,
+    GELU and layer scale in fp32. Saved for backward: x and the parameters."""
     if use_reference():
         return _ref.convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias,
                                    fc2_weight, fc2_bias, gamma, eps)

@@ -30,7 +30,9 @@ def deepstack_inject(hidden, visual_embeds, visual_index):
     hidden (..., D) float32/float16/bfloat16, any strides; visual_embeds (Nv, D)
     float32/float16/bfloat16, not necessarily hidden's dtype (rounded to hidden's dtype first, as
     HF; float64 is refused like everywhere else); visual_index (Nv,) int64. Bit-exact with
-    `out = hidden.clone(); out[mask] = out[mask] + visual_embeds.to(hidden.dtype)`."""
+    `out = hidden.clone(); out[mask] = out[mask] + visual_embeds.to(hidden.dtype)`.
+    Backward: d(hidden) = grad, d(visual_embeds) = grad[visual_index] in visual_embeds' dtype.
+    Saved for backward: visual_index."""
     if use_reference():
         return _ref.deepstack_inject(hidden, visual_embeds, visual_index)
     return op("deepstack_inject")(hidden, visual_embeds, visual_index)
@@ -39,7 +41,10 @@ def deepstack_inject(hidden, visual_embeds, visual_index):
 def deepstack_inject_rms_norm(hidden, visual_embeds, visual_index, weight, eps: float = 1e-6):
     """(normed, injected) in one pass: injected = deepstack_inject(...), normed =
     LlamaRMSNorm(injected) = weight * (injected * rsqrt(mean(injected^2) + eps)).to(dtype),
-    statistics in fp32. weight (D,) of hidden's dtype."""
+    statistics in fp32. weight (D,) of hidden's dtype.
+    Backward: the norm_backward kernel (dx + d(injected) -> d(hidden); its visual rows ->
+    d(visual_embeds); dweight by a deterministic two-stage sum). Saved for backward: injected,
+    weight, visual_index (row statistics recomputed)."""
     if use_reference():
         return _ref.deepstack_inject_rms_norm(hidden, visual_embeds, visual_index, weight, eps)
     return op("deepstack_inject_rms_norm")(hidden, visual_embeds, visual_index, weight, eps)
@@ -48,21 +53,25 @@ def deepstack_inject_rms_norm(hidden, visual_embeds, visual_index, weight, eps: 
 def deepstack_inject_layer_norm(hidden, visual_embeds, visual_index, weight, bias=None,
                                 eps: float = 1e-5):
     """(normed, injected) in one pass with LayerNorm (the ViT side, DeepStack-V):
-    normed = (injected - mean) * rsqrt(var + eps) * weight + bias, fp32 statistics, one rounding."""
+    normed = (injected - mean) * rsqrt(var + eps) * weight + bias, fp32 statistics, one rounding.
+    Backward as deepstack_inject_rms_norm's (plus dbias). Saved for backward: injected, weight,
+    visual_index."""
     if use_reference():
         return _ref.deepstack_inject_layer_norm(hidden, visual_embeds, visual_index, weight, bias, eps)
     return op("deepstack_inject_layer_norm")(hidden, visual_embeds, visual_index, weight, bias, eps)
 
 
 def rms_norm(x, weight, eps: float = 1e-6):
-    """LlamaRMSNorm of x (..., D): weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)."""
+    """LlamaRMSNorm of x (..., D): weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype).
+    Backward: the norm_backward kernel (dx, dweight). Saved for backward: x, weight."""
     if use_reference():
         return _ref.rms_norm(x, weight, eps)
     return op("rms_norm")(x, weight, eps)
 
 
 def layer_norm(x, weight, bias=None, eps: float = 1e-5):
-    """LayerNorm of x (..., D) over D with fp32 statistics, rounded once."""
+    """LayerNorm of x (..., D) over D with fp32 statistics, rounded once.
+    Backward: the norm_backward kernel (dx, dweight, dbias). Saved for backward: x, weight."""
     if use_reference():
         return _ref.layer_norm(x, weight, bias, eps)
     return op("layer_norm")(x, weight, bias, eps)
