@@ -374,3 +374,23 @@ def test_gpu_dwconv_backward_matches_cpu_twin(dtype):
     atol = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 0.25}[dtype]
     for c, gg in zip(cpu, gpu):
         torch.testing.assert_close(gg.cpu().float(), c.float(), atol=atol, rtol=2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layer", [False, True])
+def test_huge_rows_use_fp64_statistics(device, layer):
+    """A row whose fp32 sum of squares overflows (|x| ~ 1e20) gets its statistics in fp64, as the
+    forward: finite gradients equal to the fp64 formula, not 0 or NaN."""
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(3, 16, generator=g)
+    x[1] *= 1e20
+    w = 1 + 0.3 * torch.randn(16, generator=g)
+    dy = torch.randn(3, 16, generator=g)
+    dx, dw, db = torch.ops.hires_lmm.norm_backward(dy.to(device), x.to(device), w.to(device), None,
+                                                   1e-5, layer, layer)
+    xd = x.double().requires_grad_()
+    wd = w.double().requires_grad_()
+    _gold_norm(xd, wd, None, 1e-5, layer).backward(dy.double())
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
+    torch.testing.assert_close(dx.cpu().double(), xd.grad, rtol=1e-4, atol=0)
+    torch.testing.assert_close(dw.cpu().double(), wd.grad, rtol=1e-4, atol=1e-5)
