@@ -52,6 +52,28 @@ __device__ __forceinline__ void block_sum2(A& a, A& b, A* red) {
   }
 }
 
+// The fp64 statistics of one row (rare path; out of line so that it costs the main loop no
+// registers). Every thread of the block calls it; mu and rstd are returned to all.
+template <typename T>
+__device__ __noinline__ void row_stats_fp64(const T* x, int64_t D, bool layer, float eps,
+                                            double* red, float& mu, float& rstd) {
+  double mud = 0.0, ud = 0.0;
+  if (layer) {
+    for (int64_t c = threadIdx.x; c < D; c += blockDim.x) mud += double(to_f32<T>(x[c]));
+    block_sum2(mud, ud, red);
+    mud /= double(D);
+  }
+  double ssd = 0.0;
+  ud = 0.0;
+  for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
+    const double d = double(to_f32<T>(x[c])) - mud;
+    ssd += d * d;
+  }
+  block_sum2(ssd, ud, red);
+  mu = float(mud);
+  rstd = float(1.0 / sqrt(ssd / double(D) + double(eps)));
+}
+
 template <typename T>
 __global__ void __launch_bounds__(NormBwdTile::kThreads)
 norm_bwd_rows_kernel(const NormBwdParams p) {
@@ -94,21 +116,7 @@ norm_bwd_rows_kernel(const NormBwdParams p) {
     if (isfinite(ss)) {
       rstd = rsqrtf(ss * inv_d + p.eps);
     } else {  // fp32 overflow (|x| > ~1.8e19) or a non-finite x: redo the statistics in fp64
-      double mud = 0.0, ud = 0.0;
-      if (p.layer) {
-        for (int64_t c = threadIdx.x; c < D; c += blockDim.x) mud += double(to_f32<T>(x[c]));
-        block_sum2(mud, ud, redd);
-        mud /= double(D);
-      }
-      double ssd = 0.0;
-      ud = 0.0;
-      for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
-        const double d = double(to_f32<T>(x[c])) - mud;
-        ssd += d * d;
-      }
-      block_sum2(ssd, ud, redd);
-      mu = float(mud);
-      rstd = float(1.0 / sqrt(ssd / double(D) + double(p.eps)));
+      row_stats_fp64<T>(x, D, p.layer, p.eps, redd, mu, rstd);
     }
     // row dot products: mean(g), mean(g * y)
     float sg = 0.f, sgy = 0.f;
