@@ -15,6 +15,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 import hires_lmm
 from hires_lmm.models.convnext import ConvNeXtConfig, ConvNeXtTower
 from hires_lmm.models.llama import Llama, LlamaConfig
@@ -69,16 +71,33 @@ def _data(gen):
     return pixels, input_ids, targets, mask
 
 
-def _train(model, data, backend):
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _train(model, data, backend, log=None):
     pixels, input_ids, targets, mask = data
     hires_lmm.set_backend(backend)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     losses = []
-    for _ in range(STEPS):
+    for step in range(STEPS):
         opt.zero_grad(set_to_none=True)
-        logits = model(pixels, input_ids, mask)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        loss.backward()
+        if step == 0 and log is not None:   # record the ops of one step (forward and backward)
+            with log:
+                logits = model(pixels, input_ids, mask)
+                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                   targets.reshape(-1))
+                loss.backward()
+        else:
+            logits = model(pixels, input_ids, mask)
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            loss.backward()
         for name, p in model.named_parameters():
             assert p.grad is not None and torch.isfinite(p.grad).all(), f"{backend}: no/bad grad {name}"
         opt.step()
@@ -93,7 +112,13 @@ def test_convergence_kernels_vs_reference():
     _init(base, gen)
     data = _data(gen)
     ours, ref = copy.deepcopy(base), copy.deepcopy(base)
-    loss_k = _train(ours, data, "kernels")
+    log = _OpLog()
+    loss_k = _train(ours, data, "kernels", log)
+    # the kernels run was really on our kernels, backward included
+    for name in ("hires_lmm.rms_norm", "hires_lmm.deepstack_inject_rms_norm", "hires_lmm.layer_norm",
+                 "hires_lmm.convnext_block", "hires_lmm.dwconv_layernorm", "hires_lmm.flash_attn_func",
+                 "hires_lmm.norm_backward", "hires_lmm.dwconv_backward"):
+        assert name in log.names, (name, sorted(n for n in log.names if "hires" in n))
     loss_r = _train(ref, data, "reference")
     # it trains: the loss falls clearly over 20 steps (random targets: memorisation)
     assert loss_r[-1] < 0.8 * loss_r[0], loss_r
