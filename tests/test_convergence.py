@@ -5,10 +5,11 @@ AdamW steps on fixed random data, once on the kernels backend (our forward and b
 norm_backward, whatever attention/convnext backward is registered) and once on the reference
 backend (plain PyTorch autograd through hires_lmm.reference). CPU, fp32.
 
-Stated tolerance (measured margin in the asserts' comments): the two loss curves agree to a
-relative 1e-4 at every step, and every final parameter to an absolute 2e-4 (the largest
-parameters are O(1); the kernels and the reference differ by fp32 rounding order only, which
-AdamW's normalised steps amplify a little per step)."""
+Stated tolerance: the two loss curves agree to a relative 1e-4 at every step, and every final
+parameter to an absolute 5e-4 (parameters are O(1) and move by up to 0.06; the kernels and the
+reference differ by fp32 rounding order only, which AdamW's normalised steps amplify where a
+gradient is near 0). Measured on this CPU: loss curves within 4.3e-7 relative, parameters within
+8.0e-5 (reference-recompute attention backward) and 1.0e-4 (the flash_attn_bwd kernel)."""
 import copy
 
 import pytest
@@ -23,7 +24,7 @@ from hires_lmm.models.llama import Llama, LlamaConfig
 
 STEPS = 20
 LOSS_RTOL = 1e-4
-PARAM_ATOL = 2e-4
+PARAM_ATOL = 5e-4
 
 
 class MiniLMM(nn.Module):
@@ -128,4 +129,4 @@ def test_convergence_kernels_vs_reference():
     assert worst <= PARAM_ATOL, f"largest parameter difference {worst}"
     # and they moved: the comparison is not between two untouched copies
     moved = max((p - q).abs().max().item() for p, q in zip(ref.parameters(), base.parameters()))
-    assert moved > 100 * PARAM_ATOL, moved
+    assert moved > 20 * PARAM_ATOL, moved
