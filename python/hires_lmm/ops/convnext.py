@@ -9,7 +9,7 @@ import torch
 
 from .. import reference as _ref
 from .._backend import use_reference
-from ._register import check_fake_devices, op, register_reference_backward
+from ._register import check_fake_devices, op
 
 __all__ = ["dwconv_layernorm", "convnext_block"]
 
@@ -20,7 +20,10 @@ def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps: float = 1e-
     x (B,H,W,C) NHWC float32/float16/bfloat16, any strides (a non-unit channel stride costs a
     copy); dw_weight (C,1,7,7) as stored in checkpoints; dw_bias, ln_weight, ln_bias (C,); all of
     x's dtype. Returns (B,H,W,C) contiguous. On CUDA the conv output never reaches device memory
-    before the norm (one kernel)."""
+    before the norm (one kernel).
+    Backward (two steps): conv recomputed in fp32, LayerNorm backward by the norm_backward kernel,
+    then the dwconv_backward kernel (dx, dw_weight, dw_bias). Saved for backward: x and the
+    parameters."""
     if use_reference():
         return _ref.dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
     return op("dwconv_layernorm")(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
@@ -33,7 +36,9 @@ def convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bi
     x (B,H,W,C); dwconv/LN parameters as in dwconv_layernorm; fc1_weight (F,C) (F = 4C in
     ConvNeXt), fc1_bias (F,), fc2_weight (C,F), fc2_bias (C,), gamma (C,) layer scale or None;
     all of x's dtype. On CUDA with fp16/bf16 and C, F multiples of 8 the pointwise layers are
-    CUTLASS GEMMs with fused epilogues; otherwise fp32 GEMMs."""
+    CUTLASS GEMMs with fused epilogues; otherwise fp32 GEMMs.
+    Backward: recomputes the block as dwconv_layernorm (its backward kernels) then ATen GEMMs,
+    GELU and layer scale in fp32. Saved for backward: x and the parameters."""
     if use_reference():
         return _ref.convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias,
                                    fc2_weight, fc2_bias, gamma, eps)
@@ -52,6 +57,15 @@ def _(x, dw_weight, dw_bias, ln_weight, ln_bias, eps):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+@torch.library.register_fake("hires_lmm::dwconv_backward")
+def _(grad_y, x, dw_weight, has_bias):
+    check_fake_devices("dwconv_backward", grad_y=grad_y, x=x, dw_weight=dw_weight)
+    c = x.shape[-1]
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            torch.empty(dw_weight.shape, dtype=x.dtype, device=x.device),
+            torch.empty((c if has_bias else 0,), dtype=x.dtype, device=x.device))
+
+
 @torch.library.register_fake("hires_lmm::convnext_block")
 def _(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
       gamma, eps):
@@ -64,6 +78,77 @@ def _(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weigh
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-# ---- autograd (recompute with the reference until backward kernels exist) -------------------
-register_reference_backward("dwconv_layernorm", _ref.dwconv_layernorm)
-register_reference_backward("convnext_block", _ref.convnext_block)
+# ---- autograd --------------------------------------------------------------------------------
+# dwconv_layernorm's backward, in two steps (no fused kernel yet):
+#   1. the depthwise conv output y is recomputed in fp32 (ATen conv2d, channels-last), and the
+#      LayerNorm backward runs on it through the fused norm kernel hires_lmm::norm_backward
+#      (kernels/deepstack/norm_bwd.cuh; deterministic two-stage sums for ln_weight / ln_bias);
+#   2. the conv's backward through hires_lmm::dwconv_backward (kernels/convnext/dwconv_bwd.cuh, CPU
+#      twin csrc/cpu/dwconv_bwd.cpp): dx by the transposed depthwise conv, dw_weight / dw_bias by
+#      a deterministic two-stage fp32 reduction over chunks of image rows.
+#   Saved: x, dw_weight, dw_bias, ln_weight, ln_bias (nothing N x C beyond x).
+# convnext_block's backward recomputes the block as an autograd composition: ops.dwconv_layernorm
+# (whose backward is the above) then ATen GEMMs (fc1/fc2 weight and bias gradients), the erf-GELU
+# derivative and the layer scale, in fp32 as the reference. Saved: x and the parameters.
+
+
+def _dwln_setup(ctx, inputs, output):
+    x, dw_weight, dw_bias, ln_weight, ln_bias, eps = inputs
+    ctx.save_for_backward(x, dw_weight, dw_bias, ln_weight, ln_bias)
+    ctx.eps = eps
+
+
+def _dwln_backward(ctx, grad):
+    x, dw_weight, dw_bias, ln_weight, ln_bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    C = x.shape[-1]
+    k = dw_weight.shape[-1]
+    xf = x.float().permute(0, 3, 1, 2)                               # NCHW view of NHWC
+    wf = dw_weight.float()
+    y = torch.nn.functional.conv2d(xf, wf, None if dw_bias is None else dw_bias.float(),
+                                   padding=k // 2, groups=C).permute(0, 2, 3, 1)
+    dy, dlnw, dlnb = op("norm_backward")(grad.float(), y.contiguous(), ln_weight.float(), None,
+                                         ctx.eps, True, ln_bias is not None)
+    gx, gw, gb = op("dwconv_backward")(dy, x, dw_weight, dw_bias is not None)
+    return (gx if need[0] else None, gw if need[1] else None,
+            gb if need[2] and dw_bias is not None else None,
+            dlnw.to(ln_weight.dtype) if need[3] else None,
+            dlnb.to(ln_bias.dtype) if need[4] and ln_bias is not None else None, None)
+
+
+def _block_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:10])
+    ctx.eps = inputs[10]
+
+
+def _block_forward_composed(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias,
+                            fc2_weight, fc2_bias, gamma, eps):
+    F = torch.nn.functional
+    h = op("dwconv_layernorm")(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)  # x's dtype, as the kernel
+    h = F.linear(h.float(), fc1_weight.float(), None if fc1_bias is None else fc1_bias.float())
+    h = F.gelu(h)
+    h = F.linear(h, fc2_weight.float(), None if fc2_bias is None else fc2_bias.float())
+    if gamma is not None:
+        h = gamma.float() * h
+    return x.float() + h
+
+
+def _block_backward(ctx, grad):
+    saved = list(ctx.saved_tensors)
+    need = ctx.needs_input_grad
+    diff = [i for i, t in enumerate(saved) if t is not None and need[i]]
+    with torch.enable_grad():
+        for i in diff:
+            saved[i] = saved[i].detach().requires_grad_(True)
+        out = _block_forward_composed(*saved, ctx.eps)
+        got = torch.autograd.grad(out, [saved[i] for i in diff], grad.float(), allow_unused=True)
+    result = [None] * 11
+    for i, g in zip(diff, got):
+        result[i] = torch.zeros_like(saved[i]) if g is None else g.to(saved[i].dtype)
+    return tuple(result)
+
+
+torch.library.register_autograd("hires_lmm::dwconv_layernorm", _dwln_backward,
+                                setup_context=_dwln_setup)
+torch.library.register_autograd("hires_lmm::convnext_block", _block_backward,
+                                setup_context=_block_setup)
