@@ -136,6 +136,26 @@ def cases(device: str, quick: bool) -> list:
                                                max_err=_max_err(ours90, lambda x=x, p32=p32: ref.convnext_block(
                                                    x.float(), *_block_args(p32), 1e-6))))
 
+            # -- forward + backward (fine-tuning the tower): ours (dwconv+LN backward kernels, ATen
+            #    GEMM gradients) against transformers' ConvNextLayer in eager autograd
+            xg = x.detach().clone().requires_grad_(True)
+            pg = {k: v.detach().clone().requires_grad_(True) for k, v in p.items()}
+            dy = torch.randn(x.shape, generator=g).to(device=device, dtype=dtype)
+            layer_t = _hf_layer(C, p).train()
+            xh = x_nchw.detach().clone().requires_grad_(True)   # channels_last, as x's memory
+            dyh = dy.permute(0, 3, 1, 2)
+
+            def ours_fb(xg=xg, pg=pg, dy=dy):
+                ops.convnext_block(xg, *_block_args(pg), 1e-6).backward(dy)
+
+            def hf_fb(layer_t=layer_t, xh=xh, dyh=dyh):
+                layer_t(xh).backward(dyh)
+
+            out.append(Case(
+                op="convnext_block[fwd+bwd]", case=tag, dtype=dtype, ours=ours_fb,
+                references={"hf_eager": hf_fb},
+                bytes=None, flops=3 * (2.0 * 2 * M * C * 4 * C + 2.0 * 49 * M * C)))
+
             # -- dwconv + LayerNorm alone
             ours_dw = functools.partial(ops.dwconv_layernorm, x, p["dw_weight"], p["dw_bias"],
                                         p["ln_weight"], p["ln_bias"], 1e-6)
