@@ -19,6 +19,9 @@ std::string launch(const FlashParams& p, cudaStream_t stream) {
   if (splits > 1 && (p.cu_seqlens_q != nullptr || p.o_accum == nullptr || p.lse_accum == nullptr))
     return "split-KV needs a dense launch and both workspaces";
   if (m_blocks * splits > 0x7fffffff) return "seqlen_q too large for one launch";
+  // the kernel's loop holds key indices in 32 bits (seqlen_k bounds every sequence's keys)
+  if (p.seqlen_q > 0x7fffffff - 2 * Tile::kBlockM || p.seqlen_k > 0x7fffffff - 2 * Tile::kBlockN)
+    return "seqlen_q / seqlen_k of 2^31 - 128 or more";
   if (p.heads_q > kMaxGridYZ) return "more than 65535 query heads";
   if (p.batch > kMaxGridYZ) return "batch larger than 65535";
   const size_t smem = size_t(Tile::kSmemElems) * sizeof(T);

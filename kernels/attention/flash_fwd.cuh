@@ -230,11 +230,22 @@ flash_fwd_kernel(const FlashParams p) {
   const bool capped = p.softcap != 0.f;
   const float cap_in = capped ? p.scale / p.softcap : 0.f;
   const float scale_log2 = capped ? p.softcap * kLog2e : p.scale * kLog2e;
-  const int64_t row_g = m0 + warp * Tile::kWarpRows + g;  // global row of c0/c1 (c2/c3: +8)
+  // Visible keys [row_lo, row_hi] of this thread's rows g and g+8, computed once: the per-block
+  // mask only subtracts n0 in 32 bits (re-deriving them in 64 bits per block kept D = 128 at the
+  // 255-register cap, one feature away from spilling). Addresses stay 64-bit: a 32-bit n0 in the
+  // prefetch address math made ptxas hoist more and spill (measured, cuda_check.py -v).
+  int row_lo[2], row_hi[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const FlashKeyRange kr = flash_key_range(p, m0 + warp * Tile::kWarpRows + g + half * 8, Sq, Sk);
+    row_lo[half] = int(kr.lo);
+    row_hi[half] = int(kr.hi);
+  }
 
   for (int nb = nb_begin; nb < nb_end; ++nb) {
     const int stage = (nb - nb_begin) & 1;
     const int64_t n0 = int64_t(nb) * BN;
+    const int n0i = nb * BN;  // 32-bit copy for the mask (launcher: Sk < 2^31 - 2 kBlockN)
     // 3. Prefetch block nb+1 into the other buffer (free: the barrier closing iteration nb-1).
     if (nb + 1 < nb_end) {
       const int64_t n1 = n0 + BN;
@@ -286,12 +297,8 @@ flash_fwd_kernel(const FlashParams p) {
     const bool need_mask = lo_max > n0 || hi_min < n0 + BN - 1;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int64_t row = row_g + half * 8;
-      // visible keys of this row relative to n0: [first_key, last_key], clamped to [0, BN] and
-      // [-1, BN] (32-bit compares below)
-      const FlashKeyRange kr = flash_key_range(p, row, Sq, Sk);
-      const int first_key = int(max(int64_t(0), min(int64_t(BN), kr.lo - n0)));
-      const int last_key = int(max(int64_t(-1), min(int64_t(BN), kr.hi - n0)));
+      const int first_key = max(0, min(BN, row_lo[half] - n0i));
+      const int last_key = max(-1, min(BN, row_hi[half] - n0i));
       float mx = m_run[half];
 #pragma unroll
       for (int nt = 0; nt < Tile::kNTiles; ++nt) {
