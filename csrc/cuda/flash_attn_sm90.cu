@@ -4,6 +4,7 @@
 #include <cudaTypedefs.h>
 
 #include "csrc/cuda/flash_attn.h"
+#include "csrc/cuda/func_attr.h"
 #include "kernels/attention/flash_fwd_sm90.cuh"
 
 namespace hires::attention {
@@ -60,8 +61,9 @@ std::string launch(const FlashParams& p, CUtensorMapDataType dt, cudaStream_t st
                    p.v_batch_stride, Tile::kBlockN);
   if (!err.empty()) return err;
   auto kernel = sm90::flash_fwd_sm90_kernel<T, D>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
-  if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
+  err = cuda_util::ensure_dynamic_smem<sm90::flash_fwd_sm90_kernel<T, D>>(Tile::kSmemBytes);
+  if (!err.empty()) return err;
+  cudaError_t e;
   const dim3 grid(unsigned(m_blocks), unsigned(p.heads_q), unsigned(p.batch));
   kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(tq, tk, tv, p);
   e = cudaGetLastError();
