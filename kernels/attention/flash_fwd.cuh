@@ -30,7 +30,8 @@
 //   n (cp.async.wait_group 1, or 0 for the last), barrier, S = Q K^T, mask, softmax, O += P V,
 //   barrier (every warp is done with buffer n%2 before block n+2 overwrites it).
 // Split-KV (dense, FlashParams::num_splits > 1, for decode: few Q blocks, long KV): blockIdx.x
-//   = m block * num_splits + split; a block walks only its split's K blocks and writes fp32
+//   = m block * num_splits + split; a block walks only its split's piece of the tile's visible K
+//   blocks (flash_split_range) and writes fp32
 //   partials (o_s = acc / l, lse_s = m + log2 l); flash_combine_kernel merges them.
 // Limits: T in {__half, __nv_bfloat16}; D in {64, 128} (template); all strides except the last
 //   a multiple of 8 elements and pointers 16-byte aligned (the binding copies otherwise);
@@ -203,11 +204,12 @@ flash_fwd_kernel(const FlashParams p) {
   const FlashKeyRange kr_last = flash_key_range(p, m0 + rows_q - 1, Sq, Sk);
   const int64_t nb_lo = kr_first.lo / BN;
   const int64_t nb_hi = kr_last.hi >= kr_first.lo ? kr_last.hi / BN + 1 : nb_lo;
-  // This split's K blocks [nb_begin, nb_end) (all visible blocks when splits == 1), sized from
-  // this batch element's own keys (seqused_k), so a sequence's result never depends on its batch.
-  const int64_t split_blocks = ((Sk + BN - 1) / BN + splits - 1) / splits;
-  const int nb_begin = int(splits > 1 ? max(nb_lo, split * split_blocks) : nb_lo);
-  const int nb_end = int(splits > 1 ? min(nb_hi, (split + 1) * split_blocks) : nb_hi);
+  // This split's K blocks [nb_begin, nb_end) (all visible blocks when splits == 1): a piece of
+  // this tile's own visible range, from this batch element's keys (seqused_k), so a sequence's
+  // result never depends on its batch and no split walks only skipped blocks.
+  const FlashSplitRange<int> sr = flash_split_range<int>(int(nb_lo), int(nb_hi), split, splits);
+  const int nb_begin = splits > 1 ? sr.begin : int(nb_lo);
+  const int nb_end = splits > 1 ? sr.end : int(nb_hi);
   // Columns of some block need the mask when a row's range starts after n0 or ends before n0+BN-1.
   const int64_t lo_max = kr_last.lo, hi_min = kr_first.hi;
 
