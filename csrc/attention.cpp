@@ -278,9 +278,15 @@ void run_kernel(const char* op, FlashParams& prm, const at::Tensor& q) {
   // The sm_90a kernel is opt-in until a GPU session has validated it (see flash_fwd_sm90.cuh).
   const char* sm90 = std::getenv("HIRES_LMM_ATTN_SM90");
   if (sm90 != nullptr && std::string(sm90) == "1" && flash_fwd_sm90_usable(prm, q.get_device())) {
-    const std::string err90 = launch_flash_fwd_sm90(prm, to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err90.empty(), op, ": CUDA launch (sm_90a) failed: ", err90);
-    return;
+    bool launched = false;
+    const std::string err90 =
+        launch_flash_fwd_sm90(prm, to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), &launched);
+    if (launched) {
+      TORCH_CHECK(err90.empty(), op, ": CUDA launch (sm_90a) failed: ", err90);
+      return;
+    }
+    // nothing was enqueued (e.g. cuTensorMapEncodeTiled refused these strides): the sm_80 kernel
+    TORCH_WARN_ONCE(op, ": the sm_90a kernel could not launch (", err90, "); using the sm_80 kernel");
   }
 #endif
   const std::string err = launch_flash_fwd(prm, to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream());

@@ -57,7 +57,18 @@ struct FlashFwdSm90Tile {
   static_assert(kHeadDim % kPanel == 0, "D is a whole number of 128-byte panels");
   static_assert(kQPanelBytes % 1024 == 0 && kKVPanelBytes % 1024 == 0,
                 "128B-swizzle atoms (8 rows x 128 B) must stay 1024-byte aligned");
-  static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumers <= 65536, "register file");
+  // Registers per thread at launch: __launch_bounds__(kThreads, 1) caps ptxas at the register
+  // file over kThreads rounded down to the allocation granule of 8 (384 threads: 170 -> 168;
+  // cuda_check.py -v shows "Used 168 registers" for every instantiation). The block owns
+  // kThreads x kLaunchRegs registers (384 x 168 = 64512, not 65536) and setmaxnreg only moves
+  // them between its warpgroups: a split that asks for more makes setmaxnreg.inc wait forever.
+  static constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
+  static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumers <= kThreads * kLaunchRegs,
+                "setmaxnreg budget: the warpgroups' registers must fit what the block gets at launch");
+  static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0 && kProducerRegs >= 24 &&
+                    kConsumerRegs <= 256, "setmaxnreg takes multiples of 8 in [24, 256]");
+  static_assert(kProducerRegs <= kLaunchRegs && kConsumerRegs >= kLaunchRegs,
+                "the producer gives registers away (dec), the consumers take them (inc)");
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "wgmma N and TMA box limits");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_90");
 };
