@@ -67,6 +67,10 @@ struct FlashFwdTile {
   static constexpr int kQElems = kBlockM * kHeadDim;
   static constexpr int kKVElems = kBlockN * kHeadDim;
   static constexpr int kSmemElems = kQElems + 2 * kStages * kKVElems;
+  // Blocks per SM the register cap aims at (__launch_bounds__): D = 64 fits 3 (<= 170 registers;
+  // left free, ptxas took 223 on sm_90a once the epilogue staged o in shared memory); D = 128
+  // needs ~240 registers, 2 blocks.
+  static constexpr int kMinBlocks = kHeadDim <= 64 ? 3 : 2;
   static_assert(kBlockM % kWarpRows == 0, "warps split the Q block in 16-row tiles");
   static_assert(kHeadDim % (kChunk * kSwizzleRows) == 0,
                 "the XOR swizzle permutes 8 chunks inside each 128-byte segment of a row");
@@ -157,7 +161,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_st
 }
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(FlashFwdTile<kHeadDim>::kThreads)
+__global__ void __launch_bounds__(FlashFwdTile<kHeadDim>::kThreads, FlashFwdTile<kHeadDim>::kMinBlocks)
 flash_fwd_kernel(const FlashParams p) {
   using Tile = FlashFwdTile<kHeadDim>;
   constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN;
@@ -360,9 +364,12 @@ flash_fwd_kernel(const FlashParams p) {
     __syncthreads();  // all warps are done with buffer `stage` before block nb+2 is copied into it
   }
   cp_async_wait<0>();  // no K block: the Q copy is still in flight; drain before exit
+  __syncthreads();     // every thread's Q copy has landed: warps may overwrite their Q rows
 
   // 7. Epilogue: complete the row sums across the quad, o = acc / l; l == 0: 0 for rows with no
-  //    key, NaN for rows whose visible scores were all -inf (flash_finish_row).
+  //    key, NaN for rows whose visible scores were all -inf (flash_finish_row). o is staged in
+  //    the warp's own 16 rows of sQ (same swizzle: the quad-scattered 4-byte writes hit 32
+  //    distinct banks) and leaves as 16-byte stores of whole row chunks (STG.E.128).
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float l = l_run[half];
@@ -388,14 +395,26 @@ flash_fwd_kernel(const FlashParams p) {
       const int64_t r = (p.cu_seqlens_q != nullptr ? int64_t(p.cu_seqlens_q[b]) : 0) + m0 + rloc;
       p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + r * p.lse_row_stride] = f.lse;
     }
-    T* orow = gO + rloc * p.o_row_stride;
 #pragma unroll
     for (int dt = 0; dt < Tile::kDTiles; ++dt) {
-      // 4-byte store of columns 2t, 2t+1 (o strides are even: the address is 4-byte aligned)
+      // columns 2t, 2t+1 of chunk dt of row rloc (only this warp reads or writes its Q rows)
       const float o0 = l > 0.f ? acc[dt][half * 2] * f.inv : f.inv;
       const float o1 = l > 0.f ? acc[dt][half * 2 + 1] * f.inv : f.inv;
-      *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t) = pack2<T>(o0, o1);
+      *reinterpret_cast<uint32_t*>(sQ + swz<Tile>(int(rloc), dt * 8) + 2 * t) = pack2<T>(o0, o1);
     }
+  }
+  if (splits > 1) return;  // block-uniform
+  __syncwarp();
+  // 16 rows x kChunksPerRow chunks of 16 B per warp; o strides are multiples of 8 elements and o
+  // is 16-byte aligned (the binding copies otherwise), so every chunk is an aligned 16-byte store
+#pragma unroll
+  for (int i = 0; i < Tile::kWarpRows * Tile::kChunksPerRow / 32; ++i) {
+    const int c = lane + i * 32;
+    const int rloc = warp * Tile::kWarpRows + c / Tile::kChunksPerRow;
+    const int col = (c % Tile::kChunksPerRow) * Tile::kChunk;
+    if (m0 + rloc < Sq)
+      *reinterpret_cast<uint4*>(gO + rloc * p.o_row_stride + col) =
+          *reinterpret_cast<const uint4*>(sQ + swz<Tile>(rloc, col));
   }
 }
 
