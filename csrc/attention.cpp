@@ -278,9 +278,15 @@ void run_kernel(const char* op, FlashParams& prm, const at::Tensor& q) {
   // The sm_90a kernel is opt-in until a GPU session has validated it (see flash_fwd_sm90.cuh).
   const char* sm90 = std::getenv("HIRES_LMM_ATTN_SM90");
   if (sm90 != nullptr && std::string(sm90) == "1" && flash_fwd_sm90_usable(prm, q.get_device())) {
-    const std::string err90 = launch_flash_fwd_sm90(prm, to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream());
-    TORCH_CHECK(err90.empty(), op, ": CUDA launch (sm_90a) failed: ", err90);
-    return;
+    bool launched = false;
+    const std::string err90 =
+        launch_flash_fwd_sm90(prm, to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream(), &launched);
+    if (launched) {
+      TORCH_CHECK(err90.empty(), op, ": CUDA launch (sm_90a) failed: ", err90);
+      return;
+    }
+    // nothing was enqueued (e.g. cuTensorMapEncodeTiled refused these strides): the sm_80 kernel
+    TORCH_WARN_ONCE(op, ": the sm_90a kernel could not launch (", err90, "); using the sm_80 kernel");
   }
 #endif
   const std::string err = launch_flash_fwd(prm, to_dtype(q.scalar_type()), c10::cuda::getCurrentCUDAStream());
@@ -353,7 +359,9 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_func(const at::Tensor& q_in, const
   // Split-KV when the (Q block, head, batch) items do not fill the machine (decode).
   const int64_t m_blocks = (prm.seqlen_q + FlashTileShape::kBlockM - 1) / FlashTileShape::kBlockM;
   const int64_t k_blocks = (prm.seqlen_k + FlashTileShape::kBlockN - 1) / FlashTileShape::kBlockN;
-  prm.num_splits = choose_num_splits(m_blocks * prm.heads_q * prm.batch, k_blocks, compute_units(q));
+  const int64_t work = m_blocks * prm.heads_q * prm.batch, units = compute_units(q);
+  if (work * 2 <= units)  // splitting possible: size it from the widest tile's visible K blocks
+    prm.num_splits = choose_num_splits(work, m_blocks, flash_max_tile_k_blocks(prm, prm.seqlen_q, prm.seqlen_k, m_blocks), units);
   if (const char* force = std::getenv("HIRES_LMM_ATTN_SPLITS")) {  // testing: force a split count
     prm.num_splits = int(std::max<int64_t>(1, std::min<int64_t>(std::atoll(force), std::max<int64_t>(k_blocks, 1))));
   }
@@ -643,7 +651,11 @@ at::Tensor flash_attn_with_kvcache(const at::Tensor& q_in, at::Tensor& k_cache, 
   // Split count from one sequence's work items, not the batch's: with per-sequence split ranges
   // (seqused_k) a sequence's result then never depends on what it is batched with (batching is
   // exact), at the cost of over-splitting large batches.
-  prm.num_splits = choose_num_splits(m_blocks * prm.heads_q, k_blocks, compute_units(q));
+  // (the widest tile at the cache capacity: batch-independent too)
+  const int64_t units = compute_units(q);
+  if (m_blocks * prm.heads_q * 2 <= units)
+    prm.num_splits = choose_num_splits(m_blocks * prm.heads_q, m_blocks,
+                                       flash_max_tile_k_blocks(prm, prm.seqlen_q, s_cache, m_blocks), units);
   if (const char* force = std::getenv("HIRES_LMM_ATTN_SPLITS")) {  // testing: force a split count
     prm.num_splits = int(std::max<int64_t>(1, std::min<int64_t>(std::atoll(force), std::max<int64_t>(k_blocks, 1))));
   }

@@ -153,7 +153,6 @@ void run(const FlashParams& p) {
         ob += b * p.o_batch_stride;
       }
       if (p.seqused_k != nullptr) Sk = p.seqused_k[b];  // KV cache: this batch's valid keys
-      const int64_t split_blocks = ((Sk + BN - 1) / BN + splits - 1) / splits;  // K blocks per split
       const int64_t row0 = mb * BM;
       if (row0 >= Sq) continue;
       const int64_t rows = std::min(BM, Sq - row0);
@@ -174,9 +173,10 @@ void run(const FlashParams& p) {
 
       // this split's K blocks (all visible ones without split-KV)
       int64_t nb_begin = n_lo / BN, nb_end = n_hi >= n_lo ? n_hi / BN + 1 : nb_begin;
-      if (splits > 1) {
-        nb_begin = std::max(nb_begin, split * split_blocks);
-        nb_end = std::min(nb_end, (split + 1) * split_blocks);
+      if (splits > 1) {  // this split's piece of the tile's visible blocks (the kernel's rule)
+        const FlashSplitRange<int64_t> sr = flash_split_range<int64_t>(nb_begin, nb_end, split, splits);
+        nb_begin = sr.begin;
+        nb_end = sr.end;
       }
       for (int64_t n0 = nb_begin * BN; n0 < nb_end * BN; n0 += BN) {
         const int64_t cols = std::min(BN, Sk - n0);

@@ -3,6 +3,7 @@
 // Instantiations: {__half, __nv_bfloat16} x {64, 128}; causal and split-KV are runtime flags.
 // Split-KV launches the combine kernel after the main one (same stream, no sync).
 #include "csrc/cuda/flash_attn.h"
+#include "csrc/cuda/func_attr.h"
 #include "kernels/attention/flash_fwd.cuh"
 
 namespace hires::attention {
@@ -19,13 +20,18 @@ std::string launch(const FlashParams& p, cudaStream_t stream) {
   if (splits > 1 && (p.cu_seqlens_q != nullptr || p.o_accum == nullptr || p.lse_accum == nullptr))
     return "split-KV needs a dense launch and both workspaces";
   if (m_blocks * splits > 0x7fffffff) return "seqlen_q too large for one launch";
+  // the kernel's loop holds key indices in 32 bits (seqlen_k bounds every sequence's keys)
+  if (p.seqlen_q > 0x7fffffff - 2 * Tile::kBlockM || p.seqlen_k > 0x7fffffff - 2 * Tile::kBlockN)
+    return "seqlen_q / seqlen_k of 2^31 - 128 or more";
   if (p.heads_q > kMaxGridYZ) return "more than 65535 query heads";
   if (p.batch > kMaxGridYZ) return "batch larger than 65535";
   const size_t smem = size_t(Tile::kSmemElems) * sizeof(T);
   auto kernel = flash_fwd_kernel<T, D>;
-  // Above 48 KiB dynamic shared memory needs the opt-in (fails cleanly where the device lacks it).
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (err != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(err);
+  // Above 48 KiB dynamic shared memory needs the opt-in (set once per device; fails cleanly where
+  // the device lacks it).
+  std::string attr = cuda_util::ensure_dynamic_smem<flash_fwd_kernel<T, D>>(int(smem));
+  if (!attr.empty()) return attr;
+  cudaError_t err;
   FlashParams prm = p;
   prm.num_splits = splits;
   const dim3 grid(unsigned(m_blocks * splits), unsigned(p.heads_q), unsigned(p.batch));

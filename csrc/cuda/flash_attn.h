@@ -23,8 +23,10 @@ std::string launch_flash_fwd(const FlashParams& p, DType t, cudaStream_t stream)
 // sm_90a path (csrc/cuda/flash_attn_sm90.cu, built only when 9.0a is among the arches; the
 // binding calls it only under HIRES_LMM_WITH_SM90 and HIRES_LMM_ATTN_SM90=1): dense, no split,
 // fp16/bf16, D in {64, 128}, no sliding window, no softcap, on a compute capability 9.0 device;
-// writes p.lse when it is set.
+// writes p.lse when it is set. *launched tells whether the kernel was enqueued: false with an
+// error (e.g. cuTensorMapEncodeTiled refused a tensor map) means nothing ran and the caller falls
+// back to launch_flash_fwd.
 bool flash_fwd_sm90_usable(const FlashParams& p, int device);
-std::string launch_flash_fwd_sm90(const FlashParams& p, DType t, cudaStream_t stream);
+std::string launch_flash_fwd_sm90(const FlashParams& p, DType t, cudaStream_t stream, bool* launched);
 
 }  // namespace hires::attention

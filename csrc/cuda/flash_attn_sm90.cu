@@ -4,6 +4,7 @@
 #include <cudaTypedefs.h>
 
 #include "csrc/cuda/flash_attn.h"
+#include "csrc/cuda/func_attr.h"
 #include "kernels/attention/flash_fwd_sm90.cuh"
 
 namespace hires::attention {
@@ -44,7 +45,7 @@ std::string make_map(CUtensorMap* map, CUtensorMapDataType dt, const void* ptr, 
 }
 
 template <typename T, int D>
-std::string launch(const FlashParams& p, CUtensorMapDataType dt, cudaStream_t stream) {
+std::string launch(const FlashParams& p, CUtensorMapDataType dt, cudaStream_t stream, bool* launched) {
   using Tile = sm90::FlashFwdSm90Tile<D>;
   const int64_t m_blocks = (p.seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM;
   if (m_blocks == 0 || p.batch == 0 || p.heads_q == 0) return std::string();
@@ -60,19 +61,21 @@ std::string launch(const FlashParams& p, CUtensorMapDataType dt, cudaStream_t st
                    p.v_batch_stride, Tile::kBlockN);
   if (!err.empty()) return err;
   auto kernel = sm90::flash_fwd_sm90_kernel<T, D>;
-  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
-  if (e != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(e);
+  err = cuda_util::ensure_dynamic_smem<sm90::flash_fwd_sm90_kernel<T, D>>(Tile::kSmemBytes);
+  if (!err.empty()) return err;
+  cudaError_t e;
   const dim3 grid(unsigned(m_blocks), unsigned(p.heads_q), unsigned(p.batch));
   kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(tq, tk, tv, p);
+  *launched = true;
   e = cudaGetLastError();
   return e == cudaSuccess ? std::string() : std::string(cudaGetErrorString(e));
 }
 
 template <typename T>
-std::string pick_dim(const FlashParams& p, CUtensorMapDataType dt, cudaStream_t stream) {
+std::string pick_dim(const FlashParams& p, CUtensorMapDataType dt, cudaStream_t stream, bool* launched) {
   switch (p.head_dim) {
-    case 64: return launch<T, 64>(p, dt, stream);
-    case 128: return launch<T, 128>(p, dt, stream);
+    case 64: return launch<T, 64>(p, dt, stream, launched);
+    case 128: return launch<T, 128>(p, dt, stream, launched);
     default: return "head_dim " + std::to_string(p.head_dim) + " has no sm_90a kernel (64, 128)";
   }
 }
@@ -93,10 +96,11 @@ bool flash_fwd_sm90_usable(const FlashParams& p, int device) {
          (p.head_dim == 64 || p.head_dim == 128) && p.seqlen_q > 0 && p.seqlen_k > 0;
 }
 
-std::string launch_flash_fwd_sm90(const FlashParams& p, DType t, cudaStream_t stream) {
+std::string launch_flash_fwd_sm90(const FlashParams& p, DType t, cudaStream_t stream, bool* launched) {
+  *launched = false;
   switch (t) {
-    case DType::kF16: return pick_dim<__half>(p, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, stream);
-    case DType::kBF16: return pick_dim<__nv_bfloat16>(p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, stream);
+    case DType::kF16: return pick_dim<__half>(p, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, stream, launched);
+    case DType::kBF16: return pick_dim<__nv_bfloat16>(p, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, stream, launched);
     case DType::kF32: return "float32 has no sm_90a kernel";
   }
   return "unknown dtype";

@@ -3,6 +3,7 @@
 // place that does). Instantiations: 3 dtypes x {16-byte packs, scalars} per kernel.
 #include <algorithm>
 
+#include "csrc/cuda/func_attr.h"
 #include "csrc/cuda/similarity_select.h"
 #include "kernels/select/similarity_select.cuh"
 
@@ -57,11 +58,11 @@ std::string launch_score(const SimilaritySelectParams& p, cudaStream_t stream) {
   }
   // Always set (not only above 48 KiB): the default limit is 48 KiB for dynamic + static
   // (SelectScratch) together, so e.g. N in (2048, 4096] with D <= 8192 (exactly 48 KiB dynamic)
-  // would fail to launch without it.
+  // would fail to launch without it. Set once per (kernel, device) and raised only when a larger
+  // selection comes (the attribute is an upper bound).
   {
-    const cudaError_t e = cudaFuncSetAttribute(score_select_kernel<TL, VEC>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-    if (e != cudaSuccess) return std::string(cudaGetErrorString(e));
+    const std::string e = cuda_util::ensure_dynamic_smem<score_select_kernel<TL, VEC>>(int(smem));
+    if (!e.empty()) return e;
   }
   const dim3 grid(unsigned(ceil_div(p.n, SelectTile::kScoreWarps)), unsigned(p.batch));
   score_select_kernel<TL, VEC><<<grid, SelectTile::kScoreThreads, size_t(smem), stream>>>(p);

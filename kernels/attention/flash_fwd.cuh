@@ -30,7 +30,8 @@
 //   n (cp.async.wait_group 1, or 0 for the last), barrier, S = Q K^T, mask, softmax, O += P V,
 //   barrier (every warp is done with buffer n%2 before block n+2 overwrites it).
 // Split-KV (dense, FlashParams::num_splits > 1, for decode: few Q blocks, long KV): blockIdx.x
-//   = m block * num_splits + split; a block walks only its split's K blocks and writes fp32
+//   = m block * num_splits + split; a block walks only its split's piece of the tile's visible K
+//   blocks (flash_split_range) and writes fp32
 //   partials (o_s = acc / l, lse_s = m + log2 l); flash_combine_kernel merges them.
 // Limits: T in {__half, __nv_bfloat16}; D in {64, 128} (template); all strides except the last
 //   a multiple of 8 elements and pointers 16-byte aligned (the binding copies otherwise);
@@ -66,6 +67,10 @@ struct FlashFwdTile {
   static constexpr int kQElems = kBlockM * kHeadDim;
   static constexpr int kKVElems = kBlockN * kHeadDim;
   static constexpr int kSmemElems = kQElems + 2 * kStages * kKVElems;
+  // Blocks per SM the register cap aims at (__launch_bounds__): D = 64 fits 3 (<= 170 registers;
+  // left free, ptxas took 223 on sm_90a once the epilogue staged o in shared memory); D = 128
+  // needs ~240 registers, 2 blocks.
+  static constexpr int kMinBlocks = kHeadDim <= 64 ? 3 : 2;
   static_assert(kBlockM % kWarpRows == 0, "warps split the Q block in 16-row tiles");
   static_assert(kHeadDim % (kChunk * kSwizzleRows) == 0,
                 "the XOR swizzle permutes 8 chunks inside each 128-byte segment of a row");
@@ -156,7 +161,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_st
 }
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(FlashFwdTile<kHeadDim>::kThreads)
+__global__ void __launch_bounds__(FlashFwdTile<kHeadDim>::kThreads, FlashFwdTile<kHeadDim>::kMinBlocks)
 flash_fwd_kernel(const FlashParams p) {
   using Tile = FlashFwdTile<kHeadDim>;
   constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN;
@@ -203,11 +208,12 @@ flash_fwd_kernel(const FlashParams p) {
   const FlashKeyRange kr_last = flash_key_range(p, m0 + rows_q - 1, Sq, Sk);
   const int64_t nb_lo = kr_first.lo / BN;
   const int64_t nb_hi = kr_last.hi >= kr_first.lo ? kr_last.hi / BN + 1 : nb_lo;
-  // This split's K blocks [nb_begin, nb_end) (all visible blocks when splits == 1), sized from
-  // this batch element's own keys (seqused_k), so a sequence's result never depends on its batch.
-  const int64_t split_blocks = ((Sk + BN - 1) / BN + splits - 1) / splits;
-  const int nb_begin = int(splits > 1 ? max(nb_lo, split * split_blocks) : nb_lo);
-  const int nb_end = int(splits > 1 ? min(nb_hi, (split + 1) * split_blocks) : nb_hi);
+  // This split's K blocks [nb_begin, nb_end) (all visible blocks when splits == 1): a piece of
+  // this tile's own visible range, from this batch element's keys (seqused_k), so a sequence's
+  // result never depends on its batch and no split walks only skipped blocks.
+  const FlashSplitRange<int> sr = flash_split_range<int>(int(nb_lo), int(nb_hi), split, splits);
+  const int nb_begin = splits > 1 ? sr.begin : int(nb_lo);
+  const int nb_end = splits > 1 ? sr.end : int(nb_hi);
   // Columns of some block need the mask when a row's range starts after n0 or ends before n0+BN-1.
   const int64_t lo_max = kr_last.lo, hi_min = kr_first.hi;
 
@@ -230,11 +236,22 @@ flash_fwd_kernel(const FlashParams p) {
   const bool capped = p.softcap != 0.f;
   const float cap_in = capped ? p.scale / p.softcap : 0.f;
   const float scale_log2 = capped ? p.softcap * kLog2e : p.scale * kLog2e;
-  const int64_t row_g = m0 + warp * Tile::kWarpRows + g;  // global row of c0/c1 (c2/c3: +8)
+  // Visible keys [row_lo, row_hi] of this thread's rows g and g+8, computed once: the per-block
+  // mask only subtracts n0 in 32 bits (re-deriving them in 64 bits per block kept D = 128 at the
+  // 255-register cap, one feature away from spilling). Addresses stay 64-bit: a 32-bit n0 in the
+  // prefetch address math made ptxas hoist more and spill (measured, cuda_check.py -v).
+  int row_lo[2], row_hi[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const FlashKeyRange kr = flash_key_range(p, m0 + warp * Tile::kWarpRows + g + half * 8, Sq, Sk);
+    row_lo[half] = int(kr.lo);
+    row_hi[half] = int(kr.hi);
+  }
 
   for (int nb = nb_begin; nb < nb_end; ++nb) {
     const int stage = (nb - nb_begin) & 1;
     const int64_t n0 = int64_t(nb) * BN;
+    const int n0i = nb * BN;  // 32-bit copy for the mask (launcher: Sk < 2^31 - 2 kBlockN)
     // 3. Prefetch block nb+1 into the other buffer (free: the barrier closing iteration nb-1).
     if (nb + 1 < nb_end) {
       const int64_t n1 = n0 + BN;
@@ -286,12 +303,8 @@ flash_fwd_kernel(const FlashParams p) {
     const bool need_mask = lo_max > n0 || hi_min < n0 + BN - 1;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int64_t row = row_g + half * 8;
-      // visible keys of this row relative to n0: [first_key, last_key], clamped to [0, BN] and
-      // [-1, BN] (32-bit compares below)
-      const FlashKeyRange kr = flash_key_range(p, row, Sq, Sk);
-      const int first_key = int(max(int64_t(0), min(int64_t(BN), kr.lo - n0)));
-      const int last_key = int(max(int64_t(-1), min(int64_t(BN), kr.hi - n0)));
+      const int first_key = max(0, min(BN, row_lo[half] - n0i));
+      const int last_key = max(-1, min(BN, row_hi[half] - n0i));
       float mx = m_run[half];
 #pragma unroll
       for (int nt = 0; nt < Tile::kNTiles; ++nt) {
@@ -351,9 +364,12 @@ flash_fwd_kernel(const FlashParams p) {
     __syncthreads();  // all warps are done with buffer `stage` before block nb+2 is copied into it
   }
   cp_async_wait<0>();  // no K block: the Q copy is still in flight; drain before exit
+  __syncthreads();     // every thread's Q copy has landed: warps may overwrite their Q rows
 
   // 7. Epilogue: complete the row sums across the quad, o = acc / l; l == 0: 0 for rows with no
-  //    key, NaN for rows whose visible scores were all -inf (flash_finish_row).
+  //    key, NaN for rows whose visible scores were all -inf (flash_finish_row). o is staged in
+  //    the warp's own 16 rows of sQ (same swizzle: the quad-scattered 4-byte writes hit 32
+  //    distinct banks) and leaves as 16-byte stores of whole row chunks (STG.E.128).
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float l = l_run[half];
@@ -379,14 +395,26 @@ flash_fwd_kernel(const FlashParams p) {
       const int64_t r = (p.cu_seqlens_q != nullptr ? int64_t(p.cu_seqlens_q[b]) : 0) + m0 + rloc;
       p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + r * p.lse_row_stride] = f.lse;
     }
-    T* orow = gO + rloc * p.o_row_stride;
 #pragma unroll
     for (int dt = 0; dt < Tile::kDTiles; ++dt) {
-      // 4-byte store of columns 2t, 2t+1 (o strides are even: the address is 4-byte aligned)
+      // columns 2t, 2t+1 of chunk dt of row rloc (only this warp reads or writes its Q rows)
       const float o0 = l > 0.f ? acc[dt][half * 2] * f.inv : f.inv;
       const float o1 = l > 0.f ? acc[dt][half * 2 + 1] * f.inv : f.inv;
-      *reinterpret_cast<uint32_t*>(orow + dt * 8 + 2 * t) = pack2<T>(o0, o1);
+      *reinterpret_cast<uint32_t*>(sQ + swz<Tile>(int(rloc), dt * 8) + 2 * t) = pack2<T>(o0, o1);
     }
+  }
+  if (splits > 1) return;  // block-uniform
+  __syncwarp();
+  // 16 rows x kChunksPerRow chunks of 16 B per warp; o strides are multiples of 8 elements and o
+  // is 16-byte aligned (the binding copies otherwise), so every chunk is an aligned 16-byte store
+#pragma unroll
+  for (int i = 0; i < Tile::kWarpRows * Tile::kChunksPerRow / 32; ++i) {
+    const int c = lane + i * 32;
+    const int rloc = warp * Tile::kWarpRows + c / Tile::kChunksPerRow;
+    const int col = (c % Tile::kChunksPerRow) * Tile::kChunk;
+    if (m0 + rloc < Sq)
+      *reinterpret_cast<uint4*>(gO + rloc * p.o_row_stride + col) =
+          *reinterpret_cast<const uint4*>(sQ + swz<Tile>(rloc, col));
   }
 }
 

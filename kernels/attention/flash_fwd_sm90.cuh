@@ -57,7 +57,18 @@ struct FlashFwdSm90Tile {
   static_assert(kHeadDim % kPanel == 0, "D is a whole number of 128-byte panels");
   static_assert(kQPanelBytes % 1024 == 0 && kKVPanelBytes % 1024 == 0,
                 "128B-swizzle atoms (8 rows x 128 B) must stay 1024-byte aligned");
-  static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumers <= 65536, "register file");
+  // Registers per thread at launch: __launch_bounds__(kThreads, 1) caps ptxas at the register
+  // file over kThreads rounded down to the allocation granule of 8 (384 threads: 170 -> 168;
+  // cuda_check.py -v shows "Used 168 registers" for every instantiation). The block owns
+  // kThreads x kLaunchRegs registers (384 x 168 = 64512, not 65536) and setmaxnreg only moves
+  // them between its warpgroups: a split that asks for more makes setmaxnreg.inc wait forever.
+  static constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
+  static_assert(kProducerRegs * 128 + kConsumerRegs * 128 * kConsumers <= kThreads * kLaunchRegs,
+                "setmaxnreg budget: the warpgroups' registers must fit what the block gets at launch");
+  static_assert(kProducerRegs % 8 == 0 && kConsumerRegs % 8 == 0 && kProducerRegs >= 24 &&
+                    kConsumerRegs <= 256, "setmaxnreg takes multiples of 8 in [24, 256]");
+  static_assert(kProducerRegs <= kLaunchRegs && kConsumerRegs >= kLaunchRegs,
+                "the producer gives registers away (dec), the consumers take them (inc)");
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "wgmma N and TMA box limits");
   static_assert(kSmemBytes <= 227 * 1024, "shared memory per block on sm_90");
 };
@@ -310,8 +321,17 @@ flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_con
   }
 
   // 5. Epilogue: o = acc / l and lse (natural log) with flash_fwd.cuh's rule (flash_finish_row:
-  //    rows that see no key get 0 and -inf), 4-byte stores straight from registers.
+  //    rows that see no key get 0 and -inf). o is staged in this consumer's own 64 Q rows of
+  //    shared memory (same 128B swizzle: chunk c of row r at c ^ (r % 8), so a quad's 4-byte
+  //    writes hit 32 distinct banks) and leaves as 16-byte stores of whole row chunks. A named
+  //    barrier of the warpgroup first: no warp overwrites Q rows a wgmma of its group may read.
   T* gO = static_cast<T*>(p.o) + int64_t(b) * p.o_batch_stride + int64_t(h) * p.o_head_stride;
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + cw) : "memory");
+  // shared address of (local row lr of this consumer, column col multiple of 8)
+  auto q_chunk = [&](int lr, int col) -> uint32_t {
+    return q_rows + (col / Tile::kPanel) * Tile::kQPanelBytes + lr * Tile::kRowBytes +
+           ((((col % Tile::kPanel) / 8) ^ (lr % 8)) * 16);
+  };
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float l = l_run[half];
@@ -323,12 +343,34 @@ flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_con
     const FlashRowFinish f = flash_finish_row(m_run[half], l, kr.lo <= kr.hi);
     if (p.lse != nullptr && t == 0)
       p.lse[int64_t(b) * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + row * p.lse_row_stride] = f.lse;
-    T* orow = gO + row * p.o_row_stride;
+    const int lr = warp * 16 + g + half * 8;
 #pragma unroll
-    for (int j = 0; j < kHeadDim / 8; ++j)
-      *reinterpret_cast<uint32_t*>(orow + 8 * j + 2 * t) =
-          pack2<T>(l > 0.f ? acc[4 * j + 2 * half] * f.inv : f.inv,
-                   l > 0.f ? acc[4 * j + 2 * half + 1] * f.inv : f.inv);
+    for (int j = 0; j < kHeadDim / 8; ++j) {
+      const uint32_t v = pack2<T>(l > 0.f ? acc[4 * j + 2 * half] * f.inv : f.inv,
+                                  l > 0.f ? acc[4 * j + 2 * half + 1] * f.inv : f.inv);
+      asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(q_chunk(lr, 8 * j) + 4 * t), "r"(v) : "memory");
+    }
+  }
+  __syncwarp();
+  // this warp's 16 rows x D/8 chunks; o strides are multiples of 8 elements and o is 16-byte
+  // aligned (the binding copies otherwise)
+#pragma unroll
+  for (int i = 0; i < 16 * (kHeadDim / 8) / 32; ++i) {
+    const int c = lane + i * 32;
+    const int lr = warp * 16 + c / (kHeadDim / 8);
+    const int col = (c % (kHeadDim / 8)) * 8;
+    const int64_t row = m0 + cw * Tile::kWgRows + lr;
+    if (row < Sq) {
+      uint4 v;
+      asm volatile("ld.shared.v4.b32 {%0,%1,%2,%3}, [%4];\n"
+                   : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                   : "r"(q_chunk(lr, col))
+                   : "memory");
+      // explicit v4 store: NVVM split the plain uint4 store into 4 x st.global.u32 here
+      asm volatile("st.global.v4.b32 [%0], {%1,%2,%3,%4};\n" ::"l"(gO + row * p.o_row_stride + col), "r"(v.x),
+                   "r"(v.y), "r"(v.z), "r"(v.w)
+                   : "memory");
+    }
   }
 }
 

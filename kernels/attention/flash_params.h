@@ -33,9 +33,10 @@ struct FlashParams {
   int64_t head_dim = 0;
   float scale = 1.f;  // softmax scale applied to q.k
   bool causal = false;  // bottom-right aligned: query i sees keys j <= i + Sk - Sq
-  // Split-KV (dense only, num_splits > 1): the K blocks of every Q block are cut into
-  // num_splits contiguous ranges of ceil(ceil(Sk / kBlockN) / num_splits) blocks (Sk: this batch
-  // element's key count, seqused_k[b] when given; trailing splits may be empty); split s writes
+  // Split-KV (dense only, num_splits > 1): the K blocks a Q block sees (its visible range
+  // [nb_lo, nb_hi), from causal / window and this batch element's key count, seqused_k[b] when
+  // given) are cut into num_splits contiguous ranges (flash_split_range; trailing ones may be
+  // empty), so no split is spent on blocks the tile skips; split s writes
   // its normalized partial output and log2-sum-exp to fp32 workspaces
   //   o_accum   (num_splits, B*Sq, Hq, D) contiguous,  lse_accum (num_splits, B*Sq, Hq),
   // and a combine pass merges them: o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M).
@@ -85,11 +86,48 @@ struct FlashTileShape {
   static constexpr int kBlockN = 64;
 };
 
-// Number of K splits for a dense launch: split only when the (Q block, head, batch) work items
-// fill less than the machine (`units`: SMs on CUDA, threads on the CPU), e.g. decoding one token
-// against a long KV cache; aim at ~2 items per unit, keep >= 2 K blocks per split, at most 64.
-inline int choose_num_splits(int64_t work_items, int64_t k_blocks, int64_t units) {
-  if (work_items <= 0 || k_blocks < 4 || work_items * 2 > units) return 1;
+// K blocks [begin, end) of split `split` (of `splits`) of a tile whose visible K blocks are
+// [nb_lo, nb_hi): contiguous pieces of ceil((nb_hi - nb_lo) / splits) blocks; begin >= end: empty.
+// Depends on the tile's own range only (never on the batch), shared by the kernel (I = int: a
+// 64-bit division there costs registers in the D = 128 kernel) and the twin (I = int64_t).
+template <typename I>
+struct FlashSplitRange {
+  I begin, end;
+};
+template <typename I>
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline FlashSplitRange<I> flash_split_range(I nb_lo, I nb_hi, I split, I splits) {
+  const I n = nb_hi > nb_lo ? nb_hi - nb_lo : 0;
+  const I per = (n + splits - 1) / splits;
+  const I begin = nb_lo + split * per;
+  const I end = begin + per < nb_hi ? begin + per : nb_hi;
+  return {begin, end};
+}
+
+// Most K blocks any of the m_blocks Q blocks of a (Sq, Sk) sequence visits under causal / window
+// (what a split cuts; only called when splitting is possible, so m_blocks is small).
+inline int64_t flash_max_tile_k_blocks(const FlashParams& p, int64_t Sq, int64_t Sk, int64_t m_blocks) {
+  constexpr int64_t BM = FlashTileShape::kBlockM, BN = FlashTileShape::kBlockN;
+  int64_t most = 0;
+  for (int64_t mb = 0; mb < m_blocks; ++mb) {
+    const int64_t r0 = mb * BM, r1 = (r0 + BM < Sq ? r0 + BM : Sq) - 1;
+    const FlashKeyRange first = flash_key_range(p, r0, Sq, Sk), last = flash_key_range(p, r1, Sq, Sk);
+    const int64_t n = last.hi >= first.lo ? last.hi / BN + 1 - first.lo / BN : 0;
+    most = n > most ? n : most;
+  }
+  return most;
+}
+
+// Number of K splits for a dense launch: split only decode-shaped work, i.e. when the (Q block,
+// head, batch) work items fill less than the machine (`units`: SMs on CUDA, threads on the CPU)
+// AND the work is KV-dominated: the widest tile visits k_blocks >= 4 x m_blocks K blocks (one
+// token against a long KV cache; not a short square prefill such as B=1, H=8, S=512, which then
+// keeps the sm_90a path). k_blocks: flash_max_tile_k_blocks (causal / window already applied).
+// Aim at ~2 items per unit, keep >= 2 K blocks per split, at most 64.
+inline int choose_num_splits(int64_t work_items, int64_t m_blocks, int64_t k_blocks, int64_t units) {
+  if (work_items <= 0 || k_blocks < 4 || k_blocks < 4 * m_blocks || work_items * 2 > units) return 1;
   int64_t splits = (2 * units + work_items - 1) / work_items;
   splits = splits < k_blocks / 2 ? splits : k_blocks / 2;
   splits = splits < 64 ? splits : 64;

@@ -53,6 +53,27 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi
   return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Stores VEC floats rounded to T (to nearest even, as from_f32) at dst (aligned to the pack) as ONE
+// global store when the pack is 16 bytes: the value is built in 32-bit words and written with an
+// explicit st.global.v4 (NVVM splits the copy of a Pack<T, 8> of 16-bit T, and even a plain uint4
+// store, into narrower STGs). Other pack sizes store element by element.
+template <typename T, int VEC>
+__device__ __forceinline__ void store_pack(T* dst, const float (&v)[VEC]) {
+  if constexpr (int(sizeof(T)) * VEC == 16) {
+    uint32_t w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (sizeof(T) == 4) w[k] = __float_as_uint(v[k]);
+      else w[k] = pack2<T>(v[2 * k], v[2 * k + 1]);
+    }
+    asm volatile("st.global.v4.b32 [%0], {%1,%2,%3,%4};\n" ::"l"(dst), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+                 : "memory");
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) dst[j] = from_f32<T>(v[j]);
+  }
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -139,12 +139,7 @@ inject_norm_kernel(const InjectNormParams p) {
 #pragma unroll
     for (int i = 0; i < MAXV; ++i) {
       const int64_t c = int64_t(i) * blockDim.x + threadIdx.x;
-      if (c < nvec) {
-        PackT o;
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) o.v[j] = from_f32<T>(x[i][j]);
-        *reinterpret_cast<PackT*>(orow + c * VEC) = o;
-      }
+      if (c < nvec) store_pack<T, VEC>(orow + c * VEC, x[i]);  // one 16-byte STG per pack
     }
   }
   if constexpr (kNorm == Norm::kNone) {
@@ -183,21 +178,20 @@ inject_norm_kernel(const InjectNormParams p) {
         const int64_t c = int64_t(i) * blockDim.x + threadIdx.x;
         if (c < nvec) {
           const PackT wv = *reinterpret_cast<const PackT*>(w + c * VEC);
-          PackT o;
+          float o[VEC];  // fp32 results, rounded to T by store_pack (one 16-byte STG per pack)
           if constexpr (kNorm == Norm::kRms) {
 #pragma unroll
-            for (int j = 0; j < VEC; ++j)
-              o.v[j] = from_f32<T>(to_f32<T>(wv.v[j]) * round_to<T>(value(x[i][j])));
+            for (int j = 0; j < VEC; ++j) o[j] = to_f32<T>(wv.v[j]) * round_to<T>(value(x[i][j]));
           } else {
             PackT bv;
             if (b != nullptr) bv = *reinterpret_cast<const PackT*>(b + c * VEC);
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
               const float bj = b != nullptr ? to_f32<T>(bv.v[j]) : 0.f;
-              o.v[j] = from_f32<T>(value(x[i][j]) * to_f32<T>(wv.v[j]) + bj);
+              o[j] = value(x[i][j]) * to_f32<T>(wv.v[j]) + bj;
             }
           }
-          *reinterpret_cast<PackT*>(orow + c * VEC) = o;
+          store_pack<T, VEC>(orow + c * VEC, o);
         }
       }
     };
