@@ -58,7 +58,7 @@ at::Tensor layer_norm_cpu_fast(const InjectNormParams& p, const at::Tensor& h2, 
   }
   if (src.numel() == 0) return at::Tensor();
   auto [y, mean, rstd] = at::native_layer_norm(src, {p.dim}, w, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt, eps);
-  if (!(at::isfinite(rstd) & (rstd > 0)).all().item<bool>()) return at::Tensor();
+  if (!rstd_ok(rstd)) return at::Tensor();
   return y;
 }
 

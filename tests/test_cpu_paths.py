@@ -2,7 +2,7 @@
 twin's own tests (tests/test_flash_attn*.py, test_deepstack.py, test_convnext_ops.py, which run
 the CPU twin of the CUDA kernels with HIRES_LMM_CPU_TWIN=1): attention and its varlen / kvcache
 forms through ATen's CPU flash kernel where it gives our semantics (the twin elsewhere: softcap,
-rows that see no key, non-finite input), LayerNorm through ATen's, dwconv_layernorm's AVX2 build.
+rows that see no key, non-finite input), LayerNorm and dwconv_layernorm through ATen's (fp32).
 Here HIRES_LMM_CPU_TWIN is unset: these calls take the default path."""
 import math
 

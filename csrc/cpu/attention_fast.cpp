@@ -6,12 +6,11 @@
 //   * every query row sees at least one key (it has no "row sees nothing -> 0" rule): Sk > 0 and,
 //     with a mask (causal / window, aligned bottom-right), Sq <= Sk, so each row's aligned key
 //     i + Sk - Sq lies inside [0, Sk) and is visible;
-//   * o and lse come out finite. With finite q, k, v they always do (every row sees a key); a
-//     non-finite input can give rules that are not ours (its P.V product multiplies masked keys'
-//     v rows by 0, and 0 * inf = NaN reaches rows that mask the key), but never a finite wrong
-//     value: a NaN/inf in q or k makes the scores it reaches NaN/inf and so the row's lse or o,
-//     one in v the o entries it multiplies. So a non-finite o or lse sends the call to the twin
-//     (one pass over the output, instead of three over the inputs).
+//   * every score is finite: q, k and the scale finite, and D max|q| max|k| |scale| < 1e37 (no
+//     fp32 overflow); it returns o = 0, lse = 0 for a row whose scores are all -inf (ours: NaN, -inf);
+//   * o and lse come out finite. With finite scores, a non-finite o comes only from v: its P.V
+//     product multiplies masked keys' v rows by 0 (0 * inf = NaN would reach rows that mask the
+//     key), so any non-finite o or lse sends the call to the twin (one pass over the output).
 // The bottom-right causal mask / window is passed as an additive mask (0 / -inf) in the input
 // dtype (ATen's own causal flag is top-left; it is used when Sq == Sk and there is no window).
 // GQA: the kernel maps query head h to kv head h / (Hq / Hkv) itself (no copy).
@@ -45,6 +44,43 @@ bool finite_contiguous(const T* x, int64_t n) {
   float s = 0.f;
   for (int j = 0; j < kLanes; ++j) s += acc[j];
   return s == 0.f;
+}
+
+// max |x| over n elements; +inf when one is NaN or inf.
+template <typename T>
+float max_abs_contiguous(const T* x, int64_t n) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  float bad = 0.f;  // x * 0: NaN for a NaN / inf x
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const float v = static_cast<float>(x[i + j]);
+      acc[j] = std::max(acc[j], std::abs(v));
+      bad += v * 0.f;
+    }
+  for (; i < n; ++i) {
+    const float v = static_cast<float>(x[i]);
+    acc[0] = std::max(acc[0], std::abs(v));
+    bad += v * 0.f;
+  }
+  float m = 0.f;
+  for (int j = 0; j < kLanes; ++j) m = std::max(m, acc[j]);
+  return bad == 0.f ? m : std::numeric_limits<float>::infinity();
+}
+
+// max |x| of a tensor (+inf when an element is NaN or inf).
+float max_abs(const at::Tensor& t) {
+  if (t.numel() == 0) return 0.f;
+  if (!t.is_contiguous()) {
+    const float m = t.abs().max().item<float>();
+    return std::isnan(m) ? std::numeric_limits<float>::infinity() : m;
+  }
+  float m = 0.f;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "max_abs", [&] {
+    m = max_abs_contiguous(t.const_data_ptr<scalar_t>(), t.numel());
+  });
+  return m;
 }
 
 }  // namespace
@@ -91,6 +127,11 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> attention_cpu_fast(
   const int64_t Sq = q.size(1), Sk = k.size(1), Hq = q.size(2), Hkv = k.size(2);
   if (q.numel() == 0 || !attention_cpu_fast_shape_ok(Sq, Sk, window_left, window_right, softcap))
     return c10::nullopt;
+  // Every score finite: q and k finite and no fp32 overflow in scale * q.k (|q.k| <= D max|q| max|k|).
+  // Otherwise (an inf / NaN in q or k, a non-finite scale) the ATen kernel's rules are not ours (it
+  // returns o = 0, lse = 0 for a row whose scores are all -inf; ours: NaN, -inf): the twin decides.
+  const double bound = double(max_abs(q)) * double(max_abs(k)) * double(q.size(3)) * std::abs(scale);
+  if (!(bound < 1e37)) return c10::nullopt;
   (void)Hq; (void)Hkv;  // GQA: the ATen kernel maps query head h to kv head h / (Hq / Hkv) itself
   const bool masked = window_left >= 0 || window_right >= 0;
   const bool plain_causal = window_left < 0 && window_right == 0 && Sq == Sk;

@@ -7,18 +7,7 @@
 #include <cstring>
 #include <vector>
 
-#include "csrc/cpu/cpu_path.h"
-
-// This file is compiled twice: as itself (namespace `base`, plus the dispatcher at the end), and
-// included by dwconv_layernorm_avx2.cpp under `#pragma GCC target("avx2,fma")` (namespace `avx2`),
-// the default CPU path on CPUs that have AVX2 and FMA (the same algorithm in 256-bit registers).
-#ifndef HIRES_DWCONV_ISA
-#define HIRES_DWCONV_ISA base
-#define HIRES_DWCONV_DISPATCHER 1
-#endif
-
 namespace hires::convnext {
-namespace HIRES_DWCONV_ISA {
 namespace {
 
 constexpr int kPix = 4;  // output pixels per register tile
@@ -159,32 +148,10 @@ void run(const DwconvLnParams& p) {
 
 }  // namespace
 
-void run_any(const DwconvLnParams& p, at::ScalarType t) {
+void dwconv_layernorm_cpu(const DwconvLnParams& p, at::ScalarType t) {
+  if (p.B * p.H * p.W * p.C == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "dwconv_layernorm_cpu",
                                   [&] { run<scalar_t>(p); });
 }
-
-}  // namespace HIRES_DWCONV_ISA
-
-#ifdef HIRES_DWCONV_DISPATCHER
-#if defined(__x86_64__) && defined(__GNUC__)
-namespace avx2 {
-void run_any(const DwconvLnParams& p, at::ScalarType t);
-}
-#endif
-
-void dwconv_layernorm_cpu(const DwconvLnParams& p, at::ScalarType t) {
-  if (p.B * p.H * p.W * p.C == 0) return;
-#if defined(__x86_64__) && defined(__GNUC__)
-  // Default path: the AVX2+FMA build; HIRES_LMM_CPU_TWIN=1 keeps the baseline build of the twin.
-  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (has_avx2 && !cpu_twin_forced()) {
-    avx2::run_any(p, t);
-    return;
-  }
-#endif
-  base::run_any(p, t);
-}
-#endif
 
 }  // namespace hires::convnext
