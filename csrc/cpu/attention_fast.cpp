@@ -6,11 +6,12 @@
 //   * every query row sees at least one key (it has no "row sees nothing -> 0" rule): Sk > 0 and,
 //     with a mask (causal / window, aligned bottom-right), Sq <= Sk, so each row's aligned key
 //     i + Sk - Sq lies inside [0, Sk) and is visible;
-//   * every score is finite: q, k and the scale finite, and D max|q| max|k| |scale| < 1e37 (no
-//     fp32 overflow); it returns o = 0, lse = 0 for a row whose scores are all -inf (ours: NaN, -inf);
-//   * o and lse come out finite. With finite scores, a non-finite o comes only from v: its P.V
-//     product multiplies masked keys' v rows by 0 (0 * inf = NaN would reach rows that mask the
-//     key), so any non-finite o or lse sends the call to the twin (one pass over the output).
+//   * every score is finite: |scale| sqrt(sum q^2 sum k^2) < 1e37 (one pass over q and k); ATen's
+//     kernel returns o = 0, lse = 0 for a row whose scores are all -inf (ours: NaN, -inf) and can
+//     return a finite lse for a row with a +inf score;
+//   * o and lse come out finite (and no lse is exactly 0, as a second guard): with finite scores a
+//     non-finite o comes from v, where its P.V product also multiplies masked keys' v rows by 0
+//     (0 * inf = NaN would reach rows that mask the key). Any of these sends the call to the twin.
 // The bottom-right causal mask / window is passed as an additive mask (0 / -inf) in the input
 // dtype (ATen's own causal flag is top-left; it is used when Sq == Sk and there is no window).
 // GQA: the kernel maps query head h to kv head h / (Hq / Hkv) itself (no copy).
@@ -46,41 +47,32 @@ bool finite_contiguous(const T* x, int64_t n) {
   return s == 0.f;
 }
 
-// max |x| over n elements; +inf when one is NaN or inf.
+// sum of x^2 in kLanes independent fp32 accumulators (vectorizable): inf / NaN when an element
+// is, or when the sum overflows.
 template <typename T>
-float max_abs_contiguous(const T* x, int64_t n) {
+float sum_sq_contiguous(const T* x, int64_t n) {
   constexpr int kLanes = 16;
   float acc[kLanes] = {};
-  float bad = 0.f;  // x * 0: NaN for a NaN / inf x
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j) {
       const float v = static_cast<float>(x[i + j]);
-      acc[j] = std::max(acc[j], std::abs(v));
-      bad += v * 0.f;
+      acc[j] += v * v;
     }
-  for (; i < n; ++i) {
-    const float v = static_cast<float>(x[i]);
-    acc[0] = std::max(acc[0], std::abs(v));
-    bad += v * 0.f;
-  }
-  float m = 0.f;
-  for (int j = 0; j < kLanes; ++j) m = std::max(m, acc[j]);
-  return bad == 0.f ? m : std::numeric_limits<float>::infinity();
+  for (; i < n; ++i) acc[0] += static_cast<float>(x[i]) * static_cast<float>(x[i]);
+  float s = 0.f;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
 }
 
-// max |x| of a tensor (+inf when an element is NaN or inf).
-float max_abs(const at::Tensor& t) {
+float sum_sq(const at::Tensor& t) {
   if (t.numel() == 0) return 0.f;
-  if (!t.is_contiguous()) {
-    const float m = t.abs().max().item<float>();
-    return std::isnan(m) ? std::numeric_limits<float>::infinity() : m;
-  }
-  float m = 0.f;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "max_abs", [&] {
-    m = max_abs_contiguous(t.const_data_ptr<scalar_t>(), t.numel());
+  const at::Tensor c = t.contiguous();
+  float s = 0.f;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "sum_sq", [&] {
+    s = sum_sq_contiguous(c.const_data_ptr<scalar_t>(), c.numel());
   });
-  return m;
+  return s;
 }
 
 }  // namespace
@@ -127,10 +119,10 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> attention_cpu_fast(
   const int64_t Sq = q.size(1), Sk = k.size(1), Hq = q.size(2), Hkv = k.size(2);
   if (q.numel() == 0 || !attention_cpu_fast_shape_ok(Sq, Sk, window_left, window_right, softcap))
     return c10::nullopt;
-  // Every score finite: q and k finite and no fp32 overflow in scale * q.k (|q.k| <= D max|q| max|k|).
-  // Otherwise (an inf / NaN in q or k, a non-finite scale) the ATen kernel's rules are not ours (it
-  // returns o = 0, lse = 0 for a row whose scores are all -inf; ours: NaN, -inf): the twin decides.
-  const double bound = double(max_abs(q)) * double(max_abs(k)) * double(q.size(3)) * std::abs(scale);
+  // Every score finite: |scale q_i.k_j| <= |scale| sqrt(sum q^2 sum k^2) (Cauchy-Schwarz) < 1e37 rules
+  // out an inf / NaN in q or k, a non-finite scale and any fp32 overflow of a score (ATen's kernel
+  // can return a finite lse for a row with a +inf score).
+  const double bound = std::abs(scale) * std::sqrt(double(sum_sq(q)) * double(sum_sq(k)));
   if (!(bound < 1e37)) return c10::nullopt;
   (void)Hq; (void)Hkv;  // GQA: the ATen kernel maps query head h to kv head h / (Hq / Hkv) itself
   const bool masked = window_left >= 0 || window_right >= 0;
@@ -155,9 +147,17 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> attention_cpu_fast(
   at::Tensor o = out.transpose(1, 2);
   if (!o.is_contiguous()) o = o.contiguous();
   lse = lse.contiguous();
+  // lse of a row whose scores are all -inf comes back as exactly 0 (ours: -inf, with o = NaN): an
+  // lse of exactly 0 (rare for real scores: it needs sum_j exp(s_ij) == 1) goes to the twin too.
+  {
+    const float* l = lse.const_data_ptr<float>();
+    bool ok = true;
+    for (int64_t i = 0, n = lse.numel(); i < n; ++i) ok &= std::isfinite(l[i]) && l[i] != 0.f;
+    if (!ok) return c10::nullopt;
+  }
   // Finite inputs give a finite o and lse here (every row sees a key); a non-finite one means a
   // non-finite input (or an overflow), where the ATen kernel's rules are not ours: the twin decides.
-  if (!(all_finite(o) && all_finite(lse))) return c10::nullopt;
+  if (!all_finite(o)) return c10::nullopt;
   return std::make_tuple(o, lse);
 }
 
