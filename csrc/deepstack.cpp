@@ -7,7 +7,6 @@
 #include <ATen/ATen.h>
 
 #include "csrc/common.h"
-#include "csrc/cpu/cpu_path.h"
 #include "csrc/cpu/deepstack.h"
 #include "kernels/common/dtype.h"
 
@@ -37,29 +36,6 @@ void check_index_values(const char* op, const at::Tensor& index, int64_t rows) {
   HIRES_CHECK(s[2] == 0, op, "visual_index",
               "must be strictly increasing (the row-major order of visual_pos_masks); ", s[2],
               " positions are not");
-}
-
-// Default CPU LayerNorm path (README "CPU paths"): the injection (if any) by the CPU kernel, then
-// ATen's vectorized LayerNorm (fp32 statistics, one rounding, as ours). A row whose statistic is
-// not finite and positive (an fp32 overflow for |x| > ~1.8e19, a non-finite x, eps = 0 on a
-// constant row) makes it return undefined: the caller then runs the twin, which has the fp64 redo
-// of README "Non-finite values". `injected` (defined when the op returns it) receives the injection.
-at::Tensor layer_norm_cpu_fast(const InjectNormParams& p, const at::Tensor& h2, at::ScalarType t,
-                               at::ScalarType etype, const at::Tensor& injected, const at::Tensor& w,
-                               const at::Tensor& b, double eps) {
-  at::Tensor src = h2;
-  if (p.num_visual > 0 || injected.defined()) {
-    at::Tensor inj = injected.defined() ? injected.view({p.rows, p.dim}) : at::empty({p.rows, p.dim}, h2.options());
-    InjectNormParams pi = p;
-    pi.injected = inj.data_ptr();
-    pi.normed = nullptr;
-    inject_norm_cpu(pi, t, etype, Norm::kNone);
-    src = inj;
-  }
-  if (src.numel() == 0) return at::Tensor();
-  auto [y, mean, rstd] = at::native_layer_norm(src, {p.dim}, w, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt, eps);
-  if (!rstd_ok(rstd)) return at::Tensor();
-  return y;
 }
 
 // hidden (..., D) -> (normed or undefined, injected or undefined)
@@ -144,10 +120,6 @@ std::tuple<at::Tensor, at::Tensor> inject_norm(const char* op, const at::Tensor&
     p.injected = injected.data_ptr();
   }
 
-  if (hidden.is_cpu() && norm == Norm::kLayer && !cpu_twin_forced()) {
-    at::Tensor y = layer_norm_cpu_fast(p, h2, hidden.scalar_type(), etype, injected, w, b, eps);
-    if (y.defined()) return {y.view(hidden.sizes()), injected};
-  }
   if (hidden.is_cpu()) {
     inject_norm_cpu(p, hidden.scalar_type(), etype, norm);
   } else {

@@ -1,8 +1,8 @@
 """The default CPU paths (README "CPU paths") against the fp64 reference, with the criteria of the
-twin's own tests (tests/test_flash_attn*.py, test_deepstack.py, test_convnext_ops.py, which run
-the CPU twin of the CUDA kernels with HIRES_LMM_CPU_TWIN=1): attention and its varlen / kvcache
-forms through ATen's CPU flash kernel where it gives our semantics (the twin elsewhere: softcap,
-rows that see no key, non-finite input), LayerNorm and dwconv_layernorm through ATen's (fp32).
+twin's own tests (tests/test_flash_attn*.py, test_convnext_ops.py, which run the CPU twin of the
+CUDA kernels with HIRES_LMM_CPU_TWIN=1): attention and its varlen / kvcache forms through ATen's
+CPU flash kernel where it gives our semantics (the twin elsewhere: softcap, rows that see no key,
+non-finite scores or outputs), dwconv_layernorm through ATen's conv and LayerNorm (fp32).
 Here HIRES_LMM_CPU_TWIN is unset: these calls take the default path."""
 import math
 
@@ -11,7 +11,6 @@ import torch
 
 from hires_lmm import ops, reference
 import test_convnext_ops as tcv
-import test_deepstack as tds
 import test_flash_attn as tfa
 import test_flash_attn_kvcache as tkv
 from conftest import DTYPES
@@ -106,33 +105,6 @@ def test_nonfinite_v_stays_in_its_rows():
     assert torch.equal(torch.isfinite(out), fin)
     assert fin[0, :15].all() and not fin[0, 15:].all()  # row i sees keys <= i + 10
     torch.testing.assert_close(out[fin].double(), ref[fin], atol=1e-5, rtol=1e-5)
-
-
-# ---- LayerNorm -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,D", tds.SHAPES)
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_inject_layer_norm(dtype, rows, D, with_bias):
-    tds.test_inject_layer_norm("cpu", dtype, rows, D, with_bias)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_plain_norms_match_hf_modules(dtype):
-    tds.test_plain_norms_match_hf_modules("cpu", dtype)
-
-
-def test_layer_norm_overflowing_row_exact():
-    """A row whose fp32 statistic overflows (|x| ~ 1e30) goes to the twin's fp64 redo: finite and
-    right, next to ordinary rows (the ATen path alone would return the bias there)."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 333, generator=g)
-    x[2] *= 1e30
-    w = 1 + 0.1 * torch.randn(333, generator=g)
-    b = 0.1 * torch.randn(333, generator=g)
-    out = ops.layer_norm(x, w, b, 1e-5)
-    want = reference.layer_norm(x.double(), w.double(), b.double(), 1e-5)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.double(), want, atol=1e-4, rtol=1e-4)
 
 
 # ---- dwconv_layernorm ----------------------------------------------------------------------------

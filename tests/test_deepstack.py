@@ -6,14 +6,6 @@ import hires_lmm
 from hires_lmm import ops, reference as ref
 from conftest import DEVICES, DTYPES, HAS_CUDA, NO_CUDA_REASON, tol
 
-
-@pytest.fixture(autouse=True)
-def _cpu_twin(monkeypatch):
-    """CPU calls in this file run the CPU twin of the CUDA kernel (HIRES_LMM_CPU_TWIN=1: the proof
-    of the CUDA tiling); tests/test_cpu_paths.py runs these tests on the default CPU path."""
-    monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
-
-
 # (rows, hidden): odd row counts; hidden sizes on the vector path (multiples of 8) and off it.
 SHAPES = [(1, 64), (7, 8192), (19, 100), (97, 4096), (577, 1000), (577, 64), (33, 1536)]
 
