@@ -17,9 +17,11 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "csrc/common.h"
 #include "csrc/cpu/attention.h"
+#include "csrc/cpu/attention_fast.h"
 #include "kernels/attention/flash_params.h"
 #include "kernels/common/dtype.h"
 
@@ -323,6 +325,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_func(const at::Tensor& q_in, const
   AttnOptions opt = resolve_options(op, resolve_scale(softmax_scale, q_in.size(-1)), causal, window_size_left,
                                     window_size_right, softcap, q_in.size(1), k_in.size(1));
   if (!use_kernel(q_in)) return attention_math_lse(q_in, k_in, v_in, at::Tensor(), at::Tensor(), opt);
+  if (q_in.is_cpu() && !cpu_twin_forced()) {  // default CPU path (csrc/cpu/attention_fast.h)
+    auto fast = attention_cpu_fast(q_in, k_in, v_in, opt.scale, opt.window_left, opt.window_right, opt.softcap);
+    if (fast.has_value()) return *fast;
+  }
   check_cuda_grid(op, q_in, q_in.size(2), q_in.size(0), "q");
   at::Tensor q = prepare(q_in);
   const at::Tensor k = prepare(k_in), v = prepare(v_in);
@@ -411,6 +417,37 @@ void check_cu_values(const char* op, const char* arg, const at::Tensor& cu, int6
               "' holds a sequence of length ", longest);
 }
 
+// Default CPU varlen path: ATen's CPU flash kernel per sequence (attention_cpu_fast), when every
+// sequence qualifies and every result is finite; nullopt: run the twin.
+c10::optional<std::tuple<at::Tensor, at::Tensor>> varlen_cpu_fast(const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, const at::Tensor& cq,
+                                                                  const at::Tensor& ck, const AttnOptions& opt) {
+  const int* pq = cq.data_ptr<int>();
+  const int* pk = ck.data_ptr<int>();
+  const int64_t batch = cq.size(0) - 1;
+  if (q.numel() == 0 || k.numel() == 0) return c10::nullopt;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t sq = pq[b + 1] - pq[b], sk = pk[b + 1] - pk[b];
+    if (sq > 0 && !attention_cpu_fast_shape_ok(sq, sk, opt.window_left, opt.window_right, opt.softcap))
+      return c10::nullopt;
+  }
+  // tokens past cu_seqlens_q[-1] belong to no sequence: o = 0, lse = -inf
+  at::Tensor o = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = at::full({q.size(1), q.size(0)}, -std::numeric_limits<float>::infinity(),
+                            q.options().dtype(at::kFloat));
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t q0 = pq[b], sq = pq[b + 1] - q0, k0 = pk[b], sk = pk[b + 1] - k0;
+    if (sq == 0) continue;
+    auto r = attention_cpu_fast(q.narrow(0, q0, sq).unsqueeze(0), k.narrow(0, k0, sk).unsqueeze(0),
+                                v.narrow(0, k0, sk).unsqueeze(0), opt.scale, opt.window_left, opt.window_right,
+                                opt.softcap);
+    if (!r.has_value()) return c10::nullopt;  // a non-finite result: the twin redoes the call
+    o.narrow(0, q0, sq).copy_(std::get<0>(*r).squeeze(0));
+    lse.narrow(1, q0, sq).copy_(std::get<1>(*r).squeeze(0));
+  }
+  return std::make_tuple(o, lse);
+}
+
 std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_func(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
@@ -432,6 +469,10 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_func(
                                           window_size_left, window_size_right, softcap, total_q, total_k);
   const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
   if (!use_kernel(q_in)) return attention_math_lse(q_in, k_in, v_in, cq, ck, opt);
+  if (q_in.is_cpu() && !cpu_twin_forced()) {
+    auto fast = varlen_cpu_fast(q_in, k_in, v_in, cq, ck, opt);
+    if (fast.has_value()) return *fast;
+  }
   const int64_t batch = cq.size(0) - 1;
   check_cuda_grid(op, q_in, q_in.size(1), batch, "cu_seqlens_q");
   const at::Tensor q = prepare(q_in), k = prepare(k_in), v = prepare(v_in);
@@ -600,6 +641,31 @@ at::Tensor kvcache_math(const at::Tensor& q, const at::Tensor& kc, const at::Ten
   return at::matmul(p, vh).transpose(1, 2).to(q.scalar_type()).contiguous();
 }
 
+// Default CPU path: ATen's CPU flash kernel per batch element over its L_b keys (attention_cpu_fast),
+// when every element qualifies (causal: Sq <= L_b) and every result is finite (rows past L_b are
+// never read); undefined: run the twin.
+at::Tensor kvcache_cpu_fast(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& used,
+                            double scale, bool causal) {
+  const int64_t B = q.size(0), Sq = q.size(1), s_cache = kc.size(1);
+  if (q.numel() == 0) return at::Tensor();
+  const int64_t right = (causal && Sq > 1) ? 0 : -1;  // one query sees every key: causal is moot
+  const at::Tensor u = used.defined() ? used.contiguous() : at::Tensor();
+  std::vector<int64_t> len(B, s_cache);
+  for (int64_t b = 0; b < B; ++b) {
+    if (u.defined()) len[b] = u.data_ptr<int64_t>()[b];
+    if (!attention_cpu_fast_shape_ok(Sq, len[b], -1, right, 0.0)) return at::Tensor();
+  }
+  at::Tensor o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  for (int64_t b = 0; b < B; ++b) {
+    auto r = attention_cpu_fast(q.narrow(0, b, 1), kc.narrow(0, b, 1).narrow(1, 0, len[b]),
+                                vc.narrow(0, b, 1).narrow(1, 0, len[b]), scale, -1, right, 0.0);
+    if (!r.has_value()) return at::Tensor();  // a non-finite result: the twin redoes the call
+    if (B == 1) return std::get<0>(*r);
+    o.narrow(0, b, 1).copy_(std::get<0>(*r));
+  }
+  return o;
+}
+
 at::Tensor flash_attn_with_kvcache(const at::Tensor& q_in, at::Tensor& k_cache, at::Tensor& v_cache,
                                    const c10::optional<at::Tensor>& k_new,
                                    const c10::optional<at::Tensor>& v_new,
@@ -622,6 +688,10 @@ at::Tensor flash_attn_with_kvcache(const at::Tensor& q_in, at::Tensor& k_cache, 
   const double scale = resolve_scale(softmax_scale, q_in.size(-1));
   if (!use_kernel(q_in)) return kvcache_math(q_in, k_cache, v_cache, used, scale, causal);
 
+  if (q_in.is_cpu() && !cpu_twin_forced()) {
+    at::Tensor o = kvcache_cpu_fast(q_in, k_cache, v_cache, used, scale, causal);
+    if (o.defined()) return o;
+  }
   // 2. Attention through the FA2 kernel (CPU twin on the CPU) with FlashParams::seqused_k.
   at::Tensor q = prepare(q_in);
   const at::Tensor kc = prepare(k_cache), vc = prepare(v_cache);

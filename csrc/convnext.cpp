@@ -16,6 +16,7 @@
 #include <string>
 
 #include "csrc/common.h"
+#include "csrc/cpu/cpu_path.h"
 #include "csrc/cpu/dwconv_layernorm.h"
 #include "kernels/common/dtype.h"
 #include "kernels/convnext/dwconv_layernorm.h"
@@ -77,10 +78,37 @@ void check_dwconv_ln_args(const char* op, const at::Tensor& x, const at::Tensor&
   HIRES_CHECK(eps >= 0.0, op, "eps", "must be >= 0, got ", eps);
 }
 
+// Default CPU path (README "CPU paths"): ATen's depthwise conv (oneDNN, channels-last) and
+// LayerNorm, both in fp32, then one rounding to x's dtype: the op's formula (fp32 conv output, no
+// intermediate rounding; the padding is not a multiplication, as F.conv2d). A pixel whose LayerNorm
+// statistic is not finite and positive (a non-finite conv output, an fp32 overflow, eps = 0 on a
+// constant pixel) makes it return undefined: the twin, with its fp64 redo, then runs the call.
+at::Tensor dwconv_ln_cpu_fast(const at::Tensor& x, const at::Tensor& dw_weight,
+                              const c10::optional<at::Tensor>& dw_bias, const at::Tensor& ln_weight,
+                              const c10::optional<at::Tensor>& ln_bias, double eps) {
+  const int64_t C = x.size(3);
+  if (x.numel() == 0) return at::Tensor();
+  const at::Tensor xn = x.permute({0, 3, 1, 2}).to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+  const c10::optional<at::Tensor> db =
+      dw_bias ? c10::optional<at::Tensor>(dw_bias->to(at::kFloat)) : c10::nullopt;
+  const at::Tensor y = at::conv2d(xn, dw_weight.to(at::kFloat), db, {1, 1}, {DwconvLnLimits::kPad, DwconvLnLimits::kPad},
+                                  {1, 1}, C)
+                           .permute({0, 2, 3, 1});  // NHWC (a view when oneDNN kept channels-last)
+  const c10::optional<at::Tensor> lb =
+      ln_bias ? c10::optional<at::Tensor>(ln_bias->to(at::kFloat)) : c10::nullopt;
+  auto [o, mean, rstd] = at::native_layer_norm(y, {C}, ln_weight.to(at::kFloat), lb, eps);
+  if (!rstd_ok(rstd)) return at::Tensor();
+  return o.to(x.scalar_type()).contiguous();
+}
+
 // Runs the fused kernel (CUDA) or its twin (CPU): out (B,H,W,C) contiguous of x's dtype.
 at::Tensor dwconv_ln_impl(const at::Tensor& x_in, const at::Tensor& dw_weight,
                           const c10::optional<at::Tensor>& dw_bias, const at::Tensor& ln_weight,
                           const c10::optional<at::Tensor>& ln_bias, double eps) {
+  if (x_in.is_cpu() && !cpu_twin_forced()) {
+    at::Tensor y = dwconv_ln_cpu_fast(x_in, dw_weight, dw_bias, ln_weight, ln_bias, eps);
+    if (y.defined()) return y;
+  }
   const at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
   const int64_t C = x.size(3);
   // (C,1,7,7) -> (49, C): one tap of all channels is contiguous (16-byte loads per tap).

@@ -10,6 +10,14 @@ from hires_lmm import ops, reference as ref
 
 from conftest import DEVICES, DTYPES, tol
 
+
+@pytest.fixture(autouse=True)
+def _cpu_twin(monkeypatch):
+    """CPU calls in this file run the CPU twin of the CUDA kernel (HIRES_LMM_CPU_TWIN=1: the proof
+    of the CUDA tiling); tests/test_cpu_paths.py runs these tests on the default CPU path."""
+    monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
+
+
 # (B, H, W, C): odd spatial sizes (1 -> every tap but the centre is padding; 5, 13 -> tails of the
 # kernel's pixel segments), C multiples of 8 (vector path) and not (scalar path / fallback).
 SHAPES = [(1, 1, 1, 8), (2, 5, 13, 24), (1, 13, 5, 40), (1, 7, 9, 96), (1, 5, 3, 192),

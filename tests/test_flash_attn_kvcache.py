@@ -13,6 +13,14 @@ import hires_lmm
 from hires_lmm import ops, reference
 from conftest import DEVICES, DTYPES, HAS_CUDA, NO_CUDA_REASON
 
+
+@pytest.fixture(autouse=True)
+def _cpu_twin(monkeypatch):
+    """CPU calls in this file run the CPU twin of the CUDA kernel (HIRES_LMM_CPU_TWIN=1: the proof
+    of the CUDA tiling); tests/test_cpu_paths.py runs these tests on the default CPU path."""
+    monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
+
+
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 OP = torch.ops.hires_lmm.flash_attn_with_kvcache.default
 

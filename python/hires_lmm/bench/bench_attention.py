@@ -5,7 +5,7 @@ B=8, S=577, 16 heads, D=64; decode Sq=1 against a 4096-token KV cache (32 q head
 D=128). References: SDPA with each backend that runs the shape ("sdpa_flash", "sdpa_cudnn",
 "sdpa_efficient", "sdpa_math"; math only up to S=4096, its S x S scores would not fit beyond).
 FLOPs: 4 * B * H * Sq * Sk * D, halved for causal prefill (Sq == Sk).
-quick=True: tiny shapes on the CPU against the reference and SDPA's math backend.
+quick=True: tiny shapes on the CPU against the reference and SDPA's math and (CPU) flash backends.
 On an sm_90 device with sm_90a kernels built, every prefill / CLIP case is repeated as
 "flash_attn_func[sm90a]" with the opt-in Hopper kernel (HIRES_LMM_ATTN_SM90=1).
 flash_attn_with_kvcache: ragged batched decode (B=8, 4096-slot cache) against masked SDPA.
@@ -241,11 +241,13 @@ def _sm90_variant(c: Case) -> Case:
 def cases(device: str, quick: bool) -> List[Case]:
     if quick or device == "cpu":
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        # CPU: also SDPA's default CPU kernel (flash), the fastest PyTorch CPU path
+        refs = ["sdpa_math", "sdpa_flash"] if device == "cpu" else ["sdpa_math"]
         out = [
-            _case("tiny", 1, 128, 128, 4, 4, 64, False, dtype, device, ["sdpa_math"], 4),
-            _case("tiny", 1, 128, 128, 4, 4, 64, True, dtype, device, ["sdpa_math"], 4),
-            _case("tiny-gqa", 2, 77, 77, 4, 2, 128, True, dtype, device, ["sdpa_math"], 4),
-            _case("decode", 1, 1, 512, 8, 2, 128, False, dtype, device, ["sdpa_math"], 8),
+            _case("tiny", 1, 128, 128, 4, 4, 64, False, dtype, device, refs, 4),
+            _case("tiny", 1, 128, 128, 4, 4, 64, True, dtype, device, refs, 4),
+            _case("tiny-gqa", 2, 77, 77, 4, 2, 128, True, dtype, device, refs, 4),
+            _case("decode", 1, 1, 512, 8, 2, 128, False, dtype, device, refs, 8),
         ]
         if device == "cpu":
             out.append(_varlen_case(device, dtype))

@@ -1,0 +1,126 @@
+"""The default CPU paths (README "CPU paths") against the fp64 reference, with the criteria of the
+twin's own tests (tests/test_flash_attn*.py, test_convnext_ops.py, which run the CPU twin of the
+CUDA kernels with HIRES_LMM_CPU_TWIN=1): attention and its varlen / kvcache forms through ATen's
+CPU flash kernel where it gives our semantics (the twin elsewhere: softcap, rows that see no key,
+non-finite scores or outputs), dwconv_layernorm through ATen's conv and LayerNorm (fp32).
+Here HIRES_LMM_CPU_TWIN is unset: these calls take the default path."""
+import math
+
+import pytest
+import torch
+
+from hires_lmm import ops, reference
+import test_convnext_ops as tcv
+import test_flash_attn as tfa
+import test_flash_attn_kvcache as tkv
+from conftest import DTYPES
+
+
+@pytest.fixture(autouse=True)
+def default_cpu_path(monkeypatch):
+    monkeypatch.delenv("HIRES_LMM_CPU_TWIN", raising=False)
+    monkeypatch.delenv("HIRES_LMM_ATTN_MATH", raising=False)
+
+
+# ---- attention -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", tfa.DENSE, ids=lambda s: "x".join(map(str, s)))
+def test_attention_dense(shape, causal, dtype):
+    tfa.test_flash_attn_dense(shape, causal, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", tfa.WINDOWED, ids=lambda c: "x".join(map(str, c[0])) + f"-w{c[1][0]}_{c[1][1]}"
+                         + ("-causal" if c[2] else "") + (f"-cap{c[3]:g}" if c[3] else ""))
+def test_attention_window_softcap_lse(case, dtype):
+    tfa.test_flash_attn_window_softcap_lse(case, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", tfa.VARLEN, ids=lambda c: f"{len(c[0])}seqs-d{c[4]}")
+def test_attention_varlen(case, causal, dtype):
+    tfa.test_flash_attn_varlen(case, causal, dtype, "cpu")
+
+
+def test_attention_varlen_matches_dense():
+    tfa.test_flash_attn_varlen_matches_dense("cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_noncontiguous_and_scale(dtype):
+    tfa.test_flash_attn_noncontiguous_and_scale(dtype, "cpu")
+
+
+def test_attention_empty_and_no_keys():
+    tfa.test_flash_attn_empty_and_no_keys("cpu")
+
+
+def test_attention_nonfinite_rule(monkeypatch):
+    tfa.test_flash_attn_nonfinite_rule(monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", tkv.CASES, ids=lambda c: c[0])
+def test_kvcache(case, causal, dtype):
+    tkv.test_kvcache_vs_reference(case, causal, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sq,causal", [(1, True), (4, True), (4, False)])
+def test_kvcache_equals_flash_attn_func_on_slice(sq, causal, dtype):
+    tkv.test_kvcache_equals_flash_attn_func_on_slice(sq, causal, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_default_matches_twin(dtype, monkeypatch):
+    """Both CPU paths agree at an odd GQA, bottom-right causal shape (lse too)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 37, 6, 72, generator=g).to(dtype)
+    k = torch.randn(2, 91, 2, 72, generator=g).to(dtype)
+    v = torch.randn(2, 91, 2, 72, generator=g).to(dtype)
+    op = torch.ops.hires_lmm.flash_attn_func
+    o1, l1 = op(q, k, v, None, True, 40, -1, 0.0)
+    monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
+    o2, l2 = op(q, k, v, None, True, 40, -1, 0.0)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(o1.float(), o2.float(), atol=tol, rtol=0)
+    torch.testing.assert_close(l1, l2, atol=1e-4, rtol=1e-5)
+
+
+def test_nonfinite_v_stays_in_its_rows():
+    """A NaN/inf v row reaches only the rows that see its key (causal, Sq < Sk): the default path
+    sends non-finite input to the twin."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 20, 2, 32, generator=g) for _ in range(3))
+    k = torch.randn(1, 30, 2, 32, generator=g)
+    v = torch.randn(1, 30, 2, 32, generator=g)
+    v[0, 25, 1, 3] = float("inf")
+    v[0, 27, 0, 0] = float("nan")
+    out = ops.flash_attn_func(q, k, v, causal=True)
+    ref = reference.flash_attn_func(q.double(), k.double(), v.double(), causal=True)
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(out), fin)
+    assert fin[0, :15].all() and not fin[0, 15:].all()  # row i sees keys <= i + 10
+    torch.testing.assert_close(out[fin].double(), ref[fin], atol=1e-5, rtol=1e-5)
+
+
+# ---- dwconv_layernorm ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", tcv.SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_dwconv_layernorm(dtype, shape, bias):
+    tcv.test_dwconv_layernorm("cpu", dtype, shape, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2, 70, 8), (1, 2, 7, 4096), (1, 2, 3, 12288)])
+def test_dwconv_layernorm_segments(dtype, shape):
+    tcv.test_dwconv_layernorm_segments("cpu", dtype, shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dwconv_layernorm_noncontiguous(dtype):
+    tcv.test_dwconv_layernorm_noncontiguous("cpu", dtype)
