@@ -53,10 +53,11 @@ __device__ __forceinline__ void block_sum2(A& a, A& b, A* red) {
 }
 
 // The fp64 statistics of one row (rare path; out of line so that it costs the main loop no
-// registers). Every thread of the block calls it; mu and rstd are returned to all.
+// registers). Every thread of the block calls it; (mu, rstd) are returned to all, by value: output
+// references would take the caller's locals' addresses and put them in local memory.
 template <typename T>
-__device__ __noinline__ void row_stats_fp64(const T* x, int64_t D, bool layer, float eps,
-                                            double* red, float& mu, float& rstd) {
+__device__ __noinline__ float2 row_stats_fp64(const T* x, int64_t D, bool layer, float eps,
+                                              double* red) {
   double mud = 0.0, ud = 0.0;
   if (layer) {
     for (int64_t c = threadIdx.x; c < D; c += blockDim.x) mud += double(to_f32<T>(x[c]));
@@ -70,8 +71,7 @@ __device__ __noinline__ void row_stats_fp64(const T* x, int64_t D, bool layer, f
     ssd += d * d;
   }
   block_sum2(ssd, ud, red);
-  mu = float(mud);
-  rstd = float(1.0 / sqrt(ssd / double(D) + double(eps)));
+  return make_float2(float(mud), float(1.0 / sqrt(ssd / double(D) + double(eps))));
 }
 
 template <typename T>
@@ -116,7 +116,9 @@ norm_bwd_rows_kernel(const NormBwdParams p) {
     if (isfinite(ss)) {
       rstd = rsqrtf(ss * inv_d + p.eps);
     } else {  // fp32 overflow (|x| > ~1.8e19) or a non-finite x: redo the statistics in fp64
-      row_stats_fp64<T>(x, D, p.layer, p.eps, redd, mu, rstd);
+      const float2 st = row_stats_fp64<T>(x, D, p.layer, p.eps, redd);
+      mu = st.x;
+      rstd = st.y;
     }
     // row dot products: mean(g), mean(g * y)
     float sg = 0.f, sgy = 0.f;
