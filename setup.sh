@@ -21,7 +21,7 @@ pip install -q "$TORCH_SPEC" numpy pybind11 "cmake>=3.26" ninja safetensors pill
 if python -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" && [ "${HIRES_LMM_CUDA:-1}" != 0 ]; then
   cuda=$(python -c "import torch; print(torch.version.cuda)")
   if [ -z "${CUDA_HOME:-}" ]; then
-    pip install -q "cuda-toolkit[nvcc,cccl,cuobjdump]==${CUDA_TOOLKIT_VERSION:-$cuda.*}"
+    pip install -q "cuda-toolkit[nvcc,cccl,cuobjdump,nvdisasm]==${CUDA_TOOLKIT_VERSION:-$cuda.*}"
   fi
 fi
 # The build prints "hires_lmm build [n/m] ..." progress lines; pip shows a build's output only with -v,

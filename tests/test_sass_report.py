@@ -111,7 +111,7 @@ def test_report_of_the_built_extension(tmp_path, capsys):
     if not info["cuda"]:
         assert rc == 0 and "no CUDA kernels" in text and not out.exists()
         return
-    assert sass.find_cuobjdump() is not None, "CUDA build without cuobjdump: install cuda-toolkit[cuobjdump]"
+    assert sass.find_cuobjdump() is not None, "CUDA build without cuobjdump: install cuda-toolkit[cuobjdump,nvdisasm]"
     rows = json.loads(out.read_text())
     archs = {r["arch"] for r in rows}
     assert archs == set(info["cuda_archs"])

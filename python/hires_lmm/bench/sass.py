@@ -21,7 +21,8 @@ LDL/STL are local-memory accesses: register spills, or a local array indexed at 
 cost global-memory bandwidth, so `--check` treats any of them inside a main loop as a failure.
 Without a CUDA build (or without cuobjdump) the command says so and exits 0.
 
-cuobjdump comes with the CUDA toolkit (pip: `cuda-toolkit[cuobjdump]`); it is looked up next to
+cuobjdump (and the nvdisasm that `cuobjdump -sass` runs) come with the CUDA toolkit (pip:
+`cuda-toolkit[cuobjdump,nvdisasm]`, which setup.sh installs); cuobjdump is looked up next to
 the nvcc the build used, in $CUDA_HOME/bin, in site-packages/nvidia/cu*/bin, then on PATH.
 """
 from __future__ import annotations
@@ -451,10 +452,17 @@ def main(argv=None) -> int:
         so = hires_lmm._C.__file__
     tool = find_cuobjdump()
     if tool is None:
-        print("hires_lmm.bench.sass: cuobjdump not found (pip install 'cuda-toolkit[cuobjdump]' or set "
-              "CUDA_HOME): nothing to report")
-        return 0
-    reports = report(so, tool, args.filter)
+        print("hires_lmm.bench.sass: cuobjdump not found (pip install 'cuda-toolkit[cuobjdump,nvdisasm]' or "
+              "set CUDA_HOME): nothing to report")
+        return 2 if args.check else 0
+    try:
+        reports = report(so, tool, args.filter)
+    except subprocess.CalledProcessError as e:
+        # e.g. "Could not find executable file 'nvdisasm'": cuobjdump -sass needs nvdisasm beside it
+        msg = (e.stderr or "").strip().splitlines()
+        print(f"hires_lmm.bench.sass: {' '.join(map(str, e.cmd[:2]))} failed: {msg[-1] if msg else e} "
+              "(pip install 'cuda-toolkit[cuobjdump,nvdisasm]' of the build's CUDA version)")
+        return 2 if args.check else 0
     print(markdown(reports, args.summary))
     if args.json:
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in reports], indent=1))
