@@ -89,7 +89,6 @@ def _tmpl_ints(name: str) -> List[int]:
 def launch_config(name: str) -> Optional[Tuple[int, int, str]]:
     """Demangled kernel name -> (threads per block, dynamic shared memory bytes, shape note), or
     None when the launch is not described here."""
-    bytes_of = 4 if re.search(r"<float\b", name) else 2
     if "flash_fwd_sm90_kernel" in name:                       # csrc/cuda/flash_attn_sm90.cu
         d = _tmpl_ints(name)[-1]
         panels = d // 64

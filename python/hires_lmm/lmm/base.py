@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import generation as _gen
-from ..prompt import IMAGE_MARKER, IMAGE_TOKEN_INDEX, build_prompt, tokenizer_image_token
+from ..prompt import IMAGE_MARKER, IMAGE_TOKEN_INDEX, build_prompt, template_for_config, tokenizer_image_token
 
 __all__ = ["HiResLMM", "open_image", "check_device"]
 
@@ -264,3 +264,19 @@ class HiResLMM(nn.Module):
                                                 deepstack, self.deepstack_layers):
             if piece:
                 yield piece
+
+
+def release_device_memory(dev: torch.device) -> None:
+    """After a failed load (the caller has dropped its references): hand what the half-built
+    model held on a CUDA device back to the driver."""
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def finish_load(model: "HiResLMM", path, config_dict: dict, tokenizer, conv_template: Optional[str]):
+    """The last step of every family's from_pretrained: the tokenizer, the conversation template
+    (the checkpoint's unless one is given), generation_config.json's defaults, eval mode."""
+    model.tokenizer = tokenizer
+    model.conv_template = conv_template or template_for_config(config_dict, tokenizer)
+    model.generation_config = _gen.GenerationConfig.from_pretrained(path, tokenizer.eos_token_id)
+    return model.eval()

@@ -41,9 +41,9 @@ from ..models._weights import load_into, read_config
 from ..models.convllava_preprocess import convllava_preprocess
 from ..models.convnext import ConvNeXtConfig, ConvNeXtTower
 from ..models.llama import Llama, LlamaConfig, _llama_key
-from ..prompt import Tokenizer, template_for_config, TEMPLATES
+from ..prompt import Tokenizer, TEMPLATES
 from ..generation import GenerationConfig
-from .base import HiResLMM, check_device
+from .base import HiResLMM, check_device, finish_load, release_device_memory
 
 __all__ = ["ConvLLaVA", "ConvLLaVAConfig", "is_convllava_config", "TOWER_PREFIX"]
 
@@ -210,13 +210,9 @@ class ConvLLaVA(HiResLMM):
             _load_llm_and_projector(model, path, reader, keys, dtype, dev, progress)
         except BaseException:
             model = tower = None           # nothing half-loaded stays on the device
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+            release_device_memory(dev)
             raise
-        model.tokenizer = tokenizer
-        model.conv_template = conv_template or template_for_config(cfg, tokenizer)
-        model.generation_config = GenerationConfig.from_pretrained(path, tokenizer.eos_token_id)
-        return model.eval()
+        return finish_load(model, path, cfg, tokenizer, conv_template)
 
 
 class _LLMAndProjector(nn.Module):

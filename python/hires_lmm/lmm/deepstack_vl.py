@@ -60,9 +60,9 @@ from ..models._weights import read_config
 from ..models.deepstack import dilated_stacks, mosaic_crops
 from ..models.llama import Llama, LlamaConfig, _llama_key
 from ..models.slime import _clip_normalize
-from ..prompt import TEMPLATES, Tokenizer, template_for_config
+from ..prompt import TEMPLATES, Tokenizer
 from ._llava import TOWER_PREFIX, load_clip_tower, load_parts
-from .base import HiResLMM, check_device
+from .base import HiResLMM, check_device, finish_load, release_device_memory
 
 __all__ = ["DeepStackVL", "DeepStackConfig", "is_deepstack_config", "best_grid",
            "deepstack_views", "process_image_grids"]
@@ -305,13 +305,9 @@ class DeepStackVL(HiResLMM):
                 model.image_newline = part.image_newline
         except BaseException:
             model = tower = None           # nothing half-loaded stays on the device
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+            release_device_memory(dev)
             raise
-        model.tokenizer = tokenizer
-        model.conv_template = conv_template or template_for_config(d, tokenizer)
-        model.generation_config = GenerationConfig.from_pretrained(path, tokenizer.eos_token_id)
-        return model.eval()
+        return finish_load(model, path, d, tokenizer, conv_template)
 
 
 class _Parts(nn.Module):

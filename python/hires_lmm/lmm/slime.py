@@ -47,9 +47,9 @@ from ..generation import GenerationConfig
 from ..models._weights import read_config
 from ..models.llama import Llama, LlamaConfig, _llama_key
 from ..models.slime import SliMEConfig, SliMEVisual, slice_image
-from ..prompt import IMAGE_TOKEN_INDEX, TEMPLATES, Tokenizer, template_for_config
+from ..prompt import IMAGE_TOKEN_INDEX, TEMPLATES, Tokenizer
 from ._llava import TOWER_PREFIX, load_clip_tower, load_parts
-from .base import HiResLMM, check_device
+from .base import HiResLMM, check_device, finish_load, release_device_memory
 
 __all__ = ["SliME", "SliMEModelConfig", "is_slime_config", "SELECTORS"]
 
@@ -171,13 +171,9 @@ class SliME(HiResLMM):
             load_parts(_Parts(model), path, reader, _key_map, dtype, dev, progress, "SliME")
         except BaseException:
             model = tower = None           # nothing half-loaded stays on the device
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
+            release_device_memory(dev)
             raise
-        model.tokenizer = tokenizer
-        model.conv_template = conv_template or template_for_config(d, tokenizer)
-        model.generation_config = GenerationConfig.from_pretrained(path, tokenizer.eos_token_id)
-        return model.eval()
+        return finish_load(model, path, d, tokenizer, conv_template)
 
 
 class _Parts(nn.Module):

@@ -60,17 +60,3 @@ def register_reference_backward(name: str, reference_fn) -> None:
         return tuple(result)
 
     torch.library.register_autograd(f"{_LIB}::{name}", backward, setup_context=setup_context)
-
-
-def check_fake_devices(op_name: str, **tensors) -> None:
-    """Fake kernels also run when a meta tensor is mixed with real ones; refuse mixed devices
-    (naming the argument) instead of returning an uninitialised tensor."""
-    first = None
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if first is None:
-            first = (name, t.device)
-        elif t.device != first[1]:
-            raise RuntimeError(f"{op_name}: argument '{name}' is on {t.device} but '{first[0]}' is "
-                               f"on {first[1]}; all tensors must be on one device")

@@ -1,7 +1,6 @@
 """hires_lmm.reference: the pure-PyTorch reference of every op (the tests' ground truth and the
 backend of set_backend("reference")). Same names and signatures as hires_lmm.ops."""
 from .deepstack import *  # noqa: F401,F403
-from .deepstack import *  # noqa: F401,F403
 from .convnext import *  # noqa: F401,F403
 from .attention import *  # noqa: F401,F403
 from .select import *  # noqa: F401,F403
