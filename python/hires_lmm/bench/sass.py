@@ -122,6 +122,10 @@ def launch_config(name: str) -> Optional[Tuple[int, int, str]]:
         d, n = 4096, 1008
         pow2 = max(64, _pow2_at_least(n))
         return 16 * 32, max(d * 4, pow2 * 8) + pow2 * 4, f"D={d}, N={n}"
+    if "norm_bwd_rows_kernel" in name or "norm_bwd_reduce_kernel" in name:  # csrc/cuda/norm_bwd.cu
+        return 256, 0, ""
+    if "dwconv_bwd_" in name:                                 # csrc/cuda/dwconv_bwd.cu
+        return 128, 0, ""
     if "text_weight_kernel" in name or "text_dir_kernel" in name or "gather_tokens_kernel" in name:
         return 8 * 32, 0, ""
     m = re.search(r"GemmShape<(\d+), (\d+), (\d+)>, cutlass::gemm::GemmShape<(\d+), (\d+), (\d+)>", name)
