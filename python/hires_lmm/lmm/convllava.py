@@ -37,12 +37,13 @@ import torch
 from torch import nn
 
 from ..checkpoint import open_checkpoint
-from ..models._weights import load_into, read_config
+from ..models._weights import read_config
 from ..models.convllava_preprocess import convllava_preprocess
 from ..models.convnext import ConvNeXtConfig, ConvNeXtTower
 from ..models.llama import Llama, LlamaConfig, _llama_key
 from ..prompt import Tokenizer, TEMPLATES
 from ..generation import GenerationConfig
+from ._llava import load_parts
 from .base import HiResLMM, check_device, finish_load, release_device_memory
 
 __all__ = ["ConvLLaVA", "ConvLLaVAConfig", "is_convllava_config", "TOWER_PREFIX"]
@@ -207,7 +208,7 @@ class ConvLLaVA(HiResLMM):
             with torch.device("meta"):
                 model = cls(config, vision_tower=None)
             model.vision_tower = tower
-            _load_llm_and_projector(model, path, reader, keys, dtype, dev, progress)
+            load_parts(_LLMAndProjector(model), path, reader, _key_map, dtype, dev, progress, "ConvLLaVA")
         except BaseException:
             model = tower = None           # nothing half-loaded stays on the device
             release_device_memory(dev)
@@ -231,39 +232,3 @@ def _key_map(key: str) -> Optional[str]:
         return "mm_projector." + key[len(PROJECTOR_PREFIX):]
     name = _llama_key(key)
     return None if name is None else "llm." + name
-
-
-def _load_llm_and_projector(model, path, reader, keys, dtype, dev, progress):
-    part = _LLMAndProjector(model)
-    expected = {n: tuple(t.shape) for n, t in part.state_dict().items()}
-    # Check names and shapes from the headers first: a mismatch fails before any tensor is read.
-    problems = []
-    for k in keys:
-        n = _key_map(k)
-        if n is not None and n not in expected:
-            problems.append(f"unexpected {k}")
-        elif n is not None and tuple(reader.shape(k)) != expected[n]:
-            problems.append(f"mis-shaped {k}: checkpoint {tuple(reader.shape(k))} vs model {expected[n]}")
-    provided = {_key_map(k) for k in keys}
-    problems += [f"missing {n}" for n in sorted(set(expected) - provided)]
-    if problems:
-        raise ValueError(f"hires_lmm.load: the checkpoint {path} does not match the ConvLLaVA "
-                         f"model ({len(problems)} problem(s)): " + "; ".join(problems[:30]))
-    bar = None
-    try:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=2 * len(keys), desc="loading ConvLLaVA", unit="key",
-                   delay=0 if progress else 2.0, disable=progress is False, leave=False)
-    except ImportError:
-        pass
-
-    def key_map(k):            # load_into asks twice per key: once to decide, once to place
-        if bar is not None:
-            bar.update(1)
-        return _key_map(k)
-
-    try:
-        load_into(part, str(path), key_map, dtype=dtype, device=dev)
-    finally:
-        if bar is not None:
-            bar.close()
