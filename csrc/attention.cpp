@@ -19,6 +19,7 @@
 #include <tuple>
 #include <vector>
 
+#include "csrc/attention_params.h"
 #include "csrc/common.h"
 #include "csrc/cpu/attention.h"
 #include "csrc/cpu/attention_fast.h"
@@ -298,21 +299,25 @@ void run_kernel(const char* op, FlashParams& prm, const at::Tensor& q) {
 #endif
 }
 
-void fill_strides(FlashParams& prm, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& o) {
-  const int64_t r = q.dim() - 3;  // token dim
-  prm.q = q.data_ptr(); prm.k = k.data_ptr(); prm.v = v.data_ptr(); prm.o = o.data_ptr();
-  prm.q_row_stride = q.stride(r); prm.q_head_stride = q.stride(r + 1);
-  prm.k_row_stride = k.stride(r); prm.k_head_stride = k.stride(r + 1);
-  prm.v_row_stride = v.stride(r); prm.v_head_stride = v.stride(r + 1);
-  prm.o_row_stride = o.stride(r); prm.o_head_stride = o.stride(r + 1);
-  if (r == 1) {
-    prm.q_batch_stride = q.stride(0); prm.k_batch_stride = k.stride(0);
-    prm.v_batch_stride = v.stride(0); prm.o_batch_stride = o.stride(0);
+// Split-KV (dense launches): HIRES_LMM_ATTN_SPLITS forces a split count (tests), then the fp32
+// partial outputs and log-sum-exps the splits write (kept alive by the caller until the launch).
+struct SplitWorkspace {
+  at::Tensor o_accum, lse_accum;
+};
+
+SplitWorkspace split_workspace(FlashParams& prm, const at::Tensor& q, int64_t k_blocks) {
+  if (const char* force = std::getenv("HIRES_LMM_ATTN_SPLITS")) {
+    prm.num_splits = int(std::max<int64_t>(1, std::min<int64_t>(std::atoll(force), std::max<int64_t>(k_blocks, 1))));
   }
-  prm.heads_q = q.size(-2);
-  prm.heads_kv = k.size(-2);
-  prm.head_dim = q.size(-1);
+  SplitWorkspace ws;
+  if (prm.num_splits > 1) {
+    const auto fopts = q.options().dtype(at::kFloat);
+    ws.o_accum = at::empty({prm.num_splits, prm.batch * prm.seqlen_q, prm.heads_q, prm.head_dim}, fopts);
+    ws.lse_accum = at::empty({prm.num_splits, prm.batch * prm.seqlen_q, prm.heads_q}, fopts);
+    prm.o_accum = ws.o_accum.data_ptr<float>();
+    prm.lse_accum = ws.lse_accum.data_ptr<float>();
+  }
+  return ws;
 }
 
 std::tuple<at::Tensor, at::Tensor> flash_attn_func(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -368,17 +373,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_func(const at::Tensor& q_in, const
   const int64_t work = m_blocks * prm.heads_q * prm.batch, units = compute_units(q);
   if (work * 2 <= units)  // splitting possible: size it from the widest tile's visible K blocks
     prm.num_splits = choose_num_splits(work, m_blocks, flash_max_tile_k_blocks(prm, prm.seqlen_q, prm.seqlen_k, m_blocks), units);
-  if (const char* force = std::getenv("HIRES_LMM_ATTN_SPLITS")) {  // testing: force a split count
-    prm.num_splits = int(std::max<int64_t>(1, std::min<int64_t>(std::atoll(force), std::max<int64_t>(k_blocks, 1))));
-  }
-  at::Tensor o_accum, lse_accum;
-  if (prm.num_splits > 1) {
-    const auto fopts = q.options().dtype(at::kFloat);
-    o_accum = at::empty({prm.num_splits, prm.batch * prm.seqlen_q, prm.heads_q, prm.head_dim}, fopts);
-    lse_accum = at::empty({prm.num_splits, prm.batch * prm.seqlen_q, prm.heads_q}, fopts);
-    prm.o_accum = o_accum.data_ptr<float>();
-    prm.lse_accum = lse_accum.data_ptr<float>();
-  }
+  const SplitWorkspace split_ws = split_workspace(prm, q, k_blocks);
   run_kernel(op, prm, q);
   return {o, lse};
 }
@@ -726,17 +721,7 @@ at::Tensor flash_attn_with_kvcache(const at::Tensor& q_in, at::Tensor& k_cache, 
   if (m_blocks * prm.heads_q * 2 <= units)
     prm.num_splits = choose_num_splits(m_blocks * prm.heads_q, m_blocks,
                                        flash_max_tile_k_blocks(prm, prm.seqlen_q, s_cache, m_blocks), units);
-  if (const char* force = std::getenv("HIRES_LMM_ATTN_SPLITS")) {  // testing: force a split count
-    prm.num_splits = int(std::max<int64_t>(1, std::min<int64_t>(std::atoll(force), std::max<int64_t>(k_blocks, 1))));
-  }
-  at::Tensor o_accum, lse_accum;
-  if (prm.num_splits > 1) {
-    const auto fopts = q.options().dtype(at::kFloat);
-    o_accum = at::empty({prm.num_splits, prm.batch * prm.seqlen_q, prm.heads_q, prm.head_dim}, fopts);
-    lse_accum = at::empty({prm.num_splits, prm.batch * prm.seqlen_q, prm.heads_q}, fopts);
-    prm.o_accum = o_accum.data_ptr<float>();
-    prm.lse_accum = lse_accum.data_ptr<float>();
-  }
+  const SplitWorkspace split_ws = split_workspace(prm, q, k_blocks);
   if (q.is_cpu()) {
     flash_fwd_cpu(prm, q.scalar_type());
     return o;

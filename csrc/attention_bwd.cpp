@@ -18,6 +18,7 @@
 #include <string>
 #include <tuple>
 
+#include "csrc/attention_params.h"
 #include "csrc/common.h"
 #include "csrc/cpu/attention_bwd.h"
 #include "kernels/attention/flash_bwd_params.h"
@@ -194,21 +195,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_math(
 void fill_bwd(FlashBwdParams& prm, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& out, const at::Tensor& dq, const at::Tensor& dk,
               const at::Tensor& dv, const BwdOptions& opt) {
-  const int64_t r = q.dim() - 3;
-  prm.q = q.data_ptr(); prm.k = k.data_ptr(); prm.v = v.data_ptr(); prm.o = out.data_ptr();
+  fill_strides(prm, q, k, v, out);  // dq/dk/dv/dout: contiguous, the strides of q/k/v/out
   prm.dout = dout.data_ptr(); prm.dq = dq.data_ptr(); prm.dk = dk.data_ptr(); prm.dv = dv.data_ptr();
-  // all contiguous: dq/dk/dv/dout share the strides of q/k/v/out
-  prm.q_row_stride = q.stride(r); prm.q_head_stride = q.stride(r + 1);
-  prm.k_row_stride = k.stride(r); prm.k_head_stride = k.stride(r + 1);
-  prm.v_row_stride = v.stride(r); prm.v_head_stride = v.stride(r + 1);
-  prm.o_row_stride = out.stride(r); prm.o_head_stride = out.stride(r + 1);
-  if (r == 1) {
-    prm.q_batch_stride = q.stride(0); prm.k_batch_stride = k.stride(0);
-    prm.v_batch_stride = v.stride(0); prm.o_batch_stride = out.stride(0);
-  }
-  prm.heads_q = q.size(-2);
-  prm.heads_kv = k.size(-2);
-  prm.head_dim = q.size(-1);
   prm.scale = static_cast<float>(opt.scale);
   prm.causal = opt.causal;
   prm.window_left = opt.left;
