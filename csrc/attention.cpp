@@ -90,9 +90,7 @@ double resolve_scale(const c10::optional<double>& softmax_scale, int64_t D) {
 }
 
 bool use_kernel(const at::Tensor& q) {
-  // HIRES_LMM_ATTN_MATH=1 forces the ATen fallback on any device (lets CPU tests cover it).
-  const char* math = std::getenv("HIRES_LMM_ATTN_MATH");
-  if (math != nullptr && std::string(math) == "1") return false;
+  if (attn_math_forced()) return false;
   if (q.is_cpu()) return true;
 #ifdef HIRES_LMM_WITH_CUDA
   return (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&

@@ -106,8 +106,7 @@ at::Tensor ready(const at::Tensor& t) {
 }
 
 bool use_bwd_kernel(const at::Tensor& q) {
-  const char* math = std::getenv("HIRES_LMM_ATTN_MATH");
-  if (math != nullptr && std::string(math) == "1") return false;
+  if (attn_math_forced()) return false;
   if (q.is_cpu()) return true;
 #ifdef HIRES_LMM_WITH_CUDA
   return (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&

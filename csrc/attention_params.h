@@ -3,9 +3,19 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+#include <cstring>
+
 #include "kernels/attention/flash_params.h"
 
 namespace hires::attention {
+
+// HIRES_LMM_ATTN_MATH=1 forces the ATen math path of the forward and backward on any device (read
+// per call, so tests can cover it on the CPU).
+inline bool attn_math_forced() {
+  const char* math = std::getenv("HIRES_LMM_ATTN_MATH");
+  return math != nullptr && std::strcmp(math, "1") == 0;
+}
 
 // q/k/v/o: (B, S, H, D) dense or (total, H, D) varlen, last dim contiguous.
 inline void fill_strides(FlashParams& prm, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
