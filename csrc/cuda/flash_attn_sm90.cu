@@ -3,6 +3,8 @@
 // the runtime, no libcuda link), then launches on `stream`. Instantiations: {fp16, bf16} x {64, 128}.
 #include <cudaTypedefs.h>
 
+#include <cmath>
+
 #include "csrc/cuda/flash_attn.h"
 #include "csrc/cuda/func_attr.h"
 #include "kernels/attention/flash_fwd_sm90.cuh"
@@ -91,7 +93,11 @@ bool flash_fwd_sm90_usable(const FlashParams& p, int device) {
   }
   // no sliding window, no softcap (the sm_80 kernel runs those); causal alone is window_right 0
   const bool plain_mask = p.window_left < 0 && (p.causal || p.window_right < 0) && p.softcap == 0.f;
-  return major == 9 && minor == 0 && p.cu_seqlens_q == nullptr && p.num_splits <= 1 && plain_mask &&
+  // the kernel folds scale log2(e) into the exponent's FFMA after a max over the raw scores:
+  // that max is the max of the scaled scores only for a positive, finite scale log2(e)
+  const float c = p.scale * 1.4426950408889634f;
+  const bool fold_ok = p.scale > 0.f && std::isfinite(c);
+  return major == 9 && minor == 0 && p.cu_seqlens_q == nullptr && p.num_splits <= 1 && plain_mask && fold_ok &&
          p.seqused_k == nullptr &&  // no per-batch KV cache lengths in the sm_90a kernel
          (p.head_dim == 64 || p.head_dim == 128) && p.seqlen_q > 0 && p.seqlen_k > 0;
 }
