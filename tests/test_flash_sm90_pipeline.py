@@ -492,3 +492,19 @@ def test_model_catches_broken_protocols(variant, match):
     assert caught, f"variant {variant} was not caught"
     import re
     assert any(re.search(match, c) for c in caught), caught[:3]
+
+
+def test_scale_fold_max_and_exponent():
+    """The fold's claims in fp32: for c > 0 the running max c * max(s) equals max(c * s) bit for
+    bit (rounding is monotonic), and exp2(fma(s, c, -m)) differs from the sm_80 kernel's
+    exp2(round(s c) - m) only by the one rounding the FFMA saves (relative 2^-22 here)."""
+    rng = np.random.default_rng(5)
+    for c in (np.float32(0.125 * LOG2E), np.float32(0.0883883 * LOG2E), np.float32(3.7e-3), np.float32(41.0)):
+        s = (rng.standard_normal((200, 128)) * 30).astype(np.float32)
+        np.testing.assert_array_equal((s.max(axis=1) * c).astype(np.float32), (s * c).astype(np.float32).max(axis=1))
+        m = (s * c).astype(np.float32).max(axis=1)
+        folded = np.stack([exp2_ffma(s[r], c, -m[r]) for r in range(200)])
+        two_step = np.exp2((((s * c).astype(np.float32) - m[:, None]).astype(np.float32)).astype(np.float64))
+        # at most exp2(half an ulp of m): the max element's exponent is fma's rounding residual
+        assert (folded <= np.exp2(np.spacing(np.abs(m)).astype(np.float64))[:, None] * (1 + 2 ** -22)).all()
+        np.testing.assert_allclose(folded, two_step, rtol=2 ** -22 * max(1.0, float(np.abs(s * c).max())), atol=1e-30)

@@ -3,6 +3,7 @@
 // the runtime, no libcuda link), then launches on `stream`. Instantiations: {fp16, bf16} x {64, 128}.
 #include <cudaTypedefs.h>
 
+#include <atomic>
 #include <cmath>
 
 #include "csrc/cuda/flash_attn.h"
@@ -63,6 +64,25 @@ std::string launch(const FlashParams& p, CUtensorMapDataType dt, cudaStream_t st
                    p.v_batch_stride, Tile::kBlockN);
   if (!err.empty()) return err;
   auto kernel = sm90::flash_fwd_sm90_kernel<T, D>;
+  // setmaxnreg only moves the registers the block got at launch (threads x registers per thread
+  // of the compiled kernel): the kernel's static_assert budgets kLaunchRegs per thread, the cap
+  // __launch_bounds__ gives ptxas. Had ptxas allocated fewer, setmaxnreg.inc would wait forever:
+  // check the compiled value once and refuse (nothing enqueued: the sm_80 kernel runs).
+  static std::atomic<int> compiled_regs{0};  // per instantiation; 0: not queried yet
+  int regs = compiled_regs.load(std::memory_order_relaxed);
+  if (regs == 0) {
+    cudaFuncAttributes a{};
+    if (cudaFuncGetAttributes(&a, kernel) == cudaSuccess) {
+      regs = a.numRegs;
+      compiled_regs.store(regs, std::memory_order_relaxed);
+    } else {
+      const cudaError_t e = cudaGetLastError();
+      return std::string("cudaFuncGetAttributes: ") + cudaGetErrorString(e);
+    }
+  }
+  if (regs != Tile::kLaunchRegs)
+    return "the sm_90a kernel was compiled with " + std::to_string(regs) + " registers per thread, not " +
+           std::to_string(Tile::kLaunchRegs) + " (setmaxnreg budget)";
   err = cuda_util::ensure_dynamic_smem<sm90::flash_fwd_sm90_kernel<T, D>>(Tile::kSmemBytes);
   if (!err.empty()) return err;
   cudaError_t e;
