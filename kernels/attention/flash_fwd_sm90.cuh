@@ -384,7 +384,9 @@ flash_fwd_sm90_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_con
       pa[kk][3] = pack2<T>(sc[8 * kk + 6], sc[8 * kk + 7]);  // row g+8, keys 16kk + 8 + 2t..
     }
   };
-  // Keeps P's registers alive (unchanged) until the P.V reading them has been waited for.
+  // For the front end: P's registers stay unchanged until the P.V reading them has been waited
+  // for (an empty asm emits no PTX; ptxas tracks the wgmma's register reads itself and reports
+  // C7514 "wgmma serialized" when code touches them early: cuda_check.py -v shows none).
   auto fence_pa = [&]() {
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)
