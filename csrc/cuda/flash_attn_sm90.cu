@@ -3,6 +3,9 @@
 // the runtime, no libcuda link), then launches on `stream`. Instantiations: {fp16, bf16} x {64, 128}.
 #include <cudaTypedefs.h>
 
+#include <atomic>
+#include <cmath>
+
 #include "csrc/cuda/flash_attn.h"
 #include "csrc/cuda/func_attr.h"
 #include "kernels/attention/flash_fwd_sm90.cuh"
@@ -61,6 +64,25 @@ std::string launch(const FlashParams& p, CUtensorMapDataType dt, cudaStream_t st
                    p.v_batch_stride, Tile::kBlockN);
   if (!err.empty()) return err;
   auto kernel = sm90::flash_fwd_sm90_kernel<T, D>;
+  // setmaxnreg only moves the registers the block got at launch (threads x registers per thread
+  // of the compiled kernel): the kernel's static_assert budgets kLaunchRegs per thread, the cap
+  // __launch_bounds__ gives ptxas. Had ptxas allocated fewer, setmaxnreg.inc would wait forever:
+  // check the compiled value once and refuse (nothing enqueued: the sm_80 kernel runs).
+  static std::atomic<int> compiled_regs{0};  // per instantiation; 0: not queried yet
+  int regs = compiled_regs.load(std::memory_order_relaxed);
+  if (regs == 0) {
+    cudaFuncAttributes a{};
+    if (cudaFuncGetAttributes(&a, kernel) == cudaSuccess) {
+      regs = a.numRegs;
+      compiled_regs.store(regs, std::memory_order_relaxed);
+    } else {
+      const cudaError_t e = cudaGetLastError();
+      return std::string("cudaFuncGetAttributes: ") + cudaGetErrorString(e);
+    }
+  }
+  if (regs != Tile::kLaunchRegs)
+    return "the sm_90a kernel was compiled with " + std::to_string(regs) + " registers per thread, not " +
+           std::to_string(Tile::kLaunchRegs) + " (setmaxnreg budget)";
   err = cuda_util::ensure_dynamic_smem<sm90::flash_fwd_sm90_kernel<T, D>>(Tile::kSmemBytes);
   if (!err.empty()) return err;
   cudaError_t e;
@@ -91,7 +113,11 @@ bool flash_fwd_sm90_usable(const FlashParams& p, int device) {
   }
   // no sliding window, no softcap (the sm_80 kernel runs those); causal alone is window_right 0
   const bool plain_mask = p.window_left < 0 && (p.causal || p.window_right < 0) && p.softcap == 0.f;
-  return major == 9 && minor == 0 && p.cu_seqlens_q == nullptr && p.num_splits <= 1 && plain_mask &&
+  // the kernel folds scale log2(e) into the exponent's FFMA after a max over the raw scores:
+  // that max is the max of the scaled scores only for a positive, finite scale log2(e)
+  const float c = p.scale * 1.4426950408889634f;
+  const bool fold_ok = p.scale > 0.f && std::isfinite(c);
+  return major == 9 && minor == 0 && p.cu_seqlens_q == nullptr && p.num_splits <= 1 && plain_mask && fold_ok &&
          p.seqused_k == nullptr &&  // no per-batch KV cache lengths in the sm_90a kernel
          (p.head_dim == 64 || p.head_dim == 128) && p.seqlen_q > 0 && p.seqlen_k > 0;
 }

@@ -92,7 +92,7 @@ def launch_config(name: str) -> Optional[Tuple[int, int, str]]:
     if "flash_fwd_sm90_kernel" in name:                       # csrc/cuda/flash_attn_sm90.cu
         d = _tmpl_ints(name)[-1]
         panels = d // 64
-        smem = 1024 + panels * 128 * 128 + 2 * 2 * panels * 128 * 128 + 8 * (1 + 3 * 2)
+        smem = 1024 + panels * 128 * 128 + 2 * 2 * panels * 128 * 128 + 8 * (1 + 4 * 2)  # + full/empty x K/V
         return 384, smem, f"D={d}"
     if "flash_bwd_kernel" in name:                            # csrc/cuda/flash_attn_bwd.cu
         d = _tmpl_ints(name)[-1]
