@@ -102,8 +102,12 @@ def launch_config(name: str) -> Optional[Tuple[int, int, str]]:
     if "flash_bwd_convert_dq_kernel" in name:
         return 256, 0, ""
     if "flash_fwd_kernel" in name:                            # csrc/cuda/flash_attn.cu
-        d = _tmpl_ints(name)[-1]
-        return 128, (64 * d + 2 * 2 * 64 * d) * 2, f"D={d}"
+        # flash_fwd_kernel<T, D, MT>: 4 warps x MT m16 tiles -> kBlockM = 64 MT rows (MT = 2: the
+        # 128-row prefill tile, D = 64 only; MT = 1: split-KV / decode and D = 128), kBlockN = 64;
+        # shared memory Q + one K + one V buffer (flash_fwd.cuh, flash_params.h flash_fwd_tile)
+        d, mt = _tmpl_ints(name)[-2:]
+        bm, bn = 64 * mt, 64
+        return 128, (bm * d + 2 * bn * d) * 2, f"D={d}, {bm}x{bn}"
     if "flash_combine_kernel" in name:
         return 4 * 32, 0, ""
     if "dwconv_layernorm_kernel" in name:                     # csrc/cuda/dwconv_layernorm.cu
