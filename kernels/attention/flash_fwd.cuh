@@ -27,7 +27,7 @@
 //     tile                 | kMTiles | kBlockM x N | smem (Q + K + V)   | regs sm_80/90a | MMA : ldmatrix.x4
 //     D = 64, 128-row      |    2    | 128 x 64    | 16 + 8 + 8 = 32 KiB | 254 / 254      | 128 : 40 = 3.2
 //     D = 64, 64-row       |    1    |  64 x 64    |  8 + 8 + 8 = 24 KiB | 168 / 168      |  64 : 36 = 1.8
-//     D = 128, 64-row      |    1    |  64 x 64    | 16 +16 +16 = 48 KiB | 229 / 226      | 128 : 72 = 1.8
+//     D = 128, 64-row      |    1    |  64 x 64    | 16 +16 +16 = 48 KiB | 225 / 222      | 128 : 72 = 1.8
 //   (per warp and K/V block: (kMTiles + kBlockN/16) D/16 + (kBlockN/16) D/16 ldmatrix.x4 for
 //   kMTiles (kBlockN D / 64) MMAs; registers from ptxas -v, CUDA 13, no spills). The 128-row tile
 //   is used for D = 64 prefill (seqlen_q > 64, no split): FlashAttention-2's tiling, 2 blocks per
