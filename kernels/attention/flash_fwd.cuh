@@ -35,6 +35,9 @@
 //   extra rows would be idle MMAs) and D = 128: there the 128-row tile holds 128 O + 32..64 S fp32
 //   accumulators per thread and ptxas spilled 8-540 bytes at the 255-register cap in every variant
 //   tried (kBlockN 64 and 32, k16 unroll 1/2/full, hoisting barriers below), so it is not built.
+//   Closest: kBlockN = 32 with the K/V rows addressed from a 32-bit first-key index compiled to
+//   254 registers without spills for sm_80 but still spilled 40-52 bytes for sm_90a (2.7 MMA per
+//   ldmatrix.x4); enabling it needs a per-arch tile choice shared with the host and the twin.
 //   Shared memory: Q tile (kBlockM x D, resident; its A-fragments are re-read by ldmatrix per
 //   K block to save registers), one K and one V tile (kBlockN x D), filled by 16-byte cp.async
 //   (tails zero-filled), read by ldmatrix (.trans for V). Rows of D elements are split in
