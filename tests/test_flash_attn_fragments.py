@@ -162,12 +162,14 @@ def _model(D, BN, MT, rng):
     return res
 
 
-@pytest.mark.parametrize("D,MT", [(64, 1), (128, 1), (64, 2)])  # the instantiated kernels
+@pytest.mark.parametrize("D,MT", [(64, 1), (128, 1), (64, 2), (128, 2)])  # the instantiated kernels
 def test_sm80_fragment_plumbing(D, MT):
-    ldsm, mmas = _model(D, 64, MT, np.random.default_rng(D + MT))
+    BN = _tile(1000, D, 1)[1] if MT == 2 else 64
+    ldsm, mmas = _model(D, BN, MT, np.random.default_rng(D + MT))
     # MMAs per ldmatrix.x4 per K/V block: 64-row tile 64/36 (D = 64), 128/72 (D = 128); the
-    # 128-row tile 128/40 = 3.2 (every K/V fragment feeds two m16 tiles; 1.8x the 64-row tile)
-    want = {(64, 1): 64 / 36, (128, 1): 128 / 72, (64, 2): 128 / 40}
+    # 128-row tile (every K/V fragment feeds two m16 tiles) 128/40 = 3.2 (D = 64, 64 keys),
+    # 128/48 = 2.7 (D = 128, 32 keys)
+    want = {(64, 1): 64 / 36, (128, 1): 128 / 72, (64, 2): 128 / 40, (128, 2): 128 / 48}
     assert mmas / ldsm == pytest.approx(want[(D, MT)])
 
 
@@ -220,9 +222,9 @@ def _split_range(nb_lo, nb_hi, split, splits):
 
 
 def _tile(Sq, D, splits):  # flash_fwd_tile: (kBlockM, kBlockN, m16 tiles per warp)
-    if splits > 1 or Sq <= 64 or D > 64:  # flash_fwd_large_tile: D <= 64
+    if splits > 1 or Sq <= 64:
         return 64, 64, 1
-    return 128, 64, 2
+    return 128, 64 if D <= 64 else 32, 2  # flash_fwd_large_block_n
 
 
 def _kernel_visits(Sq, Sk, causal, left, right, splits, D):

@@ -1,9 +1,8 @@
 // Launcher of kernels/attention/flash_fwd.cuh: turns the runtime dtype and head dim into the
 // template arguments (the only place that does) and sizes grid and shared memory.
-// Instantiations: {__half, __nv_bfloat16} x (D = 64: 64- and 128-row tiles, D = 128: 64-row tile);
-// the tile is flash_fwd_tile(p) (flash_params.h: 64 rows for split-KV, seqlen_q <= 64 and
-// D = 128), the one the host's split choice and the CPU twin use; causal and split-KV are
-// runtime flags.
+// Instantiations: {__half, __nv_bfloat16} x {64, 128} x {64-row tile, 128-row tile}; the tile is
+// flash_fwd_tile(p) (flash_params.h: 64 rows for split-KV and seqlen_q <= 64), the one the CPU
+// twin uses; causal and split-KV are runtime flags.
 // Split-KV launches the combine kernel after the main one (same stream, no sync).
 #include "csrc/cuda/flash_attn.h"
 #include "csrc/cuda/func_attr.h"
@@ -54,7 +53,7 @@ std::string launch(const FlashParams& p, cudaStream_t stream) {
 
 template <typename T, int D>
 std::string pick_tile(const FlashParams& p, cudaStream_t stream) {
-  if constexpr (flash_fwd_large_tile(D)) {  // only D = 64 instantiates the 128-row tile
+  if constexpr (flash_fwd_large_tile(D)) {
     if (flash_fwd_tile(p).large) return launch<T, D, 2>(p, stream);
   }
   return launch<T, D, 1>(p, stream);

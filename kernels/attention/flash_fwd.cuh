@@ -24,20 +24,22 @@
 //   mma C layout). Every K (Q K^T) and V (P V) B-fragment a warp loads with ldmatrix feeds the
 //   MMAs of all its m tiles, so kMTiles = 2 halves the ldmatrix per MMA of the Q K^T / P V loops.
 // Tiles (flash_fwd_tile, flash_params.h, picks one per launch; the CPU twin walks the same one):
-//     tile                 | kMTiles | kBlockM x N | smem (Q + K + V)   | regs sm_80/90a | MMA : ldmatrix.x4
-//     D = 64, 128-row      |    2    | 128 x 64    | 16 + 8 + 8 = 32 KiB | 254 / 254      | 128 : 40 = 3.2
-//     D = 64, 64-row       |    1    |  64 x 64    |  8 + 8 + 8 = 24 KiB | 168 / 168      |  64 : 36 = 1.8
-//     D = 128, 64-row      |    1    |  64 x 64    | 16 +16 +16 = 48 KiB | 225 / 222      | 128 : 72 = 1.8
+//     tile             | kMTiles | kBlockM x N | smem (Q + K + V)     | regs sm_80/90a | MMA : ldmatrix.x4
+//     D = 64, prefill  |    2    | 128 x 64    | 16 + 8 + 8 = 32 KiB  | 255 / 248      | 128 : 40 = 3.2
+//     D = 128, prefill |    2    | 128 x 32    | 32 + 8 + 8 = 48 KiB  | 255 / 255      | 128 : 48 = 2.7
+//     D = 64, 64-row   |    1    |  64 x 64    |  8 + 8 + 8 = 24 KiB  | 167 / 168      |  64 : 36 = 1.8
+//     D = 128, 64-row  |    1    |  64 x 64    | 16 + 16 + 16 = 48 KiB| 238 / 235      | 128 : 72 = 1.8
 //   (per warp and K/V block: (kMTiles + kBlockN/16) D/16 + (kBlockN/16) D/16 ldmatrix.x4 for
-//   kMTiles (kBlockN D / 64) MMAs; registers from ptxas -v, CUDA 13, no spills). The 128-row tile
-//   is used for D = 64 prefill (seqlen_q > 64, no split): FlashAttention-2's tiling, 2 blocks per
-//   SM by registers. The 64-row tile serves split-KV and decode-shaped launches (seqlen_q <= 64:
-//   extra rows would be idle MMAs) and D = 128: there the 128-row tile holds 128 O + 32..64 S fp32
-//   accumulators per thread and ptxas spilled 8-540 bytes at the 255-register cap in every variant
-//   tried (kBlockN 64 and 32, k16 unroll 1/2/full, hoisting barriers below), so it is not built.
-//   Closest: kBlockN = 32 with the K/V rows addressed from a 32-bit first-key index compiled to
-//   254 registers without spills for sm_80 but still spilled 40-52 bytes for sm_90a (2.7 MMA per
-//   ldmatrix.x4); enabling it needs a per-arch tile choice shared with the host and the twin.
+//   kMTiles kBlockN D / 64 MMAs; registers from ptxas -v, CUDA 13, no spills, 2 blocks per SM
+//   except the D = 64 64-row tile's 3). The 128-row tile (FlashAttention-2's tiling) serves
+//   prefill (seqlen_q > 64, no split). Its kBlockN is what the 255 registers allow: at D = 128 a
+//   thread holds 128 O + 32 S fp32 accumulators (with kBlockN = 64, 128 + 64, ptxas spilled
+//   150+ bytes), so the D = 128 tile re-reads Q once per 32 keys (2.7 MMAs per ldmatrix, not
+//   FA2's 3.2) and pays the O rescale per 32 keys. It sits at the register cap: the per-block
+//   values are kept 32-bit and materialised once (opaque asm copies), K/V rows are addressed from
+//   a 32-bit first-key index, and the Q K^T loop is unrolled fully; variants without those
+//   spilled 8-540 bytes (cuda_check.py -v; recheck after any change). The 64-row tile serves
+//   split-KV and decode-shaped launches (seqlen_q <= 64: the extra rows would be idle MMAs).
 //   Shared memory: Q tile (kBlockM x D, resident; its A-fragments are re-read by ldmatrix per
 //   K block to save registers), one K and one V tile (kBlockN x D), filled by 16-byte cp.async
 //   (tails zero-filled), read by ldmatrix (.trans for V). Rows of D elements are split in
@@ -51,7 +53,7 @@
 //   = m block * num_splits + split; a block walks only its split's piece of the tile's visible K
 //   blocks (flash_split_range) and writes fp32
 //   partials (o_s = acc / l, lse_s = m + log2 l); flash_combine_kernel merges them.
-// Limits: T in {__half, __nv_bfloat16}; D in {64, 128} (template; kMTiles 2 only for D = 64); all strides except the last
+// Limits: T in {__half, __nv_bfloat16}; D in {64, 128} (template); all strides except the last
 //   a multiple of 8 elements and pointers 16-byte aligned (the binding copies otherwise);
 //   Hq <= 65535, B <= 65535 (grid y/z); any Sq, Sk (tails masked); cu_seqlens values valid and
 //   lengths <= max_seqlen (checked by the binding unless value checks are off); varlen grid x
@@ -74,7 +76,7 @@ struct FlashFwdTile {
   static constexpr int kWarpRows = 16 * kMTiles;           // Q rows a warp owns (contiguous)
   static constexpr int kBlockM = kWarps * kWarpRows;       // Q rows per block (the CPU twin's too)
   static constexpr int kBlockN =                            // keys per K/V block
-      kMTiles == 1 ? FlashTileShape::kBlockN : kFlashLargeBlockN;
+      kMTiles == 1 ? FlashTileShape::kBlockN : flash_fwd_large_block_n(kHeadDim);
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kChunk = 8;              // elements of one 16-byte cp.async / ldmatrix row
   static constexpr int kChunksPerRow = kHeadDim / kChunk;
@@ -226,23 +228,26 @@ flash_fwd_kernel(const FlashParams p) {
 
   // 1. Sequence geometry and base pointers (64-bit offsets).
   int64_t Sq = p.seqlen_q, Sk = p.seqlen_k;
-  int64_t q_off = b * p.q_batch_stride, k_off = b * p.k_batch_stride;
-  int64_t v_off = b * p.v_batch_stride;
+  int64_t q_off = b * p.q_batch_stride;
+  // K/V rows are addressed as (block-uniform base) + (kv0 + key) * row stride with kv0 the
+  // sequence's first key token (varlen; 0 dense) in 32 bits (cu_seqlens are int32): one register
+  // across the main loop instead of two 64-bit per-thread pointers
+  const int64_t kv_b = p.cu_seqlens_q != nullptr ? 0 : b;
+  int kv0 = 0;
   if (p.cu_seqlens_q != nullptr) {
     const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
     Sq = p.cu_seqlens_q[b + 1] - q0;
     Sk = p.cu_seqlens_k[b + 1] - k0;
     q_off = q0 * p.q_row_stride;
-    k_off = k0 * p.k_row_stride;
-    v_off = k0 * p.v_row_stride;
+    kv0 = int(k0);
   }
   if (p.seqused_k != nullptr) Sk = p.seqused_k[b];  // KV cache: this batch's valid keys (dense)
   const int64_t m0 = int64_t(mb) * BM;
   if (m0 >= Sq) return;  // whole block leaves before any barrier (varlen: a shorter sequence)
   const int64_t hk = int(h) / (int(p.heads_q) / int(p.heads_kv));  // GQA/MQA: kv head (Hq <= 65535)
   const T* gQ = static_cast<const T*>(p.q) + q_off + h * p.q_head_stride + m0 * p.q_row_stride;
-  const T* gK = static_cast<const T*>(p.k) + k_off + hk * p.k_head_stride;
-  const T* gV = static_cast<const T*>(p.v) + v_off + hk * p.v_head_stride;
+  const T* gK = static_cast<const T*>(p.k) + kv_b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* gV = static_cast<const T*>(p.v) + kv_b * p.v_batch_stride + hk * p.v_head_stride;
 
   const int rows_q = int(min(int64_t(BM), Sq - m0));
   // Block skipping (causal, window): a row's visible range [lo, hi] is nondecreasing in the row,
@@ -267,7 +272,7 @@ flash_fwd_kernel(const FlashParams p) {
   load_tile<Tile, BM>(sQ, gQ, p.q_row_stride, rows_q, tid);
   if (nb_begin < nb_end) {
     const int64_t n0 = int64_t(nb_begin) * BN;
-    load_tile<Tile, BN>(sK, gK + n0 * p.k_row_stride, p.k_row_stride, int(min(int64_t(BN), Sk - n0)), tid);
+    load_tile<Tile, BN>(sK, gK + (kv0 + n0) * p.k_row_stride, p.k_row_stride, int(min(int64_t(BN), Sk - n0)), tid);
   }
   cp_async_commit();
 
@@ -318,7 +323,7 @@ flash_fwd_kernel(const FlashParams p) {
   // sources live across the main loop and re-derives them per block (registers the 128-row tile
   // at D = 128 does not have).
   int rows_qo = rows_q;
-  asm volatile("" : "+r"(lo_c), "+r"(hi_c), "+r"(sk1), "+r"(has_keys), "+r"(rows_qo));
+  asm volatile("" : "+r"(lo_c), "+r"(hi_c), "+r"(sk1), "+r"(has_keys), "+r"(rows_qo), "+r"(kv0));
 
   // ldmatrix lane offsets (elements) at k16 slice 0 of m tile 0 / n16 group 0 / key slice 0:
   //   Q  (A, x4): row wrow + lane % 16, column (lane / 16) * 8; matrices = a0 a1 a2 a3;
@@ -346,7 +351,7 @@ flash_fwd_kernel(const FlashParams p) {
     //    of block nb-1 precedes this barrier): issue V of block nb, it lands during S = Q K^T.
     cp_async_wait<0>();
     __syncthreads();
-    load_tile<Tile, BN>(sV, gV + n0 * p.v_row_stride, p.v_row_stride, valid, tid);
+    load_tile<Tile, BN>(sV, gV + int64_t(kv0 + n0i) * p.v_row_stride, p.v_row_stride, valid, tid);
     cp_async_commit();
 
     // 4. S = Q K^T (kWarpRows x kBlockN per warp, fp32). Each K B-fragment (one ldmatrix.x4 =
@@ -356,7 +361,7 @@ flash_fwd_kernel(const FlashParams p) {
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int i = 0; i < Tile::kNTiles; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
-#pragma unroll 2  // s[] is indexed by mt, nn only: a partial unroll bounds the ldmatrix prefetch (registers)
+#pragma unroll  // full: with unroll 2 (fewer fragments in flight) ptxas spilled the D = 128 tile
     for (int kk = 0; kk < Tile::kKSlicesD; ++kk) {
       // Q A-fragments of this k16 slice, re-read from shared memory each block (Q stays resident
       // there; holding all of Q in registers spills at D = 128).
@@ -381,8 +386,8 @@ flash_fwd_kernel(const FlashParams p) {
     cp_async_wait<0>();
     __syncthreads();
     if (nb + 1 < nb_end) {
-      const int64_t n1 = n0 + BN;
-      load_tile<Tile, BN>(sK, gK + n1 * p.k_row_stride, p.k_row_stride, min(BN, sk1 + 1 - n0i - BN), tid);
+      load_tile<Tile, BN>(sK, gK + int64_t(kv0 + n0i + BN) * p.k_row_stride, p.k_row_stride,
+                          min(BN, sk1 + 1 - n0i - BN), tid);
       cp_async_commit();
     }
 

@@ -85,22 +85,26 @@ inline FlashKeyRange flash_key_range(const FlashParams& p, int64_t row, int64_t 
 //    also the unit the host's split-KV choice counts in (m_blocks, k_blocks,
 //    flash_max_tile_k_blocks, csrc/attention.cpp), which is exact because every split launch
 //    uses this tile.
-//  - the prefill tile of D <= 64, kFlashLargeBlockM = 128 rows (4 warps x 32 rows: two 16-row
-//    MMA tiles per warp share every K/V fragment, FlashAttention-2's tiling) x kFlashLargeBlockN.
+//  - the prefill tile, kFlashLargeBlockM = 128 rows (4 warps x 32 rows: two 16-row MMA tiles per
+//    warp share every K/V fragment, FlashAttention-2's tiling) x flash_fwd_large_block_n(D) keys.
 struct FlashTileShape {
   static constexpr int kBlockM = 64;
   static constexpr int kBlockN = 64;
 };
 constexpr int kFlashLargeBlockM = 128;
-// Head dims that get the 128-row tile: D <= 64 (128 x 64 tile: 64 O + 64 S fp32 accumulators
-// per thread, ~250 registers, no spill). At D = 128 the 128-row tile needs 128 O accumulators
-// plus S, and ptxas (CUDA 13) spilled 8-540 bytes at the 255-register cap in every variant tried
-// (kBlockN 64 and 32, see flash_fwd.cuh), so D = 128 keeps the 64-row tile.
+// Head dims that have the 128-row tile: every D of the CUDA kernel (the twin uses the same rule
+// for its CPU-only head dims).
 #if defined(__CUDACC__)
 __host__ __device__
 #endif
-constexpr bool flash_fwd_large_tile(int64_t head_dim) { return head_dim <= 64; }
-constexpr int kFlashLargeBlockN = 64;  // keys per K/V block of the 128-row tile
+constexpr bool flash_fwd_large_tile(int64_t head_dim) { return head_dim <= 128; }
+// Keys per K/V block of the 128-row tile: 64 at D <= 64 (64 O + 64 S fp32 accumulators per
+// thread), 32 above (D = 128: 128 O + 32 S; with 64 keys, 128 + 64, ptxas spills 150+ bytes at
+// the 255-register cap).
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+constexpr int flash_fwd_large_block_n(int64_t head_dim) { return head_dim <= 64 ? 64 : 32; }
 
 // Tile of one forward launch: the 128-row tile for head dims that have it (flash_fwd_large_tile)
 // unless the launch is split-KV or decode-shaped (seqlen_q <= 64: one 64-row block already
@@ -114,7 +118,7 @@ struct FlashFwdTileChoice {
 inline FlashFwdTileChoice flash_fwd_tile(const FlashParams& p) {
   if (p.num_splits > 1 || p.seqlen_q <= FlashTileShape::kBlockM || !flash_fwd_large_tile(p.head_dim))
     return {FlashTileShape::kBlockM, FlashTileShape::kBlockN, false};
-  return {kFlashLargeBlockM, kFlashLargeBlockN, true};
+  return {kFlashLargeBlockM, flash_fwd_large_block_n(p.head_dim), true};
 }
 
 // K blocks [begin, end) of split `split` (of `splits`) of a tile whose visible K blocks are
