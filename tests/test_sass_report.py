@@ -95,8 +95,13 @@ def test_occupancy_arithmetic():
 
 
 def test_launch_configs_follow_the_tiles():
-    assert sass.launch_config("void hires::attention::flash_fwd_kernel<__nv_bfloat16, 128>(hires::attention::FlashParams)") \
-        == (128, (64 * 128 + 4 * 64 * 128) * 2, "D=128")
+    # flash_fwd_kernel<T, D, m16 tiles per warp>: Q (kBlockM x D) + one K and one V (64 x D) tile
+    assert sass.launch_config("void hires::attention::flash_fwd_kernel<__nv_bfloat16, 64, 2>(hires::attention::FlashParams)") \
+        == (128, (128 * 64 + 2 * 64 * 64) * 2, "D=64, 128x64")
+    assert sass.launch_config("void hires::attention::flash_fwd_kernel<__half, 128, 1>(hires::attention::FlashParams)") \
+        == (128, (64 * 128 + 2 * 64 * 128) * 2, "D=128, 64x64")
+    assert sass.launch_config("void hires::attention::flash_fwd_kernel<__half, 128, 2>(hires::attention::FlashParams)") \
+        == (128, (128 * 128 + 2 * 32 * 128) * 2, "D=128, 128x32")
     threads, smem, note = sass.launch_config(
         "void hires::deepstack::inject_norm_kernel<__nv_bfloat16, __nv_bfloat16, (hires::deepstack::Norm)1, 8, 4>(hires::deepstack::InjectNormParams)")
     assert threads == 128 and smem == 0   # 4096 / 8 / 4 = 128 threads per row, one row per block

@@ -1,7 +1,10 @@
 // CPU twin of the flash attention forward (kernels/attention/flash_fwd.cuh); see attention.h.
 //
-// Work item = (batch b, query head h, Q block mb), as one CUDA thread block. Varlen items follow
-// the real sequence lengths (cu_seqlens), never max_seqlen_q: a bound of 2^40 costs nothing.
+// Work item = (batch b, query head h, Q block mb), as one CUDA thread block, with the kernel's
+// tile of this launch (flash_fwd_tile, flash_params.h: kBlockM = 64 for split-KV and
+// seqlen_q <= 64, else 128; kBlockN per head dim), so the tests prove the same block ranges,
+// block skipping and tail tiles. Varlen items follow the real sequence lengths (cu_seqlens),
+// never max_seqlen_q: a bound of 2^40 costs nothing.
 // Per item:
 //   1. load the Q tile (kBlockM x D) as fp32;
 //   2. K blocks [lo(row0) / kBlockN, hi(last row)] from flash_key_range (block skipping: causal,
@@ -83,8 +86,9 @@ void combine(const FlashParams& p) {
 
 template <typename T>
 void run(const FlashParams& p) {
-  constexpr int64_t BM = FlashTileShape::kBlockM;
-  constexpr int64_t BN = FlashTileShape::kBlockN;
+  const FlashFwdTileChoice tile = flash_fwd_tile(p);  // the CUDA launcher's choice
+  const int64_t BM = tile.block_m;
+  const int64_t BN = tile.block_n;
   constexpr float kLog2e = 1.4426950408889634f;
   const float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t D = p.head_dim;

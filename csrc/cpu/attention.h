@@ -1,5 +1,5 @@
 // CPU twin of kernels/attention/flash_fwd.cuh: the same FlashParams, the same Q/K/V tiling
-// (FlashTileShape), the same online softmax in the log2 domain, P rounded to the input dtype
+// (flash_fwd_tile: 64- or 128-row Q blocks), the same online softmax in the log2 domain, P rounded to the input dtype
 // before the P.V product (as the tensor-core kernel does), fp32 accumulation.
 #pragma once
 #include <ATen/ATen.h>

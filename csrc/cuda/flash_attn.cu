@@ -1,6 +1,8 @@
 // Launcher of kernels/attention/flash_fwd.cuh: turns the runtime dtype and head dim into the
 // template arguments (the only place that does) and sizes grid and shared memory.
-// Instantiations: {__half, __nv_bfloat16} x {64, 128}; causal and split-KV are runtime flags.
+// Instantiations: {__half, __nv_bfloat16} x {64, 128} x {64-row tile, 128-row tile}; the tile is
+// flash_fwd_tile(p) (flash_params.h: 64 rows for split-KV and seqlen_q <= 64), the one the CPU
+// twin uses; causal and split-KV are runtime flags.
 // Split-KV launches the combine kernel after the main one (same stream, no sync).
 #include "csrc/cuda/flash_attn.h"
 #include "csrc/cuda/func_attr.h"
@@ -11,9 +13,9 @@ namespace {
 
 constexpr int64_t kMaxGridYZ = 65535;
 
-template <typename T, int D>
+template <typename T, int D, int MT>
 std::string launch(const FlashParams& p, cudaStream_t stream) {
-  using Tile = FlashFwdTile<D>;
+  using Tile = FlashFwdTile<D, MT>;
   const int64_t m_blocks = (p.seqlen_q + Tile::kBlockM - 1) / Tile::kBlockM;
   if (m_blocks == 0 || p.batch == 0 || p.heads_q == 0) return std::string();
   const int splits = p.num_splits > 1 ? p.num_splits : 1;
@@ -26,10 +28,10 @@ std::string launch(const FlashParams& p, cudaStream_t stream) {
   if (p.heads_q > kMaxGridYZ) return "more than 65535 query heads";
   if (p.batch > kMaxGridYZ) return "batch larger than 65535";
   const size_t smem = size_t(Tile::kSmemElems) * sizeof(T);
-  auto kernel = flash_fwd_kernel<T, D>;
+  auto kernel = flash_fwd_kernel<T, D, MT>;
   // Above 48 KiB dynamic shared memory needs the opt-in (set once per device; fails cleanly where
   // the device lacks it).
-  std::string attr = cuda_util::ensure_dynamic_smem<flash_fwd_kernel<T, D>>(int(smem));
+  std::string attr = cuda_util::ensure_dynamic_smem<flash_fwd_kernel<T, D, MT>>(int(smem));
   if (!attr.empty()) return attr;
   cudaError_t err;
   FlashParams prm = p;
@@ -49,11 +51,19 @@ std::string launch(const FlashParams& p, cudaStream_t stream) {
   return std::string();
 }
 
+template <typename T, int D>
+std::string pick_tile(const FlashParams& p, cudaStream_t stream) {
+  if constexpr (flash_fwd_large_tile(D)) {
+    if (flash_fwd_tile(p).large) return launch<T, D, 2>(p, stream);
+  }
+  return launch<T, D, 1>(p, stream);
+}
+
 template <typename T>
 std::string pick_dim(const FlashParams& p, cudaStream_t stream) {
   switch (p.head_dim) {
-    case 64: return launch<T, 64>(p, stream);
-    case 128: return launch<T, 128>(p, stream);
+    case 64: return pick_tile<T, 64>(p, stream);
+    case 128: return pick_tile<T, 128>(p, stream);
     default: return "head_dim " + std::to_string(p.head_dim) + " has no kernel (64, 128)";
   }
 }

@@ -17,18 +17,38 @@
 //   KV cache (FlashParams::seqused_k, dense): batch b uses Sk = seqused_k[b] keys (read on device).
 // Ownership: one thread block = one (Q block of kBlockM rows, q head, batch); grid (m_blocks,
 //   Hq, B), for causal the m-blocks are visited last-first so the longest blocks start first.
-//   kWarps warps each own 16 Q rows (one m16n8k16 row tile), so the softmax statistics of a row
-//   live in the 4 threads of one quad: no inter-warp reduction, no shared-memory round trip.
-//   Lane (g = lane/4, t = lane%4) holds rows g and g+8 of its warp's tile, columns 2t, 2t+1 of
-//   every n8 tile (the mma C layout).
+//   4 warps; warp w owns the kWarpRows = 16 kMTiles contiguous Q rows 16 kMTiles w .. + kWarpRows - 1
+//   as kMTiles m16n8k16 row tiles, so the softmax statistics of a row live in the 4 threads of
+//   one quad: no inter-warp reduction, no shared-memory round trip. Lane (g = lane/4, t = lane%4)
+//   holds rows g and g+8 of each of its warp's m tiles, columns 2t, 2t+1 of every n8 tile (the
+//   mma C layout). Every K (Q K^T) and V (P V) B-fragment a warp loads with ldmatrix feeds the
+//   MMAs of all its m tiles, so kMTiles = 2 halves the ldmatrix per MMA of the Q K^T / P V loops.
+// Tiles (flash_fwd_tile, flash_params.h, picks one per launch; the CPU twin walks the same one):
+//     tile             | kMTiles | kBlockM x N | smem (Q + K + V)     | regs sm_80/90a | MMA : ldmatrix.x4
+//     D = 64, prefill  |    2    | 128 x 64    | 16 + 8 + 8 = 32 KiB  | 255 / 248      | 128 : 40 = 3.2
+//     D = 128, prefill |    2    | 128 x 32    | 32 + 8 + 8 = 48 KiB  | 255 / 255      | 128 : 48 = 2.7
+//     D = 64, 64-row   |    1    |  64 x 64    |  8 + 8 + 8 = 24 KiB  | 167 / 168      |  64 : 36 = 1.8
+//     D = 128, 64-row  |    1    |  64 x 64    | 16 + 16 + 16 = 48 KiB| 238 / 235      | 128 : 72 = 1.8
+//   (per warp and K/V block: (kMTiles + kBlockN/16) D/16 + (kBlockN/16) D/16 ldmatrix.x4 for
+//   kMTiles kBlockN D / 64 MMAs; registers from ptxas -v, CUDA 13, no spills, 2 blocks per SM
+//   except the D = 64 64-row tile's 3). The 128-row tile (FlashAttention-2's tiling) serves
+//   prefill (seqlen_q > 64, no split). Its kBlockN is what the 255 registers allow: at D = 128 a
+//   thread holds 128 O + 32 S fp32 accumulators (with kBlockN = 64, 128 + 64, ptxas spilled
+//   150+ bytes), so the D = 128 tile re-reads Q once per 32 keys (2.7 MMAs per ldmatrix, not
+//   FA2's 3.2) and pays the O rescale per 32 keys. It sits at the register cap: the per-block
+//   values are kept 32-bit and materialised once (opaque asm copies), K/V rows are addressed from
+//   a 32-bit first-key index, and the Q K^T loop is unrolled fully; variants without those
+//   spilled 8-540 bytes (cuda_check.py -v; recheck after any change). The 64-row tile serves
+//   split-KV and decode-shaped launches (seqlen_q <= 64: the extra rows would be idle MMAs).
 //   Shared memory: Q tile (kBlockM x D, resident; its A-fragments are re-read by ldmatrix per
-//   K block to save registers) and kStages = 2 buffers of K and V tiles (kBlockN x D),
-//   filled by 16-byte cp.async (tails zero-filled), read by ldmatrix (.trans for V). Rows of D
-//   elements are split in 16-byte chunks and chunk c of row r is stored at c ^ (r % 8): the 8
-//   rows an ldmatrix phase reads hit 8 distinct 16-byte bank groups (no bank conflicts).
-//   Pipeline per K/V block n: issue cp.async of block n+1 into the other buffer, wait for block
-//   n (cp.async.wait_group 1, or 0 for the last), barrier, S = Q K^T, mask, softmax, O += P V,
-//   barrier (every warp is done with buffer n%2 before block n+2 overwrites it).
+//   K block to save registers), one K and one V tile (kBlockN x D), filled by 16-byte cp.async
+//   (tails zero-filled), read by ldmatrix (.trans for V). Rows of D elements are split in
+//   16-byte chunks and chunk c of row r is stored at c ^ (r % 8): the 8 rows an ldmatrix phase
+//   reads hit 8 distinct 16-byte bank groups (no bank conflicts).
+//   Pipeline per K/V block n (FlashAttention-2's): wait + barrier (K of n landed; every warp is
+//   done with V of n-1), issue V of n, S = Q K^T, wait + barrier (V of n landed; every warp is
+//   done with K), issue K of n+1, mask, softmax, O += P V. Each copy overlaps one GEMM; two
+//   barriers per block (tests/test_flash_attn_fragments.py replays the hazards).
 // Split-KV (dense, FlashParams::num_splits > 1, for decode: few Q blocks, long KV): blockIdx.x
 //   = m block * num_splits + split; a block walks only its split's piece of the tile's visible K
 //   blocks (flash_split_range) and writes fp32
@@ -48,36 +68,40 @@
 
 namespace hires::attention {
 
-template <int kHeadDim_>
+template <int kHeadDim_, int kMTiles_>
 struct FlashFwdTile {
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kBlockM = FlashTileShape::kBlockM;  // Q rows per block (the CPU twin's too)
-  static constexpr int kBlockN = FlashTileShape::kBlockN;  // keys per K/V block
-  static constexpr int kWarpRows = 16;                     // one m16n8k16 row tile per warp
-  static constexpr int kWarps = kBlockM / kWarpRows;
+  static constexpr int kMTiles = kMTiles_;  // m16 row tiles per warp (1: 64-row tile, 2: 128-row)
+  static constexpr int kWarps = 4;
+  static constexpr int kWarpRows = 16 * kMTiles;           // Q rows a warp owns (contiguous)
+  static constexpr int kBlockM = kWarps * kWarpRows;       // Q rows per block (the CPU twin's too)
+  static constexpr int kBlockN =                            // keys per K/V block
+      kMTiles == 1 ? FlashTileShape::kBlockN : flash_fwd_large_block_n(kHeadDim);
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kChunk = 8;              // elements of one 16-byte cp.async / ldmatrix row
   static constexpr int kChunksPerRow = kHeadDim / kChunk;
   static constexpr int kSwizzleRows = 8;        // 8 chunks x 16 B = 128 B = all 32 banks
-  static constexpr int kStages = 2;             // K/V double buffer
-  static constexpr int kNTiles = kBlockN / 8;   // n8 tiles of S per warp
-  static constexpr int kDTiles = kHeadDim / 8;  // n8 tiles of O per warp
+  static constexpr int kNTiles = kBlockN / 8;   // n8 tiles of S per m16 tile
+  static constexpr int kDTiles = kHeadDim / 8;  // n8 tiles of O per m16 tile
   static constexpr int kKSlicesD = kHeadDim / 16;  // k16 steps of Q K^T
   static constexpr int kKSlicesN = kBlockN / 16;   // k16 steps of P V
   static constexpr int kQElems = kBlockM * kHeadDim;
   static constexpr int kKVElems = kBlockN * kHeadDim;
-  static constexpr int kSmemElems = kQElems + 2 * kStages * kKVElems;
-  // Blocks per SM the register cap aims at (__launch_bounds__): D = 64 fits 3 (<= 170 registers;
-  // left free, ptxas took 223 on sm_90a once the epilogue staged o in shared memory); D = 128
-  // needs ~240 registers, 2 blocks.
-  static constexpr int kMinBlocks = kHeadDim <= 64 ? 3 : 2;
-  static_assert(kBlockM % kWarpRows == 0, "warps split the Q block in 16-row tiles");
+  static constexpr int kSmemElems = kQElems + 2 * kKVElems;  // Q, one K buffer, one V buffer
+  // Blocks per SM the register cap aims at (__launch_bounds__): the 64-row tile at D = 64 fits 3
+  // (<= 170 registers); every other configuration 2 (<= 255: D = 128 holds 128 O + 64 S fp32
+  // accumulators per thread in the 128-row tile).
+  static constexpr int kMinBlocks = (kHeadDim <= 64 && kMTiles == 1) ? 3 : 2;
+  static_assert(kMTiles == 1 || (kMTiles == 2 && flash_fwd_large_tile(kHeadDim)),
+                "one m16 tile per warp, two where the 128-row tile fits the registers");
+  static_assert(kBlockM == (kMTiles == 1 ? FlashTileShape::kBlockM : kFlashLargeBlockM),
+                "the tile flash_fwd_tile (flash_params.h) tells the host and the CPU twin");
   static_assert(kHeadDim % (kChunk * kSwizzleRows) == 0,
                 "the XOR swizzle permutes 8 chunks inside each 128-byte segment of a row");
   static_assert(kBlockN % 16 == 0 && kHeadDim % 16 == 0, "ldmatrix.x4 loads 16x16 sub-tiles");
   static_assert((kBlockN * kChunksPerRow) % kThreads == 0 && (kBlockM * kChunksPerRow) % kThreads == 0,
                 "every thread copies the same number of chunks");
-  static_assert(kThreads <= 1024, "one block");
+  static_assert((kWarpRows * kChunksPerRow) % 32 == 0, "the epilogue's 16-byte stores split evenly");
 };
 
 // ---- PTX wrappers ------------------------------------------------------------------------------
@@ -105,6 +129,14 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p)));
+}
+
+// A 32-bit global load the compiler cannot merge with an earlier load of the same address: the
+// epilogue re-reads cu_seqlens_q[b] instead of keeping it live across the main loop.
+__device__ __forceinline__ int ld_global_opaque(const int* ptr) {
+  int v;
+  asm volatile("ld.global.b32 %0, [%1];\n" : "=r"(v) : "l"(ptr));
+  return v;
 }
 
 // 2^x with the SFU instruction (what exp2f becomes under --use_fast_math); ex2(-inf) = +0.
@@ -146,33 +178,48 @@ __device__ __forceinline__ int swz(int row, int col) {
 
 // Copies rows [0, rows) of a kRows x D tile (row stride in elements) into swizzled shared
 // memory; rows >= valid are zero-filled (no global read), so tails never feed garbage (or NaN)
-// into the MMAs.
+// into the MMAs. Thread tid copies chunk tid % kChunksPerRow of rows r0 + i kRowsPerPass
+// (r0 = tid / kChunksPerRow): kRowsPerPass is a multiple of 8, so every row it copies has the
+// swizzle phase r0 % 8 and the destinations are one base plus compile-time offsets, the sources
+// one pointer plus multiples of one 64-bit step (few live registers across the main loop).
 template <typename Tile, int kRows, typename T>
 __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_stride, int valid, int tid) {
+  constexpr int kRowsPerPass = Tile::kThreads / Tile::kChunksPerRow;
+  static_assert(Tile::kThreads % Tile::kChunksPerRow == 0 && kRowsPerPass % Tile::kSwizzleRows == 0,
+                "a pass copies whole rows, a multiple of the swizzle period");
+  // The thread's row, column and 64-bit source offset are re-derived per call from an opaque
+  // copy of tid (a shift, a mask, two IMADs): otherwise ptxas keeps 64-bit per-thread offsets
+  // live across the main loop, which the 128-row tile at the 255-register cap then spills.
+  int tid_o = tid;
+  asm volatile("" : "+r"(tid_o));
+  const int r0 = tid_o / Tile::kChunksPerRow;
+  const int col = (tid_o % Tile::kChunksPerRow) * Tile::kChunk;
+  T* dst = smem + swz<Tile>(r0, col);
+  const T* src = gmem + (int64_t(r0) * row_stride + col);
+  const int64_t step = int64_t(kRowsPerPass) * row_stride;
+  const int rem = valid - r0;  // row r0 + i kRowsPerPass exists iff i kRowsPerPass < rem (immediates)
 #pragma unroll
-  for (int i = 0; i < kRows * Tile::kChunksPerRow / Tile::kThreads; ++i) {
-    const int c = tid + i * Tile::kThreads;
-    const int r = c / Tile::kChunksPerRow;
-    const int col = (c % Tile::kChunksPerRow) * Tile::kChunk;
-    const bool ok = r < valid;
-    const T* src = ok ? gmem + int64_t(r) * row_stride + col : gmem;
-    cp_async_16(smem + swz<Tile>(r, col), src, ok ? 16 : 0);
+  for (int i = 0; i < kRows / kRowsPerPass; ++i) {
+    const bool ok = i * kRowsPerPass < rem;
+    cp_async_16(dst + i * kRowsPerPass * Tile::kHeadDim, ok ? src + i * step : gmem, ok ? 16 : 0);
   }
 }
 
-template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(FlashFwdTile<kHeadDim>::kThreads, FlashFwdTile<kHeadDim>::kMinBlocks)
+template <typename T, int kHeadDim, int kMTiles>
+__global__ void __launch_bounds__(FlashFwdTile<kHeadDim, kMTiles>::kThreads,
+                                  FlashFwdTile<kHeadDim, kMTiles>::kMinBlocks)
 flash_fwd_kernel(const FlashParams p) {
-  using Tile = FlashFwdTile<kHeadDim>;
-  constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN;
+  using Tile = FlashFwdTile<kHeadDim, kMTiles>;
+  constexpr int BM = Tile::kBlockM, BN = Tile::kBlockN, MT = kMTiles;
   constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sK = sQ + Tile::kQElems;                     // [kStages][kBlockN x D]
-  T* sV = sK + Tile::kStages * Tile::kKVElems;    // [kStages][kBlockN x D]
+  T* sK = sQ + Tile::kQElems;   // kBlockN x D
+  T* sV = sK + Tile::kKVElems;  // kBlockN x D
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;  // mma fragment coordinates
+  const int wrow = warp * Tile::kWarpRows;  // first Q row of this warp in the block
   const int64_t b = blockIdx.z, h = blockIdx.y;
   const int splits = p.num_splits;  // 1 without split-KV; blockIdx.x = (m block) * splits + split
   const int split = int(blockIdx.x) % splits;
@@ -181,25 +228,26 @@ flash_fwd_kernel(const FlashParams p) {
 
   // 1. Sequence geometry and base pointers (64-bit offsets).
   int64_t Sq = p.seqlen_q, Sk = p.seqlen_k;
-  int64_t q_off = b * p.q_batch_stride, k_off = b * p.k_batch_stride;
-  int64_t v_off = b * p.v_batch_stride, o_off = b * p.o_batch_stride;
+  int64_t q_off = b * p.q_batch_stride;
+  // K/V rows are addressed as (block-uniform base) + (kv0 + key) * row stride with kv0 the
+  // sequence's first key token (varlen; 0 dense) in 32 bits (cu_seqlens are int32): one register
+  // across the main loop instead of two 64-bit per-thread pointers
+  const int64_t kv_b = p.cu_seqlens_q != nullptr ? 0 : b;
+  int kv0 = 0;
   if (p.cu_seqlens_q != nullptr) {
     const int64_t q0 = p.cu_seqlens_q[b], k0 = p.cu_seqlens_k[b];
     Sq = p.cu_seqlens_q[b + 1] - q0;
     Sk = p.cu_seqlens_k[b + 1] - k0;
     q_off = q0 * p.q_row_stride;
-    k_off = k0 * p.k_row_stride;
-    v_off = k0 * p.v_row_stride;
-    o_off = q0 * p.o_row_stride;
+    kv0 = int(k0);
   }
   if (p.seqused_k != nullptr) Sk = p.seqused_k[b];  // KV cache: this batch's valid keys (dense)
   const int64_t m0 = int64_t(mb) * BM;
   if (m0 >= Sq) return;  // whole block leaves before any barrier (varlen: a shorter sequence)
-  const int64_t hk = h / (p.heads_q / p.heads_kv);  // GQA/MQA: kv head of this q head
+  const int64_t hk = int(h) / (int(p.heads_q) / int(p.heads_kv));  // GQA/MQA: kv head (Hq <= 65535)
   const T* gQ = static_cast<const T*>(p.q) + q_off + h * p.q_head_stride + m0 * p.q_row_stride;
-  const T* gK = static_cast<const T*>(p.k) + k_off + hk * p.k_head_stride;
-  const T* gV = static_cast<const T*>(p.v) + v_off + hk * p.v_head_stride;
-  T* gO = static_cast<T*>(p.o) + o_off + h * p.o_head_stride + m0 * p.o_row_stride;
+  const T* gK = static_cast<const T*>(p.k) + kv_b * p.k_batch_stride + hk * p.k_head_stride;
+  const T* gV = static_cast<const T*>(p.v) + kv_b * p.v_batch_stride + hk * p.v_head_stride;
 
   const int rows_q = int(min(int64_t(BM), Sq - m0));
   // Block skipping (causal, window): a row's visible range [lo, hi] is nondecreasing in the row,
@@ -214,205 +262,282 @@ flash_fwd_kernel(const FlashParams p) {
   const FlashSplitRange<int> sr = flash_split_range<int>(int(nb_lo), int(nb_hi), split, splits);
   const int nb_begin = splits > 1 ? sr.begin : int(nb_lo);
   const int nb_end = splits > 1 ? sr.end : int(nb_hi);
-  // Columns of some block need the mask when a row's range starts after n0 or ends before n0+BN-1.
-  const int64_t lo_max = kr_last.lo, hi_min = kr_first.hi;
+  // Columns of some block need the mask when a row's range starts after n0 or ends before n0+BN-1
+  // (32-bit: lo <= Sk + BM, hi clamped below at -1 changes no comparison with n0 + BN - 1 >= 63).
+  int lo_max = int(kr_last.lo), hi_min = int(max(kr_first.hi, int64_t(-1)));
+  asm volatile("" : "+r"(lo_max), "+r"(hi_min));  // 32-bit from here on (see rows_qo below)
 
-  // 2. Prologue: Q and the first K/V block in one cp.async group.
+  // 2. Prologue: Q and the first K block in one cp.async group (V of a block is issued at the
+  //    top of its iteration, K of the next block after its S = Q K^T).
   load_tile<Tile, BM>(sQ, gQ, p.q_row_stride, rows_q, tid);
   if (nb_begin < nb_end) {
     const int64_t n0 = int64_t(nb_begin) * BN;
-    const int valid = int(min(int64_t(BN), Sk - n0));
-    load_tile<Tile, BN>(sK, gK + n0 * p.k_row_stride, p.k_row_stride, valid, tid);
-    load_tile<Tile, BN>(sV, gV + n0 * p.v_row_stride, p.v_row_stride, valid, tid);
+    load_tile<Tile, BN>(sK, gK + (kv0 + n0) * p.k_row_stride, p.k_row_stride, int(min(int64_t(BN), Sk - n0)), tid);
   }
   cp_async_commit();
 
-  float acc[Tile::kDTiles][4];
+  float acc[MT][Tile::kDTiles][4];
 #pragma unroll
-  for (int i = 0; i < Tile::kDTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float m_run[2] = {-CUDART_INF_F, -CUDART_INF_F};  // running max (log2 units) of rows g, g+8
-  float l_run[2] = {0.f, 0.f};                      // this thread's partial running sums
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int i = 0; i < Tile::kDTiles; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+  // running max (log2 units) and this thread's partial running sum of rows g, g+8 of each m tile
+  float m_run[MT][2], l_run[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    m_run[mt][0] = m_run[mt][1] = -CUDART_INF_F;
+    l_run[mt][0] = l_run[mt][1] = 0.f;
+  }
   // score in log2 units: s * scale_log2, or with softcap tanh(s * cap_in) * (softcap log2 e)
   const bool capped = p.softcap != 0.f;
   const float cap_in = capped ? p.scale / p.softcap : 0.f;
   const float scale_log2 = capped ? p.softcap * kLog2e : p.scale * kLog2e;
-  // Visible keys [row_lo, row_hi] of this thread's rows g and g+8, computed once: the per-block
-  // mask only subtracts n0 in 32 bits (re-deriving them in 64 bits per block kept D = 128 at the
-  // 255-register cap, one feature away from spilling). Addresses stay 64-bit: a 32-bit n0 in the
-  // prefetch address math made ptxas hoist more and spill (measured, cuda_check.py -v).
-  int row_lo[2], row_hi[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const FlashKeyRange kr = flash_key_range(p, m0 + warp * Tile::kWarpRows + g + half * 8, Sq, Sk);
-    row_lo[half] = int(kr.lo);
-    row_hi[half] = int(kr.hi);
+  // Visible keys of this thread's rows r = rbase + off, rbase = m0 + wrow + g, off = 16 mt + 8 half
+  // in [0, kOffMax]: lo(r) = max(0, lo_u + off), hi(r) = min(Sk - 1, hi_u + off) with the
+  // unclipped window bounds lo_u = rbase + Sk - Sq - left, hi_u = rbase + Sk - Sq + right
+  // (flash_key_range). Kept as two 32-bit values clamped to [-kOffMax - 8, ...]: below that a row's
+  // bound stays below 0 for every off, which is all the mask reads; hi_u above Sk - 1 changes
+  // nothing either. The per-block mask only subtracts n0 (registers: 2 instead of 4 MT).
+  constexpr int kOffMax = 16 * (MT - 1) + 8;
+  int lo_c, hi_c;
+  {
+    const int64_t rbase = m0 + wrow + g, diag = Sk - Sq;
+    const int64_t right = p.causal ? 0 : p.window_right;
+    const int64_t lo_u = p.window_left >= 0 ? rbase + diag - p.window_left : int64_t(-kOffMax - 8);
+    const int64_t hi_u = right >= 0 ? rbase + diag + right : Sk - 1;
+    lo_c = int(max(lo_u, int64_t(-kOffMax - 8)));                       // <= Sk + BM: fits
+    hi_c = int(max(min(hi_u, Sk - 1), int64_t(-kOffMax - 8)));
   }
+  int sk1 = int(Sk - 1);  // the launcher bounds Sk below 2^31 - 2 kBlockN
+  // Rows of this thread that see at least one key (bit 2 mt + half), for the epilogue's
+  // non-finite rule: nothing 64-bit (Sq, Sk, window) stays live across the main loop for it.
+  unsigned has_keys = 0;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const FlashKeyRange kr = flash_key_range(p, m0 + wrow + mt * 16 + g + half * 8, Sq, Sk);
+      if (kr.lo <= kr.hi) has_keys |= 1u << (2 * mt + half);
+    }
+  // Materialise the 32-bit per-block values here: left to itself the compiler keeps their 64-bit
+  // sources live across the main loop and re-derives them per block (registers the 128-row tile
+  // at D = 128 does not have).
+  int rows_qo = rows_q;
+  asm volatile("" : "+r"(lo_c), "+r"(hi_c), "+r"(sk1), "+r"(has_keys), "+r"(rows_qo), "+r"(kv0));
+
+  // ldmatrix lane offsets (elements) at k16 slice 0 of m tile 0 / n16 group 0 / key slice 0:
+  //   Q  (A, x4): row wrow + lane % 16, column (lane / 16) * 8; matrices = a0 a1 a2 a3;
+  //   K  (B, x4): key lane % 8 + (mi >> 1) * 8, column (mi & 1) * 8, mi = lane / 8; matrices =
+  //      (keys +0..7, d +0..7) (keys +0..7, d +8..15) (keys +8..15, d +0..7) (+8, +8) = b0, b1 of
+  //      n-tile 2nn and b0, b1 of n-tile 2nn+1;
+  //   V  (B, x4.trans): key lane % 8 + (mi & 1) * 8, column (mi >> 1) * 8; matrices = (keys
+  //      +0..7, d +0..7) (keys +8..15, d +0..7) (keys +0..7, d +8..15) (+8, +8) = b0, b1 of
+  //      d-tile 2dd and b0, b1 of d-tile 2dd+1.
+  // The k16 slice kk (Q, K) or d16 slice dd (V) at column 16 kk is swz(row, 16 kk + c) = offset
+  // ^ 16 kk: chunk (2 kk + c / 8) ^ (row % 8) = 2 kk ^ (c / 8 ^ row % 8) and row * D has no bit
+  // below D; +16 rows (m tile, n16 group, key slice) keep row % 8 and add 16 D. So one register
+  // per operand and an XOR / add of immediates per ldmatrix (tests/test_flash_attn_fragments.py
+  // checks the identity lane by lane).
+  const int mi = lane / 8;
+  const int q_lane = swz<Tile>(wrow + lane % 16, (lane / 16) * 8);
+  const int k_lane = swz<Tile>(lane % 8 + (mi >> 1) * 8, (mi & 1) * 8);
+  const int v_lane = swz<Tile>(lane % 8 + (mi & 1) * 8, (mi >> 1) * 8);
 
   for (int nb = nb_begin; nb < nb_end; ++nb) {
-    const int stage = (nb - nb_begin) & 1;
     const int64_t n0 = int64_t(nb) * BN;
     const int n0i = nb * BN;  // 32-bit copy for the mask (launcher: Sk < 2^31 - 2 kBlockN)
-    // 3. Prefetch block nb+1 into the other buffer (free: the barrier closing iteration nb-1).
-    if (nb + 1 < nb_end) {
-      const int64_t n1 = n0 + BN;
-      const int valid = int(min(int64_t(BN), Sk - n1));
-      load_tile<Tile, BN>(sK + (stage ^ 1) * Tile::kKVElems, gK + n1 * p.k_row_stride, p.k_row_stride, valid, tid);
-      load_tile<Tile, BN>(sV + (stage ^ 1) * Tile::kKVElems, gV + n1 * p.v_row_stride, p.v_row_stride, valid, tid);
-      cp_async_commit();
-      cp_async_wait<1>();  // every group but the newest (block nb+1) has landed
-    } else {
-      cp_async_wait<0>();
-    }
-    __syncthreads();  // other threads' copies of block nb (and Q) are visible
-    const T* sKs = sK + stage * Tile::kKVElems;
-    const T* sVs = sV + stage * Tile::kKVElems;
+    const int valid = min(BN, sk1 + 1 - n0i);
+    // 3. K of block nb (and Q) has landed for every thread; every warp is done with sV (its P V
+    //    of block nb-1 precedes this barrier): issue V of block nb, it lands during S = Q K^T.
+    cp_async_wait<0>();
+    __syncthreads();
+    load_tile<Tile, BN>(sV, gV + int64_t(kv0 + n0i) * p.v_row_stride, p.v_row_stride, valid, tid);
+    cp_async_commit();
 
-    // 4. S = Q K^T (16 x kBlockN per warp, fp32)
-    float s[Tile::kNTiles][4];
+    // 4. S = Q K^T (kWarpRows x kBlockN per warp, fp32). Each K B-fragment (one ldmatrix.x4 =
+    //    two n8 tiles x k16) feeds the MMAs of all MT m tiles.
+    float s[MT][Tile::kNTiles][4];
 #pragma unroll
-    for (int i = 0; i < Tile::kNTiles; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
-#pragma unroll 2  // s[] is indexed by nn only: a partial unroll bounds the ldmatrix prefetch (registers)
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < Tile::kNTiles; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
+#pragma unroll  // full: with unroll 2 (fewer fragments in flight) ptxas spilled the D = 128 tile
     for (int kk = 0; kk < Tile::kKSlicesD; ++kk) {
-      // Q A-fragment of this k16 slice, re-read from shared memory each block (Q stays resident
-      // there; holding all of Q in registers spills at D = 128). Lanes 0-15 address rows 0-15,
-      // lanes 16-31 the same rows at +8 columns: matrices = a0 a1 a2 a3.
-      uint32_t qf[4];
-      ldmatrix_x4(qf, sQ + swz<Tile>(warp * Tile::kWarpRows + lane % 16, kk * 16 + (lane / 16) * 8));
+      // Q A-fragments of this k16 slice, re-read from shared memory each block (Q stays resident
+      // there; holding all of Q in registers spills at D = 128).
+      uint32_t qf[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        ldmatrix_x4(qf[mt], sQ + ((q_lane ^ (kk * 16)) + mt * 16 * kHeadDim));
 #pragma unroll
       for (int nn = 0; nn < BN / 16; ++nn) {
-        // matrices: (keys +0..7, d +0..7) (keys +0..7, d +8..15) (keys +8..15, d +0..7) (+8, +8)
-        // = b0, b1 of n-tile 2nn and b0, b1 of n-tile 2nn+1
-        const int mi = lane / 8;
         uint32_t r[4];
-        ldmatrix_x4(r, sKs + swz<Tile>(nn * 16 + lane % 8 + (mi >> 1) * 8, kk * 16 + (mi & 1) * 8));
-        mma_16816<T>(s[2 * nn], qf, r[0], r[1]);
-        mma_16816<T>(s[2 * nn + 1], qf, r[2], r[3]);
+        ldmatrix_x4(r, sK + ((k_lane ^ (kk * 16)) + nn * 16 * kHeadDim));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(s[mt][2 * nn], qf[mt], r[0], r[1]);
+          mma_16816<T>(s[mt][2 * nn + 1], qf[mt], r[2], r[3]);
+        }
       }
     }
 
-    // 5. Softcap (a warp-uniform branch around the whole tile, so the plain path never pays for
+    // 5. V of block nb has landed for every thread; every warp is done with sK: issue K of block
+    //    nb+1, it lands during the softmax and O += P V.
+    cp_async_wait<0>();
+    __syncthreads();
+    if (nb + 1 < nb_end) {
+      load_tile<Tile, BN>(sK, gK + int64_t(kv0 + n0i + BN) * p.k_row_stride, p.k_row_stride,
+                          min(BN, sk1 + 1 - n0i - BN), tid);
+      cp_async_commit();
+    }
+
+    // 6. Softcap (a warp-uniform branch around the whole tile, so the plain path never pays for
     //    tanh), mask (tail keys; keys outside the row's causal/window range), scale to log2 units,
     //    online softmax.
     if (capped) {
 #pragma unroll
-      for (int nt = 0; nt < Tile::kNTiles; ++nt) {
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[nt][e] = tanhf(s[nt][e] * cap_in);
-      }
+        for (int nt = 0; nt < Tile::kNTiles; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[mt][nt][e] = tanhf(s[mt][nt][e] * cap_in);
+        }
     }
-    const bool need_mask = lo_max > n0 || hi_min < n0 + BN - 1;
+    const bool need_mask = lo_max > n0i || hi_min < n0i + BN - 1;
+    const int tail = min(BN, sk1 - n0i);  // last key of the block that exists (< Sk)
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int first_key = max(0, min(BN, row_lo[half] - n0i));
-      const int last_key = max(-1, min(BN, row_hi[half] - n0i));
-      float mx = m_run[half];
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int nt = 0; nt < Tile::kNTiles; ++nt) {
+      for (int half = 0; half < 2; ++half) {
+        // visible keys [first_key, last_key] of row rbase + 16 mt + 8 half inside the block
+        const int off = 16 * mt + 8 * half;
+        const int first_key = max(0, min(BN, lo_c + off - n0i));
+        const int last_key = max(-1, min(tail, hi_c + off - n0i));
+        float mx = m_run[mt][half];
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = nt * 8 + 2 * t + e;  // key index inside the block
-          float x = s[nt][half * 2 + e] * scale_log2;
-          if (need_mask && (col < first_key || col > last_key)) x = -CUDART_INF_F;
-          s[nt][half * 2 + e] = x;
-          mx = fmaxf(mx, x);
+        for (int nt = 0; nt < Tile::kNTiles; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = nt * 8 + 2 * t + e;  // key index inside the block
+            float x = s[mt][nt][half * 2 + e] * scale_log2;
+            if (need_mask && (col < first_key || col > last_key)) x = -CUDART_INF_F;
+            s[mt][nt][half * 2 + e] = x;
+            mx = fmaxf(mx, x);
+          }
         }
-      }
-      // the 4 lanes of a quad hold one row
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // a row with no visible key so far keeps max -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
-      const float m_use = mx == -CUDART_INF_F ? 0.f : mx;
-      const float alpha = fast_exp2(m_run[half] - m_use);  // rescale of the old statistics
-      m_run[half] = mx;
-      float rs = 0.f;
+        // the 4 lanes of a quad hold one row
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // a row with no visible key so far keeps max -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
+        const float m_use = mx == -CUDART_INF_F ? 0.f : mx;
+        const float alpha = fast_exp2(m_run[mt][half] - m_use);  // rescale of the old statistics
+        m_run[mt][half] = mx;
+        float rs = 0.f;
 #pragma unroll
-      for (int nt = 0; nt < Tile::kNTiles; ++nt) {
+        for (int nt = 0; nt < Tile::kNTiles; ++nt) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float pe = fast_exp2(s[nt][half * 2 + e] - m_use);
-          s[nt][half * 2 + e] = pe;
-          rs += pe;
+          for (int e = 0; e < 2; ++e) {
+            const float pe = fast_exp2(s[mt][nt][half * 2 + e] - m_use);
+            s[mt][nt][half * 2 + e] = pe;
+            rs += pe;
+          }
         }
-      }
-      l_run[half] = l_run[half] * alpha + rs;
+        l_run[mt][half] = l_run[mt][half] * alpha + rs;
 #pragma unroll
-      for (int dt = 0; dt < Tile::kDTiles; ++dt) {
-        acc[dt][half * 2] *= alpha;
-        acc[dt][half * 2 + 1] *= alpha;
+        for (int dt = 0; dt < Tile::kDTiles; ++dt) {
+          acc[mt][dt][half * 2] *= alpha;
+          acc[mt][dt][half * 2 + 1] *= alpha;
+        }
       }
     }
 
-    // 6. O += P V: the S accumulators of n-tiles 2kk, 2kk+1 are the A fragment of key slice kk.
+    // 7. O += P V: the S accumulators of n-tiles 2kk, 2kk+1 of m tile mt are its A fragment of
+    //    key slice kk; each V B-fragment (one ldmatrix.x4.trans = two n8 d-tiles x k16) feeds the
+    //    MMAs of all MT m tiles.
 #pragma unroll
     for (int kk = 0; kk < Tile::kKSlicesN; ++kk) {
-      uint32_t a[4];
-      a[0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);          // row g,   keys 2t..   of slice
-      a[1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);          // row g+8, keys 2t..
-      a[2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);  // row g,   keys 8+2t..
-      a[3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);  // row g+8, keys 8+2t..
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);          // row g,   keys 2t..   of slice
+        a[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);          // row g+8, keys 2t..
+        a[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);  // row g,   keys 8+2t..
+        a[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);  // row g+8, keys 8+2t..
+      }
 #pragma unroll
       for (int dd = 0; dd < Tile::kHeadDim / 16; ++dd) {
-        // transposed matrices: (keys +0..7, d +0..7) (keys +8..15, d +0..7) (keys +0..7, d +8..15)
-        // (+8, +8) = b0, b1 of d-tile 2dd and b0, b1 of d-tile 2dd+1
-        const int mi = lane / 8;
         uint32_t r[4];
-        ldmatrix_x4_trans(r, sVs + swz<Tile>(kk * 16 + lane % 8 + (mi & 1) * 8, dd * 16 + (mi >> 1) * 8));
-        mma_16816<T>(acc[2 * dd], a, r[0], r[1]);
-        mma_16816<T>(acc[2 * dd + 1], a, r[2], r[3]);
+        ldmatrix_x4_trans(r, sV + ((v_lane ^ (dd * 16)) + kk * 16 * kHeadDim));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma_16816<T>(acc[mt][2 * dd], a[mt], r[0], r[1]);
+          mma_16816<T>(acc[mt][2 * dd + 1], a[mt], r[2], r[3]);
+        }
       }
     }
-    __syncthreads();  // all warps are done with buffer `stage` before block nb+2 is copied into it
+    // (no barrier here: the next iteration's first barrier orders this P V before V is reloaded)
   }
   cp_async_wait<0>();  // no K block: the Q copy is still in flight; drain before exit
   __syncthreads();     // every thread's Q copy has landed: warps may overwrite their Q rows
 
-  // 7. Epilogue: complete the row sums across the quad, o = acc / l; l == 0: 0 for rows with no
+  // 8. Epilogue: complete the row sums across the quad, o = acc / l; l == 0: 0 for rows with no
   //    key, NaN for rows whose visible scores were all -inf (flash_finish_row). o is staged in
-  //    the warp's own 16 rows of sQ (same swizzle: the quad-scattered 4-byte writes hit 32
-  //    distinct banks) and leaves as 16-byte stores of whole row chunks (STG.E.128).
+  //    the warp's own kWarpRows rows of sQ (only this warp ever reads them; same swizzle: the
+  //    quad-scattered 4-byte writes hit 32 distinct banks) and leaves as 16-byte stores of whole
+  //    row chunks (STG.E.128).
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    float l = l_run[half];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int64_t rloc = warp * Tile::kWarpRows + g + half * 8;
-    if (m0 + rloc >= Sq) continue;
-    if (splits > 1) {
-      // split-KV: fp32 partial o = acc / l and lse = m + log2(l) (-inf: this split saw no finite
-      // score; NaN: a NaN score)
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      const int64_t r = ((int64_t(split) * p.batch + b) * p.seqlen_q + m0 + rloc) * p.heads_q + h;
-      if (t == 0) p.lse_accum[r] = l > 0.f ? m_run[half] + __log2f(l) : l == 0.f ? -CUDART_INF_F : CUDART_NAN_F;
-      float* oa = p.o_accum + r * kHeadDim;
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-      for (int dt = 0; dt < Tile::kDTiles; ++dt)
-        *reinterpret_cast<float2*>(oa + dt * 8 + 2 * t) = make_float2(acc[dt][half * 2] * inv, acc[dt][half * 2 + 1] * inv);
-      continue;
-    }
-    const FlashKeyRange kr = flash_key_range(p, m0 + rloc, Sq, Sk);
-    const FlashRowFinish f = flash_finish_row(m_run[half], l, kr.lo <= kr.hi);
-    if (p.lse != nullptr && t == 0) {
-      const int64_t r = (p.cu_seqlens_q != nullptr ? int64_t(p.cu_seqlens_q[b]) : 0) + m0 + rloc;
-      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + r * p.lse_row_stride] = f.lse;
-    }
+    for (int half = 0; half < 2; ++half) {
+      float l = l_run[mt][half];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int64_t rloc = wrow + mt * 16 + g + half * 8;
+      if (rloc >= rows_qo) continue;
+      if (splits > 1) {
+        // split-KV: fp32 partial o = acc / l and lse = m + log2(l) (-inf: this split saw no finite
+        // score; NaN: a NaN score)
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const int64_t r = ((int64_t(split) * p.batch + b) * p.seqlen_q + m0 + rloc) * p.heads_q + h;
+        if (t == 0)
+          p.lse_accum[r] = l > 0.f ? m_run[mt][half] + __log2f(l) : l == 0.f ? -CUDART_INF_F : CUDART_NAN_F;
+        float* oa = p.o_accum + r * kHeadDim;
 #pragma unroll
-    for (int dt = 0; dt < Tile::kDTiles; ++dt) {
-      // columns 2t, 2t+1 of chunk dt of row rloc (only this warp reads or writes its Q rows)
-      const float o0 = l > 0.f ? acc[dt][half * 2] * f.inv : f.inv;
-      const float o1 = l > 0.f ? acc[dt][half * 2 + 1] * f.inv : f.inv;
-      *reinterpret_cast<uint32_t*>(sQ + swz<Tile>(int(rloc), dt * 8) + 2 * t) = pack2<T>(o0, o1);
+        for (int dt = 0; dt < Tile::kDTiles; ++dt)
+          *reinterpret_cast<float2*>(oa + dt * 8 + 2 * t) =
+              make_float2(acc[mt][dt][half * 2] * inv, acc[mt][dt][half * 2 + 1] * inv);
+        continue;
+      }
+      const FlashRowFinish f = flash_finish_row(m_run[mt][half], l, (has_keys >> (2 * mt + half)) & 1u);
+      if (p.lse != nullptr && t == 0) {
+        const int64_t r = (p.cu_seqlens_q != nullptr ? int64_t(ld_global_opaque(p.cu_seqlens_q + b)) : 0) + m0 + rloc;
+        p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + r * p.lse_row_stride] = f.lse;
+      }
+#pragma unroll
+      for (int dt = 0; dt < Tile::kDTiles; ++dt) {
+        // columns 2t, 2t+1 of chunk dt of row rloc (only this warp reads or writes its Q rows)
+        const float o0 = l > 0.f ? acc[mt][dt][half * 2] * f.inv : f.inv;
+        const float o1 = l > 0.f ? acc[mt][dt][half * 2 + 1] * f.inv : f.inv;
+        *reinterpret_cast<uint32_t*>(sQ + swz<Tile>(int(rloc), dt * 8) + 2 * t) = pack2<T>(o0, o1);
+      }
     }
   }
   if (splits > 1) return;  // block-uniform
   __syncwarp();
-  // 16 rows x kChunksPerRow chunks of 16 B per warp; o strides are multiples of 8 elements and o
-  // is 16-byte aligned (the binding copies otherwise), so every chunk is an aligned 16-byte store
+  // o of this block, re-derived here (varlen: cu_seqlens_q[b] re-read) rather than kept live
+  // across the main loop
+  const int64_t o_off = p.cu_seqlens_q != nullptr ? int64_t(ld_global_opaque(p.cu_seqlens_q + b)) * p.o_row_stride
+                                                  : b * p.o_batch_stride;
+  T* gO = static_cast<T*>(p.o) + o_off + h * p.o_head_stride + m0 * p.o_row_stride;
+  // kWarpRows rows x kChunksPerRow chunks of 16 B per warp; o strides are multiples of 8 elements
+  // and o is 16-byte aligned (the binding copies otherwise), so every chunk is an aligned 16-byte
+  // store
 #pragma unroll
   for (int i = 0; i < Tile::kWarpRows * Tile::kChunksPerRow / 32; ++i) {
     const int c = lane + i * 32;
-    const int rloc = warp * Tile::kWarpRows + c / Tile::kChunksPerRow;
+    const int rloc = wrow + c / Tile::kChunksPerRow;
     const int col = (c % Tile::kChunksPerRow) * Tile::kChunk;
-    if (m0 + rloc < Sq)
+    if (rloc < rows_qo)
       *reinterpret_cast<uint4*>(gO + rloc * p.o_row_stride + col) =
           *reinterpret_cast<const uint4*>(sQ + swz<Tile>(rloc, col));
   }

@@ -79,12 +79,47 @@ inline FlashKeyRange flash_key_range(const FlashParams& p, int64_t row, int64_t 
   return {lo, hi};
 }
 
-// The tile both implementations walk: Q blocks of kBlockM rows (one CUDA thread block, 16 rows
-// per warp), K/V blocks of kBlockN keys.
+// The tiles both implementations walk (the CUDA kernel and the CPU twin pick the same one per
+// launch with flash_fwd_tile below; kernels/attention/flash_fwd.cuh's header has the per-D budget):
+//  - FlashTileShape, 64 x 64 (4 warps x one 16-row MMA tile): the split-KV / decode tile. It is
+//    also the unit the host's split-KV choice counts in (m_blocks, k_blocks,
+//    flash_max_tile_k_blocks, csrc/attention.cpp), which is exact because every split launch
+//    uses this tile.
+//  - the prefill tile, kFlashLargeBlockM = 128 rows (4 warps x 32 rows: two 16-row MMA tiles per
+//    warp share every K/V fragment, FlashAttention-2's tiling) x flash_fwd_large_block_n(D) keys.
 struct FlashTileShape {
   static constexpr int kBlockM = 64;
   static constexpr int kBlockN = 64;
 };
+constexpr int kFlashLargeBlockM = 128;
+// Head dims that have the 128-row tile: every D of the CUDA kernel (the twin uses the same rule
+// for its CPU-only head dims).
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+constexpr bool flash_fwd_large_tile(int64_t head_dim) { return head_dim <= 128; }
+// Keys per K/V block of the 128-row tile: 64 at D <= 64 (64 O + 64 S fp32 accumulators per
+// thread), 32 above (D = 128: 128 O + 32 S; with 64 keys, 128 + 64, ptxas spills 150+ bytes at
+// the 255-register cap).
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+constexpr int flash_fwd_large_block_n(int64_t head_dim) { return head_dim <= 64 ? 64 : 32; }
+
+// Tile of one forward launch: the 128-row tile for head dims that have it (flash_fwd_large_tile)
+// unless the launch is split-KV or decode-shaped (seqlen_q <= 64: one 64-row block already
+// holds every query row, a 128-row block would only add idle MMA rows); the 64-row tile
+// otherwise. seqlen_q is the launch's (varlen: the clamped max_seqlen_q), so the host, the
+// kernel's launcher and the CPU twin agree.
+struct FlashFwdTileChoice {
+  int64_t block_m, block_n;
+  bool large;
+};
+inline FlashFwdTileChoice flash_fwd_tile(const FlashParams& p) {
+  if (p.num_splits > 1 || p.seqlen_q <= FlashTileShape::kBlockM || !flash_fwd_large_tile(p.head_dim))
+    return {FlashTileShape::kBlockM, FlashTileShape::kBlockN, false};
+  return {kFlashLargeBlockM, flash_fwd_large_block_n(p.head_dim), true};
+}
 
 // K blocks [begin, end) of split `split` (of `splits`) of a tile whose visible K blocks are
 // [nb_lo, nb_hi): contiguous pieces of ceil((nb_hi - nb_lo) / splits) blocks; begin >= end: empty.

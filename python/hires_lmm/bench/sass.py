@@ -102,8 +102,13 @@ def launch_config(name: str) -> Optional[Tuple[int, int, str]]:
     if "flash_bwd_convert_dq_kernel" in name:
         return 256, 0, ""
     if "flash_fwd_kernel" in name:                            # csrc/cuda/flash_attn.cu
-        d = _tmpl_ints(name)[-1]
-        return 128, (64 * d + 2 * 2 * 64 * d) * 2, f"D={d}"
+        # flash_fwd_kernel<T, D, MT>: 4 warps x MT m16 tiles -> kBlockM = 64 MT rows (MT = 2: the
+        # 128-row prefill tile, kBlockN = flash_fwd_large_block_n(D) = 64 at D <= 64, 32 above;
+        # MT = 1: split-KV / decode, kBlockN = 64); shared memory Q + one K + one V buffer
+        # (flash_fwd.cuh, flash_params.h flash_fwd_tile)
+        d, mt = _tmpl_ints(name)[-2:]
+        bm, bn = 64 * mt, 64 if mt == 1 or d <= 64 else 32
+        return 128, (bm * d + 2 * bn * d) * 2, f"D={d}, {bm}x{bn}"
     if "flash_combine_kernel" in name:
         return 4 * 32, 0, ""
     if "dwconv_layernorm_kernel" in name:                     # csrc/cuda/dwconv_layernorm.cu
