@@ -1,5 +1,7 @@
 """DeepStack injection + norms against the HF-style PyTorch composition
-(clone + masked add + LlamaRMSNorm / LayerNorm), eager and torch.compile."""
+(clone + masked add + LlamaRMSNorm / LayerNorm), eager and torch.compile, and against ATen's fused
+norms (F.rms_norm, F.layer_norm: "aten_fused", the fastest PyTorch CPU path).
+Dtypes: bf16 and fp16 on CUDA, bf16 and fp32 on the CPU."""
 import torch
 import torch.nn.functional as F
 
@@ -41,7 +43,9 @@ def _shapes(device, quick):
 def cases(device, quick):
     out = []
     compile_ok = device == "cuda"
-    for dtype in ([torch.bfloat16] if quick else [torch.bfloat16, torch.float16]):
+    dtypes = [torch.bfloat16, torch.float32] if device == "cpu" else \
+        ([torch.bfloat16] if quick else [torch.bfloat16, torch.float16])
+    for dtype in dtypes:
         for name, B, S, D, counts in _shapes(device, quick):
             g = torch.Generator().manual_seed(0)
             hidden = torch.randn(B, S, D, generator=g).to(dtype).to(device)
@@ -78,7 +82,10 @@ def cases(device, quick):
             refs_rms = {"hf_eager": lambda: _hf_inject_rms(hidden, embeds, mask, w)}
             refs_inj = {"hf_eager": lambda: _hf_inject(hidden, embeds, mask)}
             refs_ln = {"hf_eager": lambda: _hf_inject_ln(hidden, embeds, mask, w, bias)}
-            refs_norm = {"hf_eager": lambda: _hf_rms(hidden, w)}
+            refs_norm = {"hf_eager": lambda: _hf_rms(hidden, w),
+                         "aten_fused": lambda: F.rms_norm(hidden, (D,), w, EPS)}
+            refs_rms["aten_fused"] = lambda: (F.rms_norm(_hf_inject(hidden, embeds, mask), (D,), w, EPS),)
+            refs_lnorm = {"aten_fused": lambda: F.layer_norm(hidden, (D,), w, bias, EPS)}
             if compile_ok:
                 c_rms = torch.compile(_hf_inject_rms)
                 c_inj = torch.compile(_hf_inject)
@@ -100,6 +107,12 @@ def cases(device, quick):
                      refs_norm, bytes=2 * full + D * el,
                      max_err=lambda: (ops.rms_norm(hidden, w, EPS).float()
                                       - ref.rms_norm(hidden.float(), w.float(), EPS)).abs().max().item(),
+                     tol=tol),
+                Case("layer_norm", name.split(" nv")[0], dtype, lambda: ops.layer_norm(hidden, w, bias, EPS),
+                     refs_lnorm, bytes=2 * full + 2 * D * el,
+                     max_err=lambda: (ops.layer_norm(hidden, w, bias, EPS).float()
+                                      - F.layer_norm(hidden.float(), (D,), w.float(), bias.float(), EPS)
+                                      ).abs().max().item(),
                      tol=tol),
             ]
     return out

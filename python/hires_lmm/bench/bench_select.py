@@ -3,7 +3,8 @@
                     softmax(es), sort, cumsum, prefix + 1, sort ascending, gather)
   torch_efficient : normalize, one matmul, masked sum, topk, sort, gather
   torch_compile   : torch_efficient under torch.compile (CUDA only)
-Model shape: N = 1008 local tokens (7 crops x 144), T = 64 prompt tokens, D = 4096, k = 576, bf16.
+Model shape: N = 1008 local tokens (7 crops x 144), T = 64 prompt tokens, D = 4096, k = 576, bf16
+(and fp32 on the CPU).
 Ours includes the gather, like the references."""
 import torch
 import torch.nn.functional as F
@@ -72,9 +73,9 @@ def cases(device, quick):
     else:
         shapes = [("B1 N1008 T64 D4096 k576", 1, 1008, 64, 4096, 576),
                   ("B4 N1008 T64 D4096 k576", 4, 1008, 64, 4096, 576)]
-    dtype = torch.bfloat16
+    dtypes = [torch.bfloat16, torch.float32] if device == "cpu" else [torch.bfloat16]
     out = []
-    for name, B, N, T, D, k in shapes:
+    for dtype, (name, B, N, T, D, k) in [(dt, sh) for dt in dtypes for sh in shapes]:
         g = torch.Generator().manual_seed(0)
         local = torch.randn(B, N, D, generator=g).to(dtype).to(device)
         text = torch.randn(B, T, D, generator=g).to(dtype).to(device)
