@@ -76,16 +76,24 @@ using cpu::load8;
 
 template <typename T>
 HIRES_AVX2 float sum_sq_avx2(const T* x, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-         a3 = _mm256_setzero_ps();
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
   int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
+  for (; i + 64 <= n; i += 64) {  // 8 independent FMA chains (FMA latency x throughput)
     const __m256 v0 = load8(x + i), v1 = load8(x + i + 8), v2 = load8(x + i + 16), v3 = load8(x + i + 24);
+    const __m256 v4 = load8(x + i + 32), v5 = load8(x + i + 40), v6 = load8(x + i + 48), v7 = load8(x + i + 56);
     a0 = _mm256_fmadd_ps(v0, v0, a0);
     a1 = _mm256_fmadd_ps(v1, v1, a1);
     a2 = _mm256_fmadd_ps(v2, v2, a2);
     a3 = _mm256_fmadd_ps(v3, v3, a3);
+    a4 = _mm256_fmadd_ps(v4, v4, a4);
+    a5 = _mm256_fmadd_ps(v5, v5, a5);
+    a6 = _mm256_fmadd_ps(v6, v6, a6);
+    a7 = _mm256_fmadd_ps(v7, v7, a7);
   }
+  a0 = _mm256_add_ps(a0, a4);
+  a1 = _mm256_add_ps(a1, a5);
+  a2 = _mm256_add_ps(a2, a6);
+  a3 = _mm256_add_ps(a3, a7);
   for (; i + 8 <= n; i += 8) {
     const __m256 v = load8(x + i);
     a0 = _mm256_fmadd_ps(v, v, a0);
@@ -95,19 +103,23 @@ HIRES_AVX2 float sum_sq_avx2(const T* x, int64_t n) {
   return s;
 }
 
+// Every element finite: no exponent field all ones (inf / NaN), checked on the bits 32 bytes at a
+// time (and, compare, or: no floating-point dependency chain).
 template <typename T>
 HIRES_AVX2 bool finite_avx2(const T* x, int64_t n) {
-  const __m256 zero = _mm256_setzero_ps();
-  __m256 a0 = zero, a1 = zero;  // x * 0: 0 for finite x, NaN otherwise
+  constexpr bool k16 = sizeof(T) == 2;
+  const __m256i em = k16 ? _mm256_set1_epi16(std::is_same_v<T, c10::Half> ? 0x7c00 : 0x7f80)
+                         : _mm256_set1_epi32(0x7f800000);
+  constexpr int64_t kStep = 32 / int64_t(sizeof(T));
+  __m256i bad = _mm256_setzero_si256();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    a0 = _mm256_add_ps(a0, _mm256_mul_ps(load8(x + i), zero));
-    a1 = _mm256_add_ps(a1, _mm256_mul_ps(load8(x + i + 8), zero));
+  for (; i + kStep <= n; i += kStep) {
+    const __m256i e = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), em);
+    bad = _mm256_or_si256(bad, k16 ? _mm256_cmpeq_epi16(e, em) : _mm256_cmpeq_epi32(e, em));
   }
-  for (; i + 8 <= n; i += 8) a0 = _mm256_add_ps(a0, _mm256_mul_ps(load8(x + i), zero));
-  float s = hsum8(_mm256_add_ps(a0, a1));
-  for (; i < n; ++i) s += static_cast<float>(x[i]) * 0.f;
-  return s == 0.f;
+  bool ok = _mm256_testz_si256(bad, bad);
+  for (; i < n; ++i) ok &= std::isfinite(static_cast<float>(x[i]));
+  return ok;
 }
 #endif
 
@@ -273,30 +285,48 @@ HIRES_AVX2 void to_f32_row(const T* x, float* out, int64_t n) {
 }
 
 // Scores of N query rows (same visible keys) against keys [j0, j1]: s[r * ldw + j - j0] =
-// scale * q_r . k_j (q rows fp32, k rows of T converted once per key into `row`).
+// scale * q_r . k_j (q rows fp32; 2 keys at a time: 2N independent FMA chains, each q load
+// serving both keys; 16-bit k converted in the loop).
 template <int N, typename T>
 HIRES_AVX2 void scores_group(const float* qf, int64_t D, const T* k, int64_t k_stride, int64_t j0, int64_t j1,
-                             float scale, float* row, float* s, int64_t ldw) {
+                             float scale, float* s, int64_t ldw) {
   const int64_t D8 = D / 8 * 8;
-  for (int64_t j = j0; j <= j1; ++j) {
-    const T* kr = k + j * k_stride;
-    const float* kf;
-    if constexpr (std::is_same_v<T, float>) {
-      kf = kr;
-    } else {
-      to_f32_row(kr, row, D);
-      kf = row;
-    }
-    __m256 acc[N];
-    for (int r = 0; r < N; ++r) acc[r] = _mm256_setzero_ps();
+  int64_t j = j0;
+  for (; j + 1 <= j1; j += 2) {
+    const T* k0 = k + j * k_stride;
+    const T* k1 = k0 + k_stride;
+    __m256 a0[N], a1[N];
+    for (int r = 0; r < N; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D8; d += 8) {
-      const __m256 kv = _mm256_loadu_ps(kf + d);
-      for (int r = 0; r < N; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * D + d), kv, acc[r]);
+      const __m256 kv0 = load8(k0 + d), kv1 = load8(k1 + d);
+      for (int r = 0; r < N; ++r) {
+        const __m256 qv = _mm256_loadu_ps(qf + r * D + d);
+        a0[r] = _mm256_fmadd_ps(qv, kv0, a0[r]);
+        a1[r] = _mm256_fmadd_ps(qv, kv1, a1[r]);
+      }
     }
     for (int r = 0; r < N; ++r) {
-      float t = hsum8(acc[r]);
-      for (int64_t d = D8; d < D; ++d) t += qf[r * D + d] * kf[d];
-      s[r * ldw + j - j0] = t * scale;
+      float t0 = hsum8(a0[r]), t1 = hsum8(a1[r]);
+      for (int64_t d = D8; d < D; ++d) {
+        t0 += qf[r * D + d] * static_cast<float>(k0[d]);
+        t1 += qf[r * D + d] * static_cast<float>(k1[d]);
+      }
+      s[r * ldw + j - j0] = t0 * scale;
+      s[r * ldw + j + 1 - j0] = t1 * scale;
+    }
+  }
+  for (; j <= j1; ++j) {
+    const T* k0 = k + j * k_stride;
+    __m256 a0[N];
+    for (int r = 0; r < N; ++r) a0[r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D8; d += 8) {
+      const __m256 kv0 = load8(k0 + d);
+      for (int r = 0; r < N; ++r) a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * D + d), kv0, a0[r]);
+    }
+    for (int r = 0; r < N; ++r) {
+      float t0 = hsum8(a0[r]);
+      for (int64_t d = D8; d < D; ++d) t0 += qf[r * D + d] * static_cast<float>(k0[d]);
+      s[r * ldw + j - j0] = t0 * scale;
     }
   }
 }
@@ -402,11 +432,10 @@ HIRES_AVX2 bool small_q_item(const SmallQArgs& a, int64_t b, int64_t hk, std::ve
     }
   }
   const int64_t W = J1 >= J0 ? J1 - J0 + 1 : 0;
-  buf.resize(size_t(R * D * 2 + D + R * W));
+  buf.resize(size_t(R * D * 2 + R * W));
   float* qf = buf.data();    // (R, D) q rows in fp32
-  float* acc = qf + R * D;   // (R, D) P V accumulators
-  float* row = acc + R * D;  // (D,) one K or V row in fp32
-  float* sc = row + D;       // (R, W) scores, then exp(s - m)
+  float* acc = qf + R * D;   // (R, D) P V sums
+  float* sc = acc + R * D;   // (R, W) scores, then exp(s - m)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t i = r / g, h = hk * g + r % g;
     to_f32_row(q + b * a.q_s[0] + i * a.q_s[1] + h * a.q_s[2], qf + r * D, D);
@@ -428,10 +457,10 @@ HIRES_AVX2 bool small_q_item(const SmallQArgs& a, int64_t b, int64_t hk, std::ve
     float* out = sc + r0 * W + (lo[r0] - J0);
     const float* qg = qf + r0 * D;
     switch (n) {
-      case 4: scores_group<4>(qg, D, kb, a.k_s[1], lo[r0], hi[r0], scale, row, out, W); break;
-      case 3: scores_group<3>(qg, D, kb, a.k_s[1], lo[r0], hi[r0], scale, row, out, W); break;
-      case 2: scores_group<2>(qg, D, kb, a.k_s[1], lo[r0], hi[r0], scale, row, out, W); break;
-      default: scores_group<1>(qg, D, kb, a.k_s[1], lo[r0], hi[r0], scale, row, out, W); break;
+      case 4: scores_group<4>(qg, D, kb, a.k_s[1], lo[r0], hi[r0], scale, out, W); break;
+      case 3: scores_group<3>(qg, D, kb, a.k_s[1], lo[r0], hi[r0], scale, out, W); break;
+      case 2: scores_group<2>(qg, D, kb, a.k_s[1], lo[r0], hi[r0], scale, out, W); break;
+      default: scores_group<1>(qg, D, kb, a.k_s[1], lo[r0], hi[r0], scale, out, W); break;
     }
   });
   std::vector<float> inv_l(R, 0.f);

@@ -119,9 +119,9 @@ void run(const InjectNormParams& p, Norm norm) {
 #ifdef HIRES_X86
 // Default CPU path (AVX2): the twin's row algorithm, the same roundings element by element
 // (round_to<T> of the embedding and of the sum, RMS: w * round_to<T>(x * rstd), LayerNorm:
-// ((x - mean) * rstd) * w + b, no FMA contraction), 8 lanes at a time; the fp32 statistics are
-// summed in 32 lanes (another order than the twin: the last bit of rstd may differ). A row whose
-// statistic is not finite takes the twin's fp64 redo.
+// ((x - mean) * rstd) * w + b, where the compiler may fuse the last multiply-add), 8 lanes at a
+// time; the fp32 statistics are summed in 32 lanes (another order than the twin: the last bits
+// of rstd may differ). A row whose statistic is not finite takes the twin's fp64 redo.
 // sum of x (square: of (x - shift)^2) in 4 x 8 fp32 lanes
 HIRES_AVX2 float lane_sum(const float* x, int64_t D, float shift, bool square) {
   const __m256 sh = _mm256_set1_ps(shift);
