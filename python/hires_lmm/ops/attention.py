@@ -13,7 +13,7 @@ __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 # values before the full argument checks (which then run only for other values): a call's fixed
 # cost matters for decode-sized work.
 _NUM = (float, int)  # not bool: flash-attn's dropout_p / softcap are numbers
-_NO_WINDOW = (-1, -1)
+_NO_WINDOW = (-1, -1)  # exactly (int, int): other forms take the full checks
 _OPS = {}
 
 
@@ -26,7 +26,8 @@ def _op(name):
 
 def _plain(dropout_p, window_size, softcap, alibi_slopes) -> bool:
     return (type(dropout_p) in _NUM and dropout_p == 0 and alibi_slopes is None
-            and type(window_size) is tuple and window_size == _NO_WINDOW
+            and type(window_size) is tuple and len(window_size) == 2
+            and type(window_size[0]) is int and type(window_size[1]) is int and window_size == _NO_WINDOW
             and type(softcap) in _NUM and softcap == 0)
 
 
