@@ -8,12 +8,14 @@
 // semantics, O(S^2) memory (a correctness fallback, not a fast path). With HIRES_LMM_ATTN_SM90=1
 // on an sm_90 device, dense unsplit fp16/bf16 calls run the sm_90a kernel (flash_fwd_sm90.cuh).
 #include <torch/library.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <ATen/ATen.h>
 
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
@@ -83,6 +85,35 @@ at::Tensor prepare(const at::Tensor& t) {
   // clone, not contiguous(): a tensor that is already contiguous (a misaligned storage offset, or
   // an odd stride on a size-1 dim) would come back unchanged and still fail the kernel's needs.
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// Default CPU path for decode-shaped calls (csrc/cpu/attention_fast.h): q (B,Sq,Hq,D), k/v
+// (B,Sk,Hkv,D) with unit last stride; lens: per-batch key counts or null. Returns (o, lse) or
+// nothing when the twin must decide (non-finite values, no AVX2).
+c10::optional<std::tuple<at::Tensor, at::Tensor>> small_q_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, const int64_t* lens,
+                                                              double scale, int64_t left, int64_t right,
+                                                              bool want_lse) {
+  if (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1) return c10::nullopt;
+  at::Tensor o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor lse = want_lse ? at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat))
+                            : at::Tensor();
+  SmallQArgs a;
+  a.q = q.const_data_ptr(); a.k = k.const_data_ptr(); a.v = v.const_data_ptr(); a.o = o.data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    a.q_s[d] = q.stride(d); a.k_s[d] = k.stride(d); a.v_s[d] = v.stride(d); a.o_s[d] = o.stride(d);
+  }
+  if (want_lse) {
+    a.lse = lse.data_ptr<float>();
+    for (int d = 0; d < 3; ++d) a.lse_s[d] = lse.stride(d);
+  }
+  a.lens = lens;
+  a.B = q.size(0); a.Sq = q.size(1); a.Sk = k.size(1); a.Hq = q.size(2); a.Hkv = k.size(2); a.D = q.size(3);
+  a.scale = scale;
+  a.window_left = left;
+  a.window_right = right;
+  if (!attention_cpu_small_q(a, q.scalar_type())) return c10::nullopt;
+  return std::make_tuple(o, lse);
 }
 
 double resolve_scale(const c10::optional<double>& softmax_scale, int64_t D) {
@@ -329,8 +360,14 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_func(const at::Tensor& q_in, const
                                     window_size_right, softcap, q_in.size(1), k_in.size(1));
   if (!use_kernel(q_in)) return attention_math_lse(q_in, k_in, v_in, at::Tensor(), at::Tensor(), opt);
   if (q_in.is_cpu() && !cpu_twin_forced()) {  // default CPU path (csrc/cpu/attention_fast.h)
-    auto fast = attention_cpu_fast(q_in, k_in, v_in, opt.scale, opt.window_left, opt.window_right, opt.softcap);
-    if (fast.has_value()) return *fast;
+    if (q_in.numel() > 0 && k_in.size(1) > 0 &&
+        small_q_shape_ok(q_in.size(1), k_in.size(1), q_in.size(2), k_in.size(2), opt.softcap)) {
+      auto fast = small_q_cpu(q_in, k_in, v_in, nullptr, opt.scale, opt.window_left, opt.window_right, true);
+      if (fast.has_value()) return *fast;
+    } else {
+      auto fast = attention_cpu_fast(q_in, k_in, v_in, opt.scale, opt.window_left, opt.window_right, opt.softcap);
+      if (fast.has_value()) return *fast;
+    }
   }
   check_cuda_grid(op, q_in, q_in.size(2), q_in.size(0), "q");
   at::Tensor q = prepare(q_in);
@@ -507,6 +544,146 @@ HIRES_BIND_CPU_CUDA(bind_attention) {
       .impl("flash_attn_varlen_func", &flash_attn_varlen_func);
 }
 
+// ---- autograd on the CPU key -----------------------------------------------------------------------
+// The ops' autograd is registered from Python (python/hires_lmm/ops/attention.py,
+// torch.library.register_autograd on the Autograd alias key): every call, gradients or not, then
+// runs a Python function (about 7 us on this CPU, a decode step's budget). On AutogradCPU the same
+// formula is this C++ kernel: no gradient needed -> straight to the CPU kernel; otherwise a
+// torch::autograd::Function that saves q, k, v, out and softmax_lse (marked non-differentiable)
+// and calls hires_lmm::flash_attn_bwd / flash_attn_varlen_bwd, as the Python one does. CUDA keeps
+// the Python registration.
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+bool needs_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  return c10::GradMode::is_enabled() && (q.requires_grad() || k.requires_grad() || v.requires_grad());
+}
+
+using FwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                  c10::optional<double>, bool, int64_t, int64_t, double);
+using BwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, c10::optional<double>, bool, int64_t, int64_t, double);
+using VarFwdSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                     const at::Tensor&, const at::Tensor&, c10::SymInt,
+                                                     c10::SymInt, c10::optional<double>, bool, int64_t,
+                                                     int64_t, double);
+using VarBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::SymInt, c10::SymInt,
+    c10::optional<double>, bool, int64_t, int64_t, double);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+struct FlashAttnFn : public torch::autograd::Function<FlashAttnFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, c10::optional<double> scale, bool causal, int64_t left,
+                               int64_t right, double softcap) {
+    static const auto op = typed_op<FwdSig>("hires_lmm::flash_attn_func");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [o, lse] = op.call(q, k, v, scale, causal, left, right, softcap);
+    ctx->save_for_backward({q, k, v, o, lse});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["left"] = left;
+    ctx->saved_data["right"] = right;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->mark_non_differentiable({lse});
+    return {o, lse};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = typed_op<BwdSig>("hires_lmm::flash_attn_bwd");
+    variable_list out(8);
+    const at::Tensor& go = grads[0];
+    if (!go.defined() || !(ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2)))
+      return out;
+    const auto s = ctx->get_saved_variables();
+    auto [dq, dk, dv] = op.call(go, s[0], s[1], s[2], s[3], s[4], ctx->saved_data["scale"].toOptional<double>(),
+                                ctx->saved_data["causal"].toBool(), ctx->saved_data["left"].toInt(),
+                                ctx->saved_data["right"].toInt(), ctx->saved_data["softcap"].toDouble());
+    if (ctx->needs_input_grad(0)) out[0] = dq;
+    if (ctx->needs_input_grad(1)) out[1] = dk;
+    if (ctx->needs_input_grad(2)) out[2] = dv;
+    return out;
+  }
+};
+
+struct FlashAttnVarlenFn : public torch::autograd::Function<FlashAttnVarlenFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                               c10::SymInt max_q, c10::SymInt max_k, c10::optional<double> scale, bool causal,
+                               int64_t left, int64_t right, double softcap) {
+    static const auto op = typed_op<VarFwdSig>("hires_lmm::flash_attn_varlen_func");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [o, lse] = op.call(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap);
+    ctx->save_for_backward({q, k, v, cu_q, cu_k, o, lse});
+    ctx->saved_data["max_q"] = max_q;
+    ctx->saved_data["max_k"] = max_k;
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["causal"] = causal;
+    ctx->saved_data["left"] = left;
+    ctx->saved_data["right"] = right;
+    ctx->saved_data["softcap"] = softcap;
+    ctx->mark_non_differentiable({lse});
+    return {o, lse};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = typed_op<VarBwdSig>("hires_lmm::flash_attn_varlen_bwd");
+    variable_list out(12);
+    const at::Tensor& go = grads[0];
+    if (!go.defined() || !(ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2)))
+      return out;
+    const auto s = ctx->get_saved_variables();
+    auto [dq, dk, dv] = op.call(go, s[0], s[1], s[2], s[5], s[6], s[3], s[4],
+                                ctx->saved_data["max_q"].toSymInt(), ctx->saved_data["max_k"].toSymInt(),
+                                ctx->saved_data["scale"].toOptional<double>(), ctx->saved_data["causal"].toBool(),
+                                ctx->saved_data["left"].toInt(), ctx->saved_data["right"].toInt(),
+                                ctx->saved_data["softcap"].toDouble());
+    if (ctx->needs_input_grad(0)) out[0] = dq;
+    if (ctx->needs_input_grad(1)) out[1] = dk;
+    if (ctx->needs_input_grad(2)) out[2] = dv;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_func_autograd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                                const at::Tensor& v, c10::optional<double> scale,
+                                                                bool causal, int64_t left, int64_t right,
+                                                                double softcap) {
+  if (!needs_grad(q, k, v)) {
+    static const auto op = typed_op<FwdSig>("hires_lmm::flash_attn_func");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(q, k, v, scale, causal, left, right, softcap);
+  }
+  const auto r = FlashAttnFn::apply(q, k, v, scale, causal, left, right, softcap);
+  return {r[0], r[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_func_autograd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q,
+    const at::Tensor& cu_k, c10::SymInt max_q, c10::SymInt max_k, c10::optional<double> scale, bool causal,
+    int64_t left, int64_t right, double softcap) {
+  if (!needs_grad(q, k, v)) {
+    static const auto op = typed_op<VarFwdSig>("hires_lmm::flash_attn_varlen_func");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap);
+  }
+  const auto r = FlashAttnVarlenFn::apply(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right, softcap);
+  return {r[0], r[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hires_lmm, AutogradCPU, m) {
+  m.impl("flash_attn_func", &flash_attn_func_autograd_cpu);
+  m.impl("flash_attn_varlen_func", &flash_attn_varlen_func_autograd_cpu);
+}
+
 }  // namespace hires::attention
 
 #ifdef HIRES_LMM_WITH_SM90
@@ -609,6 +786,28 @@ void kvcache_append(at::Tensor& cache, const at::Tensor& rows, const at::Tensor&
   cache.index_put_(index, rows);
 }
 
+// CPU: the same append as kvcache_append with host loops: cache[b, clamp(pos[b] + i)] = rows[b, i]
+// (pos null: position i; only reached with cache_seqlens, which k/v require).
+void kvcache_append_cpu(at::Tensor& cache, const at::Tensor& rows, const int* pos) {
+  const int64_t B = rows.size(0), snew = rows.size(1), H = rows.size(2), D = rows.size(3);
+  const int64_t s_cache = cache.size(1);
+  const bool rows_ok = cache.stride(3) == 1 && rows.stride(3) == 1;
+  const int64_t es = cache.element_size();
+  char* dst = static_cast<char*>(cache.data_ptr());
+  const char* src = static_cast<const char*>(rows.const_data_ptr());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < snew; ++i) {
+      const int64_t at_row = std::min<int64_t>(std::max<int64_t>((pos != nullptr ? pos[b] : 0) + i, 0), s_cache - 1);
+      if (!rows_ok) {
+        cache.select(0, b).select(0, at_row).copy_(rows.select(0, b).select(0, i));
+        continue;
+      }
+      for (int64_t h = 0; h < H; ++h)
+        std::memcpy(dst + (b * cache.stride(0) + at_row * cache.stride(1) + h * cache.stride(2)) * es,
+                    src + (b * rows.stride(0) + i * rows.stride(1) + h * rows.stride(2)) * es, size_t(D * es));
+    }
+}
+
 // ATen fallback (CUDA fp32, head dims without a kernel; HIRES_LMM_ATTN_MATH=1): per-batch key
 // lengths `used` (B,) int64 on the device (undefined: every key), O(Sq * S_cache) memory.
 at::Tensor kvcache_math(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& used,
@@ -672,18 +871,41 @@ at::Tensor flash_attn_with_kvcache(const at::Tensor& q_in, at::Tensor& k_cache, 
 
   // 1. Append the new keys/values in place; `used` = L_b on the device (undefined: all S_cache).
   at::Tensor used;
-  if (cache_seqlens.has_value()) used = cache_seqlens->to(at::kLong);
-  if (snew > 0 && B > 0) {
-    kvcache_append(k_cache, *k_new, used);
-    kvcache_append(v_cache, *v_new, used);
+  if (q_in.is_cpu()) {  // the same append and clamps with host loops (no index tensors)
+    at::Tensor cs;
+    if (cache_seqlens.has_value()) cs = cache_seqlens->contiguous();
+    const int* pos = cs.defined() ? cs.const_data_ptr<int>() : nullptr;
+    if (snew > 0 && B > 0) {
+      kvcache_append_cpu(k_cache, *k_new, pos);
+      kvcache_append_cpu(v_cache, *v_new, pos);
+    }
+    if (pos != nullptr) {
+      used = at::empty({B}, at::TensorOptions().dtype(at::kLong));
+      int64_t* u = used.data_ptr<int64_t>();
+      for (int64_t b = 0; b < B; ++b) u[b] = std::min<int64_t>(std::max<int64_t>(int64_t(pos[b]) + snew, 0), s_cache);
+    }
+  } else {
+    if (cache_seqlens.has_value()) used = cache_seqlens->to(at::kLong);
+    if (snew > 0 && B > 0) {
+      kvcache_append(k_cache, *k_new, used);
+      kvcache_append(v_cache, *v_new, used);
+    }
+    if (used.defined()) used = (used + snew).clamp(0, s_cache);  // clamp: value checks off
   }
-  if (used.defined()) used = (used + snew).clamp(0, s_cache);  // clamp: value checks off
   const double scale = resolve_scale(softmax_scale, q_in.size(-1));
   if (!use_kernel(q_in)) return kvcache_math(q_in, k_cache, v_cache, used, scale, causal);
 
   if (q_in.is_cpu() && !cpu_twin_forced()) {
-    at::Tensor o = kvcache_cpu_fast(q_in, k_cache, v_cache, used, scale, causal);
-    if (o.defined()) return o;
+    if (q_in.numel() > 0 && s_cache > 0 &&
+        small_q_shape_ok(q_in.size(1), s_cache, q_in.size(2), k_cache.size(2), 0.0)) {
+      // decode: one pass over each sequence's own L_b keys, query heads grouped per kv head
+      auto fast = small_q_cpu(q_in, k_cache, v_cache, used.defined() ? used.const_data_ptr<int64_t>() : nullptr,
+                              scale, -1, causal ? 0 : -1, false);
+      if (fast.has_value()) return std::get<0>(*fast);
+    } else {
+      at::Tensor o = kvcache_cpu_fast(q_in, k_cache, v_cache, used, scale, causal);
+      if (o.defined()) return o;
+    }
   }
   // 2. Attention through the FA2 kernel (CPU twin on the CPU) with FlashParams::seqused_k.
   at::Tensor q = prepare(q_in);

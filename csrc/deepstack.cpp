@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include "csrc/common.h"
+#include "csrc/cpu/cpu_path.h"
 #include "csrc/cpu/deepstack.h"
 #include "kernels/common/dtype.h"
 
@@ -107,6 +108,15 @@ std::tuple<at::Tensor, at::Tensor> inject_norm(const char* op, const at::Tensor&
       p.bias = b.data_ptr();
     }
     HIRES_CHECK(eps >= 0.0, op, "eps", "must be >= 0, got ", eps);
+  }
+
+  // fp32 LayerNorm without injection on the CPU: ATen's kernel measured faster than ours there
+  // (README "CPU paths"); the same formula in fp32 (another summation order), and a row whose
+  // rstd is not finite and positive (|x| > ~1.8e19, a NaN) is redone by ours below.
+  if (hidden.is_cpu() && norm == Norm::kLayer && !embeds && !want_injected &&
+      hidden.scalar_type() == at::kFloat && !cpu_twin_forced()) {
+    auto [y, mean, rstd] = at::native_layer_norm(hidden, {D}, w, b, eps);
+    if (rstd_ok(rstd)) return {y, at::Tensor()};
   }
 
   const auto opts = hidden.options().memory_format(at::MemoryFormat::Contiguous);

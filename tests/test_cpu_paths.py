@@ -107,6 +107,92 @@ def test_nonfinite_v_stays_in_its_rows():
     torch.testing.assert_close(out[fin].double(), ref[fin], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("sq,sk,hq,hkv,d,causal,window", [
+    (1, 77, 8, 2, 72, False, (-1, -1)),    # decode, GQA 4, D not a multiple of 16
+    (3, 40, 4, 1, 64, True, (-1, -1)),     # MQA, causal rows with different key ranges
+    (4, 2, 2, 2, 16, True, (-1, -1)),      # causal Sq > Sk: rows that see no key -> 0, lse -inf
+    (2, 50, 6, 3, 24, False, (9, 0)),      # sliding window
+])
+def test_small_q_kernel_matches_twin(sq, sk, hq, hkv, d, causal, window, dtype, monkeypatch):
+    """The decode-shaped CPU kernel (Sq <= 4: query heads grouped per kv head) against the twin,
+    o and lse, with and without a NaN in a v row that only some rows see."""
+    g = torch.Generator().manual_seed(sq * 100 + sk)
+    q = torch.randn(2, sq, hq, d, generator=g).to(dtype)
+    k = torch.randn(2, sk, hkv, d, generator=g).to(dtype)
+    v = torch.randn(2, sk, hkv, d, generator=g).to(dtype)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    for poison in (False, True):
+        if poison:
+            v[1, sk - 1, 0, 1] = float("nan")
+        o1, l1, _ = ops.flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True)
+        monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
+        o2, l2, _ = ops.flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True)
+        monkeypatch.delenv("HIRES_LMM_CPU_TWIN")
+        assert torch.equal(o1.isnan(), o2.isnan())
+        torch.testing.assert_close(o1.float().nan_to_num(), o2.float().nan_to_num(), atol=tol, rtol=0)
+        torch.testing.assert_close(l1, l2, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kvcache_decode_kernel_matches_twin(dtype, monkeypatch):
+    """Ragged decode with an in-place append: the CPU kernel reads only the L_b keys of each
+    sequence (stale NaN rows past L_b stay unread) and appends exactly as the twin."""
+    g = torch.Generator().manual_seed(11)
+    B, S, hq, hkv, d = 3, 40, 8, 2, 64
+    q = torch.randn(B, 2, hq, d, generator=g).to(dtype)
+    kc = torch.randn(B, S, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(B, S, hkv, d, generator=g).to(dtype)
+    kc[:, 30:] = float("nan")
+    vc[:, 30:] = float("nan")
+    kn, vn = (torch.randn(B, 2, hkv, d, generator=g).to(dtype) for _ in range(2))
+    lens = torch.tensor([0, 17, 28], dtype=torch.int32)
+    kc2, vc2 = kc.clone(), vc.clone()
+    with torch.no_grad():
+        o1 = ops.flash_attn_with_kvcache(q, kc, vc, kn, vn, lens, causal=True)
+        monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
+        o2 = ops.flash_attn_with_kvcache(q, kc2, vc2, kn, vn, lens, causal=True)
+    assert torch.equal(kc.nan_to_num(7.0), kc2.nan_to_num(7.0))
+    assert torch.equal(vc.nan_to_num(7.0), vc2.nan_to_num(7.0))
+    assert torch.isfinite(o1).all()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(o1.float(), o2.float(), atol=tol, rtol=0)
+
+
+# ---- norms and DeepStack injection (AVX2 default path; fp32 layer_norm through ATen) -------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [8, 203, 1024])
+def test_inject_norms_match_twin(dtype, dim, monkeypatch):
+    """Every roundings-per-element of the twin, in the vectorized default path; the statistics
+    differ only in summation order. A huge row takes the fp64 redo on both."""
+    g = torch.Generator().manual_seed(dim)
+    hidden = torch.randn(3, 7, dim, generator=g).to(dtype)
+    hidden[1, 2] = 3e38 if dtype != torch.float16 else 6e4
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[0, 2:5] = True
+    mask[2, 6] = True
+    idx = ops.visual_index(mask)
+    emb = torch.randn(int(mask.sum()), dim, generator=g).to(torch.float32)
+    w = (1 + 0.1 * torch.randn(dim, generator=g)).to(dtype)
+    b = (0.1 * torch.randn(dim, generator=g)).to(dtype)
+
+    def run():
+        return (ops.deepstack_inject_rms_norm(hidden, emb, idx, w, 1e-6),
+                ops.deepstack_inject_layer_norm(hidden, emb, idx, w, b, 1e-6),
+                ops.deepstack_inject(hidden, emb, idx), ops.rms_norm(hidden, w, 1e-6),
+                ops.layer_norm(hidden, w, b, 1e-6))
+    fast = run()
+    monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
+    twin = run()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    flat = lambda t: [x for y in t for x in (y if isinstance(y, tuple) else (y,))]
+    for a, b_ in zip(flat(fast), flat(twin)):
+        assert torch.equal(a.isfinite(), b_.isfinite())
+        torch.testing.assert_close(a.float(), b_.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(fast[0][1], twin[0][1], atol=0, rtol=0)  # injected: exact
+    torch.testing.assert_close(fast[2], twin[2], atol=0, rtol=0)
+
+
 # ---- dwconv_layernorm ----------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", tcv.SHAPES)

@@ -27,6 +27,10 @@
 #include <limits>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "csrc/cpu/avx2.h"
 
 namespace hires::attention {
 
@@ -35,7 +39,7 @@ namespace {
 // 0 when every element is finite, NaN otherwise (x * 0 is 0 for finite x, NaN for inf / NaN; the
 // sum never overflows), in kLanes independent accumulators (vectorizable).
 template <typename T>
-bool finite_contiguous(const T* x, int64_t n) {
+bool finite_contiguous_generic(const T* x, int64_t n) {
   constexpr int kLanes = 16;
   float acc[kLanes] = {};
   int64_t i = 0;
@@ -50,7 +54,7 @@ bool finite_contiguous(const T* x, int64_t n) {
 // sum of x^2 in kLanes independent fp32 accumulators (vectorizable): inf / NaN when an element
 // is, or when the sum overflows.
 template <typename T>
-float sum_sq_contiguous(const T* x, int64_t n) {
+float sum_sq_contiguous_generic(const T* x, int64_t n) {
   constexpr int kLanes = 16;
   float acc[kLanes] = {};
   int64_t i = 0;
@@ -65,12 +69,97 @@ float sum_sq_contiguous(const T* x, int64_t n) {
   return s;
 }
 
+#ifdef HIRES_X86
+using cpu::cpu_has_avx2;
+using cpu::hsum8;
+using cpu::load8;
+
+template <typename T>
+HIRES_AVX2 float sum_sq_avx2(const T* x, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {  // 8 independent FMA chains (FMA latency x throughput)
+    const __m256 v0 = load8(x + i), v1 = load8(x + i + 8), v2 = load8(x + i + 16), v3 = load8(x + i + 24);
+    const __m256 v4 = load8(x + i + 32), v5 = load8(x + i + 40), v6 = load8(x + i + 48), v7 = load8(x + i + 56);
+    a0 = _mm256_fmadd_ps(v0, v0, a0);
+    a1 = _mm256_fmadd_ps(v1, v1, a1);
+    a2 = _mm256_fmadd_ps(v2, v2, a2);
+    a3 = _mm256_fmadd_ps(v3, v3, a3);
+    a4 = _mm256_fmadd_ps(v4, v4, a4);
+    a5 = _mm256_fmadd_ps(v5, v5, a5);
+    a6 = _mm256_fmadd_ps(v6, v6, a6);
+    a7 = _mm256_fmadd_ps(v7, v7, a7);
+  }
+  a0 = _mm256_add_ps(a0, a4);
+  a1 = _mm256_add_ps(a1, a5);
+  a2 = _mm256_add_ps(a2, a6);
+  a3 = _mm256_add_ps(a3, a7);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = load8(x + i);
+    a0 = _mm256_fmadd_ps(v, v, a0);
+  }
+  float s = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < n; ++i) s += static_cast<float>(x[i]) * static_cast<float>(x[i]);
+  return s;
+}
+
+// Every element finite: no exponent field all ones (inf / NaN), checked on the bits 32 bytes at a
+// time (and, compare, or: no floating-point dependency chain).
+template <typename T>
+HIRES_AVX2 bool finite_avx2(const T* x, int64_t n) {
+  constexpr bool k16 = sizeof(T) == 2;
+  const __m256i em = k16 ? _mm256_set1_epi16(std::is_same_v<T, c10::Half> ? 0x7c00 : 0x7f80)
+                         : _mm256_set1_epi32(0x7f800000);
+  constexpr int64_t kStep = 32 / int64_t(sizeof(T));
+  __m256i bad = _mm256_setzero_si256();
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep) {
+    const __m256i e = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + i)), em);
+    bad = _mm256_or_si256(bad, k16 ? _mm256_cmpeq_epi16(e, em) : _mm256_cmpeq_epi32(e, em));
+  }
+  bool ok = _mm256_testz_si256(bad, bad);
+  for (; i < n; ++i) ok &= std::isfinite(static_cast<float>(x[i]));
+  return ok;
+}
+#endif
+
+template <typename T>
+float sum_sq_contiguous(const T* x, int64_t n) {
+#ifdef HIRES_X86
+  if constexpr (!std::is_same_v<T, double>)
+    if (cpu_has_avx2()) return sum_sq_avx2(x, n);
+#endif
+  return sum_sq_contiguous_generic(x, n);
+}
+
+template <typename T>
+bool finite_contiguous(const T* x, int64_t n) {
+#ifdef HIRES_X86
+  if constexpr (!std::is_same_v<T, double>)
+    if (cpu_has_avx2()) return finite_avx2(x, n);
+#endif
+  return finite_contiguous_generic(x, n);
+}
+
+// sum of t^2 in fp32 (inf / NaN as sum_sq_contiguous); chunks over the intra-op threads when large.
 float sum_sq(const at::Tensor& t) {
   if (t.numel() == 0) return 0.f;
   const at::Tensor c = t.contiguous();
   float s = 0.f;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "sum_sq", [&] {
-    s = sum_sq_contiguous(c.const_data_ptr<scalar_t>(), c.numel());
+    const scalar_t* x = c.const_data_ptr<scalar_t>();
+    const int64_t n = c.numel();
+    constexpr int64_t kChunk = int64_t(1) << 17;
+    if (n <= kChunk) {
+      s = sum_sq_contiguous(x, n);
+      return;
+    }
+    const int64_t chunks = (n + kChunk - 1) / kChunk;
+    std::vector<float> part(chunks, 0.f);
+    at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) part[i] = sum_sq_contiguous(x + i * kChunk, std::min(kChunk, n - i * kChunk));
+    });
+    for (float v : part) s += v;
   });
   return s;
 }
@@ -159,6 +248,290 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> attention_cpu_fast(
   // non-finite input (or an overflow), where the ATen kernel's rules are not ours: the twin decides.
   if (!all_finite(o)) return c10::nullopt;
   return std::make_tuple(o, lse);
+}
+
+}  // namespace hires::attention
+
+// ---- small-query attention (decode) ----------------------------------------------------------
+namespace hires::attention {
+namespace {
+
+#ifdef HIRES_X86
+// exp(x) for x <= 0 (Cephes' expf: range reduction by ln 2, degree-5 polynomial, about 1 ulp);
+// 0 below -87 (the true value is < 2e-38 there and an addend next to the row's exp(0) = 1).
+HIRES_AVX2 inline __m256 exp8_nonpos(__m256 x) {
+  const __m256 tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_LT_OQ);
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(tiny, y);
+}
+
+template <typename T>
+HIRES_AVX2 void to_f32_row(const T* x, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8(x + i));
+  for (; i < n; ++i) out[i] = static_cast<float>(x[i]);
+}
+
+// Scores of N query rows (same visible keys) against keys [j0, j1]: s[r * ldw + j - j0] =
+// scale * q_r . k_j (q rows fp32; 2 keys at a time: 2N independent FMA chains, each q load
+// serving both keys; 16-bit k converted in the loop).
+template <int N, typename T>
+HIRES_AVX2 void scores_group(const float* qf, int64_t D, const T* k, int64_t k_stride, int64_t j0, int64_t j1,
+                             float scale, float* s, int64_t ldw) {
+  const int64_t D8 = D / 8 * 8;
+  int64_t j = j0;
+  for (; j + 1 <= j1; j += 2) {
+    const T* k0 = k + j * k_stride;
+    const T* k1 = k0 + k_stride;
+    __m256 a0[N], a1[N];
+    for (int r = 0; r < N; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D8; d += 8) {
+      const __m256 kv0 = load8(k0 + d), kv1 = load8(k1 + d);
+      for (int r = 0; r < N; ++r) {
+        const __m256 qv = _mm256_loadu_ps(qf + r * D + d);
+        a0[r] = _mm256_fmadd_ps(qv, kv0, a0[r]);
+        a1[r] = _mm256_fmadd_ps(qv, kv1, a1[r]);
+      }
+    }
+    for (int r = 0; r < N; ++r) {
+      float t0 = hsum8(a0[r]), t1 = hsum8(a1[r]);
+      for (int64_t d = D8; d < D; ++d) {
+        t0 += qf[r * D + d] * static_cast<float>(k0[d]);
+        t1 += qf[r * D + d] * static_cast<float>(k1[d]);
+      }
+      s[r * ldw + j - j0] = t0 * scale;
+      s[r * ldw + j + 1 - j0] = t1 * scale;
+    }
+  }
+  for (; j <= j1; ++j) {
+    const T* k0 = k + j * k_stride;
+    __m256 a0[N];
+    for (int r = 0; r < N; ++r) a0[r] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D8; d += 8) {
+      const __m256 kv0 = load8(k0 + d);
+      for (int r = 0; r < N; ++r) a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * D + d), kv0, a0[r]);
+    }
+    for (int r = 0; r < N; ++r) {
+      float t0 = hsum8(a0[r]);
+      for (int64_t d = D8; d < D; ++d) t0 += qf[r * D + d] * static_cast<float>(k0[d]);
+      s[r * ldw + j - j0] = t0 * scale;
+    }
+  }
+}
+
+// o_r[0:D] = sum_{j in [j0, j1]} p_r[j - j0] v_j for N rows (same visible keys): 16 output columns
+// at a time in registers (v converted once per key and column block, no accumulator stores).
+template <int N, typename T>
+HIRES_AVX2 void pv_group(const float* p, int64_t ldw, const T* v, int64_t v_stride, int64_t j0, int64_t j1,
+                         int64_t D, float* out) {
+  int64_t c = 0;
+  for (; c + 16 <= D; c += 16) {
+    __m256 a0[N], a1[N];
+    for (int r = 0; r < N; ++r) a0[r] = a1[r] = _mm256_setzero_ps();
+    for (int64_t j = j0; j <= j1; ++j) {
+      const T* vr = v + j * v_stride + c;
+      const __m256 v0 = load8(vr), v1 = load8(vr + 8);
+      for (int r = 0; r < N; ++r) {
+        const __m256 pr = _mm256_set1_ps(p[r * ldw + j - j0]);
+        a0[r] = _mm256_fmadd_ps(pr, v0, a0[r]);
+        a1[r] = _mm256_fmadd_ps(pr, v1, a1[r]);
+      }
+    }
+    for (int r = 0; r < N; ++r) {
+      _mm256_storeu_ps(out + r * D + c, a0[r]);
+      _mm256_storeu_ps(out + r * D + c + 8, a1[r]);
+    }
+  }
+  for (; c < D; ++c)  // head dims not a multiple of 16: the last columns one by one
+    for (int r = 0; r < N; ++r) {
+      float t = 0.f;
+      for (int64_t j = j0; j <= j1; ++j) t += p[r * ldw + j - j0] * static_cast<float>(v[j * v_stride + c]);
+      out[r * D + c] = t;
+    }
+}
+
+// max of s[0:n] in *m; false when an entry is not finite
+HIRES_AVX2 bool max_finite(const float* s, int64_t n, float* m) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 mx = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), nz = zero;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 x = _mm256_loadu_ps(s + j);
+    mx = _mm256_max_ps(mx, x);
+    nz = _mm256_add_ps(nz, _mm256_mul_ps(x, zero));  // NaN once an entry is inf / NaN
+  }
+  float buf[8];
+  _mm256_storeu_ps(buf, mx);
+  float r = buf[0], z = hsum8(nz);
+  for (int t = 1; t < 8; ++t) r = std::max(r, buf[t]);
+  for (; j < n; ++j) {
+    r = std::max(r, s[j]);
+    z += s[j] * 0.f;
+  }
+  *m = r;
+  return z == 0.f;
+}
+
+// sum_j exp(s[j] - m), writing the exponentials back into s (n entries, finite, m = max s)
+HIRES_AVX2 float exp_sum(float* s, int64_t n, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp8_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv));
+    _mm256_storeu_ps(s + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float l = hsum8(acc);
+  if (j < n) {  // the tail through the same polynomial (no libm: the same rounding as the lanes)
+    float buf[8];
+    for (int t = 0; t < 8; ++t) buf[t] = j + t < n ? s[j + t] - m : -100.f;
+    _mm256_storeu_ps(buf, exp8_nonpos(_mm256_loadu_ps(buf)));
+    for (int t = 0; j + t < n; ++t) {
+      s[j + t] = buf[t];
+      l += buf[t];
+    }
+  }
+  return l;
+}
+
+// One work item: batch b, kv head hk; its R = Sq * g query rows (row r = query i * g + head gi,
+// q head hk * g + gi). Scores S = scale q k^T over each row's visible keys (kept in `sbuf`),
+// softmax in fp32 with the natural-log lse, then o = P V. Returns false on a non-finite visible
+// score or a non-finite output (the caller then runs the twin for the whole call).
+template <typename T>
+HIRES_AVX2 bool small_q_item(const SmallQArgs& a, int64_t b, int64_t hk, std::vector<float>& buf) {
+  const int64_t g = a.Hq / a.Hkv, R = a.Sq * g, D = a.D;
+  const int64_t L = a.lens != nullptr ? a.lens[b] : a.Sk;
+  const T* q = static_cast<const T*>(a.q);
+  const T* k = static_cast<const T*>(a.k);
+  const T* v = static_cast<const T*>(a.v);
+  T* o = static_cast<T*>(a.o);
+  // visible key range [lo, hi] of each row (bottom-right aligned)
+  int64_t J0 = L, J1 = -1;
+  std::vector<int64_t> lo(R), hi(R);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t c = r / g + L - a.Sq;  // the key aligned with query i
+    lo[r] = std::max<int64_t>(0, a.window_left >= 0 ? c - a.window_left : 0);
+    hi[r] = std::min<int64_t>(L - 1, a.window_right >= 0 ? c + a.window_right : L - 1);
+    if (lo[r] <= hi[r]) {
+      J0 = std::min(J0, lo[r]);
+      J1 = std::max(J1, hi[r]);
+    }
+  }
+  const int64_t W = J1 >= J0 ? J1 - J0 + 1 : 0;
+  buf.resize(size_t(R * D * 2 + R * W));
+  float* qf = buf.data();    // (R, D) q rows in fp32
+  float* acc = qf + R * D;   // (R, D) P V sums
+  float* sc = acc + R * D;   // (R, W) scores, then exp(s - m)
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t i = r / g, h = hk * g + r % g;
+    to_f32_row(q + b * a.q_s[0] + i * a.q_s[1] + h * a.q_s[2], qf + r * D, D);
+  }
+  const float scale = static_cast<float>(a.scale);
+  const T* kb = k + b * a.k_s[0] + hk * a.k_s[2];
+  const T* vb = v + b * a.v_s[0] + hk * a.v_s[2];
+  // groups of up to 4 consecutive rows with the same visible keys (decode: all; causal Sq > 1: the
+  // g heads of one query)
+  auto for_groups = [&](auto&& fn) {
+    for (int64_t r0 = 0; r0 < R;) {
+      int64_t n = 1;
+      while (n < 4 && r0 + n < R && lo[r0 + n] == lo[r0] && hi[r0 + n] == hi[r0]) ++n;
+      if (lo[r0] <= hi[r0]) fn(r0, n);
+      r0 += n;
+    }
+  };
+  for_groups([&](int64_t r0, int64_t n) {
+    float* out = sc + r0 * W + (lo[r0] - J0);
+    const float* qg = qf + r0 * D;
+    switch (n) {
+      case 4: scores_group<4>(qg, D, kb, a.k_s[1], lo[r0], hi[r0], scale, out, W); break;
+      case 3: scores_group<3>(qg, D, kb, a.k_s[1], lo[r0], hi[r0], scale, out, W); break;
+      case 2: scores_group<2>(qg, D, kb, a.k_s[1], lo[r0], hi[r0], scale, out, W); break;
+      default: scores_group<1>(qg, D, kb, a.k_s[1], lo[r0], hi[r0], scale, out, W); break;
+    }
+  });
+  std::vector<float> inv_l(R, 0.f);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t i = r / g, h = hk * g + r % g;
+    float* lse = a.lse != nullptr ? a.lse + b * a.lse_s[0] + h * a.lse_s[1] + i * a.lse_s[2] : nullptr;
+    if (lo[r] > hi[r]) {  // a row that sees no key: o = 0, lse = -inf
+      if (lse != nullptr) *lse = -std::numeric_limits<float>::infinity();
+      continue;
+    }
+    float* s = sc + r * W + (lo[r] - J0);
+    const int64_t n = hi[r] - lo[r] + 1;
+    float m;
+    if (!max_finite(s, n, &m)) return false;  // NaN / inf scores: the twin's rules
+    const float l = exp_sum(s, n, m);  // >= 1 (the max contributes exp(0))
+    inv_l[r] = 1.f / l;
+    if (lse != nullptr) *lse = m + std::log(l);
+  }
+  std::fill(acc, acc + R * D, 0.f);
+  for_groups([&](int64_t r0, int64_t n) {
+    const float* pg = sc + r0 * W + (lo[r0] - J0);
+    float* out = acc + r0 * D;
+    switch (n) {
+      case 4: pv_group<4>(pg, W, vb, a.v_s[1], lo[r0], hi[r0], D, out); break;
+      case 3: pv_group<3>(pg, W, vb, a.v_s[1], lo[r0], hi[r0], D, out); break;
+      case 2: pv_group<2>(pg, W, vb, a.v_s[1], lo[r0], hi[r0], D, out); break;
+      default: pv_group<1>(pg, W, vb, a.v_s[1], lo[r0], hi[r0], D, out); break;
+    }
+  });
+  bool ok = true;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t i = r / g, h = hk * g + r % g;
+    T* orow = o + b * a.o_s[0] + i * a.o_s[1] + h * a.o_s[2];
+    const float* ar = acc + r * D;
+    for (int64_t d = 0; d < D; ++d) {
+      const float val = ar[d] * inv_l[r];
+      ok &= std::isfinite(val);
+      orow[d] = static_cast<T>(val);
+    }
+  }
+  return ok;  // a NaN / inf in a visible v row (or an overflow): the twin's rules
+}
+#endif
+
+}  // namespace
+
+bool attention_cpu_small_q(const SmallQArgs& a, at::ScalarType dtype) {
+#ifdef HIRES_X86
+  if (!cpu_has_avx2()) return false;
+  std::atomic<bool> ok{true};
+  const int64_t items = a.B * a.Hkv;
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf;
+      for (int64_t it = begin; it < end && ok.load(std::memory_order_relaxed); ++it)
+        if (!small_q_item<T>(a, it / a.Hkv, it % a.Hkv, buf)) ok = false;
+    });
+  };
+  switch (dtype) {
+    case at::kFloat: run(float()); break;
+    case at::kHalf: run(c10::Half()); break;
+    case at::kBFloat16: run(c10::BFloat16()); break;
+    default: return false;
+  }
+  return ok;
+#else
+  (void)a;
+  (void)dtype;
+  return false;
+#endif
 }
 
 }  // namespace hires::attention

@@ -1,10 +1,14 @@
 #include "csrc/cpu/deepstack.h"
 
 #include <ATen/Dispatch.h>
+#include <algorithm>
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#include "csrc/cpu/avx2.h"
+#include "csrc/cpu/cpu_path.h"
 
 namespace hires::deepstack {
 namespace {
@@ -39,6 +43,25 @@ float sum_of(const float* x, int64_t n, float shift, bool square) {
   float s = 0.f;
   for (int j = 0; j < kLanes; ++j) s += acc[j];
   return s;
+}
+
+// The fp32 statistic overflowed (|x| > ~1.8e19, or a non-finite x): redo the row in fp64,
+// which cannot overflow for finite fp32 input (README "Non-finite values"); rare, so the
+// common path stays fp32. A non-finite x still gives what IEEE arithmetic gives.
+template <typename T>
+void norm_row_f64(const float* x, int64_t D, Norm norm, const float* w, const float* b, float eps, T* o) {
+  double sd = 0.0;
+  if (norm == Norm::kLayer)
+    for (int64_t c = 0; c < D; ++c) sd += x[c];
+  const double mean = sd / double(D);
+  double ssd = 0.0;
+  for (int64_t c = 0; c < D; ++c) ssd += (x[c] - mean) * (x[c] - mean);
+  const double rstd = 1.0 / std::sqrt(ssd / double(D) + double(eps));
+  if (norm == Norm::kRms) {
+    for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(w[c] * round_to<T>(static_cast<float>(x[c] * rstd)));
+  } else {
+    for (int64_t c = 0; c < D; ++c) o[c] = static_cast<T>(static_cast<float>((x[c] - mean) * rstd) * w[c] + b[c]);
+  }
 }
 
 template <typename T, typename E>
@@ -80,23 +103,7 @@ void run(const InjectNormParams& p, Norm norm) {
       const float var = sum_of(x.data(), D, shift, true) / float(D);
       T* o = normed + row * D;
       if (!std::isfinite(var)) {
-        // The fp32 statistic overflowed (|x| > ~1.8e19, or a non-finite x): redo the row in fp64,
-        // which cannot overflow for finite fp32 input (README "Non-finite values"); rare, so the
-        // fast path above stays fp32. A non-finite x still gives what IEEE arithmetic gives.
-        double sd = 0.0;
-        if (norm == Norm::kLayer)
-          for (int64_t c = 0; c < D; ++c) sd += x[c];
-        const double mean = sd / double(D);
-        double ssd = 0.0;
-        for (int64_t c = 0; c < D; ++c) ssd += (x[c] - mean) * (x[c] - mean);
-        const double rstd = 1.0 / std::sqrt(ssd / double(D) + double(p.eps));
-        if (norm == Norm::kRms) {
-          for (int64_t c = 0; c < D; ++c)
-            o[c] = static_cast<T>(w[c] * round_to<T>(static_cast<float>(x[c] * rstd)));
-        } else {
-          for (int64_t c = 0; c < D; ++c)
-            o[c] = static_cast<T>(static_cast<float>((x[c] - mean) * rstd) * w[c] + b[c]);
-        }
+        norm_row_f64<T>(x.data(), D, norm, w.data(), b.data(), p.eps, o);
         continue;
       }
       const float rstd = 1.f / std::sqrt(var + p.eps);
@@ -109,9 +116,133 @@ void run(const InjectNormParams& p, Norm norm) {
   });
 }
 
+#ifdef HIRES_X86
+// Default CPU path (AVX2): the twin's row algorithm, the same roundings element by element
+// (round_to<T> of the embedding and of the sum, RMS: w * round_to<T>(x * rstd), LayerNorm:
+// ((x - mean) * rstd) * w + b, where the compiler may fuse the last multiply-add), 8 lanes at a
+// time; the fp32 statistics are summed in 32 lanes (another order than the twin: the last bits
+// of rstd may differ). A row whose statistic is not finite takes the twin's fp64 redo.
+// sum of x (square: of (x - shift)^2) in 4 x 8 fp32 lanes
+HIRES_AVX2 float lane_sum(const float* x, int64_t D, float shift, bool square) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t c = 0;
+  for (; c + 32 <= D; c += 32) {
+    __m256 v0 = _mm256_loadu_ps(x + c), v1 = _mm256_loadu_ps(x + c + 8), v2 = _mm256_loadu_ps(x + c + 16),
+           v3 = _mm256_loadu_ps(x + c + 24);
+    if (square) {
+      v0 = _mm256_sub_ps(v0, sh); v1 = _mm256_sub_ps(v1, sh); v2 = _mm256_sub_ps(v2, sh); v3 = _mm256_sub_ps(v3, sh);
+      a0 = _mm256_fmadd_ps(v0, v0, a0); a1 = _mm256_fmadd_ps(v1, v1, a1);
+      a2 = _mm256_fmadd_ps(v2, v2, a2); a3 = _mm256_fmadd_ps(v3, v3, a3);
+    } else {
+      a0 = _mm256_add_ps(a0, v0); a1 = _mm256_add_ps(a1, v1); a2 = _mm256_add_ps(a2, v2); a3 = _mm256_add_ps(a3, v3);
+    }
+  }
+  float s = cpu::hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; c < D; ++c) s += square ? (x[c] - shift) * (x[c] - shift) : x[c];
+  return s;
+}
+
+template <typename T, typename E>
+HIRES_AVX2 void norm_rows_avx2(const InjectNormParams& p, Norm norm, const float* w, const float* b,
+                               int64_t begin, int64_t end, float* x) {
+  using cpu::load8;
+  using cpu::round8;
+  using cpu::store8;
+  const int64_t D = p.dim, D8 = D / 8 * 8;
+  const T* hidden = static_cast<const T*>(p.hidden);
+  const E* embeds = static_cast<const E*>(p.embeds);
+  T* normed = static_cast<T*>(p.normed);
+  T* injected = static_cast<T*>(p.injected);
+  for (int64_t row = begin; row < end; ++row) {
+    const T* h = hidden + row * p.hidden_stride;
+    const int64_t r = p.num_visual > 0 ? find_visual(p.index, p.num_visual, row) : -1;
+    if (injected != nullptr && r < 0) std::memcpy(injected + row * D, h, sizeof(T) * D);  // a text row
+    if (norm == Norm::kNone && r < 0) continue;
+    if (r >= 0) {
+      const E* e = embeds + r * p.embeds_stride;
+      int64_t c = 0;
+      for (; c < D8; c += 8)
+        _mm256_storeu_ps(x + c, round8<T>(_mm256_add_ps(load8(h + c), round8<T>(load8(e + c)))));
+      for (; c < D; ++c) x[c] = round_to<T>(static_cast<float>(h[c]) + round_to<T>(static_cast<float>(e[c])));
+      if (injected != nullptr) {
+        T* o = injected + row * D;
+        for (c = 0; c < D8; c += 8) store8(o + c, _mm256_loadu_ps(x + c));
+        for (; c < D; ++c) o[c] = static_cast<T>(x[c]);
+      }
+    } else {
+      int64_t c = 0;
+      for (; c < D8; c += 8) _mm256_storeu_ps(x + c, load8(h + c));
+      for (; c < D; ++c) x[c] = static_cast<float>(h[c]);
+    }
+    if (norm == Norm::kNone) continue;
+    // fp32 statistics (two-pass variance for LayerNorm) in 4 x 8 lanes
+    const float shift = norm == Norm::kLayer ? lane_sum(x, D, 0.f, false) / float(D) : 0.f;
+    const float var = lane_sum(x, D, shift, true) / float(D);
+    T* o = normed + row * D;
+    if (!std::isfinite(var)) {
+      norm_row_f64<T>(x, D, norm, w, b, p.eps, o);
+      continue;
+    }
+    const float rstd = 1.f / std::sqrt(var + p.eps);
+    const __m256 rv = _mm256_set1_ps(rstd), sv = _mm256_set1_ps(shift);
+    int64_t c = 0;
+    if (norm == Norm::kRms) {
+      for (; c < D8; c += 8)
+        store8(o + c, _mm256_mul_ps(_mm256_loadu_ps(w + c), round8<T>(_mm256_mul_ps(_mm256_loadu_ps(x + c), rv))));
+      for (; c < D; ++c) o[c] = static_cast<T>(w[c] * round_to<T>(x[c] * rstd));
+    } else {
+      for (; c < D8; c += 8) {
+        const __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + c), sv), rv), _mm256_loadu_ps(w + c));
+        store8(o + c, _mm256_add_ps(y, _mm256_loadu_ps(b + c)));
+      }
+      for (; c < D; ++c) o[c] = static_cast<T>((x[c] - shift) * rstd * w[c] + b[c]);
+    }
+  }
+}
+
+template <typename T, typename E>
+void run_fast(const InjectNormParams& p, Norm norm) {
+  const int64_t D = p.dim;
+  std::vector<float> w(norm == Norm::kNone ? 0 : D), b(D, 0.f);
+  for (int64_t c = 0; c < int64_t(w.size()); ++c) w[c] = static_cast<float>(static_cast<const T*>(p.weight)[c]);
+  if (p.bias != nullptr)
+    for (int64_t c = 0; c < D; ++c) b[c] = static_cast<float>(static_cast<const T*>(p.bias)[c]);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
+  at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(D);
+    norm_rows_avx2<T, E>(p, norm, w.data(), b.data(), begin, end, x.data());
+  });
+}
+
+// T, E in {float, Half, BFloat16}: true when it ran.
+template <typename T>
+bool run_fast_embeds(const InjectNormParams& p, at::ScalarType e, Norm norm) {
+  switch (e) {
+    case at::kFloat: run_fast<T, float>(p, norm); return true;
+    case at::kHalf: run_fast<T, c10::Half>(p, norm); return true;
+    case at::kBFloat16: run_fast<T, c10::BFloat16>(p, norm); return true;
+    default: return false;
+  }
+}
+
+bool inject_norm_fast(const InjectNormParams& p, at::ScalarType t, at::ScalarType e, Norm norm) {
+  if (!cpu::cpu_has_avx2()) return false;
+  switch (t) {
+    case at::kFloat: return run_fast_embeds<float>(p, e, norm);
+    case at::kHalf: return run_fast_embeds<c10::Half>(p, e, norm);
+    case at::kBFloat16: return run_fast_embeds<c10::BFloat16>(p, e, norm);
+    default: return false;
+  }
+}
+#endif
+
 }  // namespace
 
 void inject_norm_cpu(const InjectNormParams& p, at::ScalarType t, at::ScalarType e, Norm norm) {
+#ifdef HIRES_X86
+  if (!cpu_twin_forced() && inject_norm_fast(p, t, e, norm)) return;
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "inject_norm_cpu", [&] {
     using T = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, e, "inject_norm_cpu_embeds", [&] {

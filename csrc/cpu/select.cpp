@@ -5,10 +5,39 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <type_traits>
 #include <vector>
+
+#include "csrc/cpu/avx2.h"
+#include "csrc/cpu/cpu_path.h"
 
 namespace hires::select {
 namespace {
+
+#ifdef HIRES_X86
+// l . o and l . l of one local token in 2 x 8 fp32 lanes each (the default CPU path; the twin
+// keeps one running sum per product).
+template <typename TL>
+HIRES_AVX2 void dot_and_norm_avx2(const TL* l, const float* o, int64_t D, float* dot, float* ll) {
+  __m256 d0 = _mm256_setzero_ps(), d1 = d0, n0 = d0, n1 = d0;
+  int64_t c = 0;
+  for (; c + 16 <= D; c += 16) {
+    const __m256 v0 = cpu::load8(l + c), v1 = cpu::load8(l + c + 8);
+    d0 = _mm256_fmadd_ps(v0, _mm256_loadu_ps(o + c), d0);
+    d1 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(o + c + 8), d1);
+    n0 = _mm256_fmadd_ps(v0, v0, n0);
+    n1 = _mm256_fmadd_ps(v1, v1, n1);
+  }
+  float sd = cpu::hsum8(_mm256_add_ps(d0, d1)), sn = cpu::hsum8(_mm256_add_ps(n0, n1));
+  for (; c < D; ++c) {
+    const float v = static_cast<float>(l[c]);
+    sd += v * o[c];
+    sn += v * v;
+  }
+  *dot = sd;
+  *ll = sn;
+}
+#endif
 
 // Steps 1-3 of similarity_select.cuh: weights w[b,t] = mask / max(|text|, eps), the direction
 // dir[b] = sum_t w[b,t] text[b,t] (fp32, t in order), scores[b,i] = (l . dir) / max(|l|, eps).
@@ -61,6 +90,9 @@ void scores_cpu(const SimilaritySelectParams& p, std::vector<float>& dir) {
   if (p.mask != nullptr)
     for (int64_t b = 0; b < B; ++b) any_text[b] = std::any_of(p.mask + b * T, p.mask + (b + 1) * T, [](bool m) { return m; });
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+#ifdef HIRES_X86
+  const bool fast = !cpu_twin_forced() && cpu::cpu_has_avx2();  // HIRES_LMM_CPU_TWIN=1: the twin's sums
+#endif
   at::parallel_for(0, B * N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / N, i = r % N;
@@ -71,7 +103,16 @@ void scores_cpu(const SimilaritySelectParams& p, std::vector<float>& dir) {
       const TL* l = local + b * p.local_stride_b + i * p.local_stride_n;
       const float* o = dir.data() + b * D;
       float dot = 0.f, ll = 0.f;
-      for (int64_t d = 0; d < D; ++d) {
+      bool done = false;
+#ifdef HIRES_X86
+      if constexpr (!std::is_same_v<TL, double>) {
+        if (fast) {
+          dot_and_norm_avx2(l, o, D, &dot, &ll);
+          done = true;
+        }
+      }
+#endif
+      for (int64_t d = 0; d < D && !done; ++d) {
         const float v = static_cast<float>(l[d]);
         dot += v * o[d];
         ll += v * v;

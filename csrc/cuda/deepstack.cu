@@ -6,8 +6,9 @@
 namespace hires::deepstack {
 namespace {
 
-// Every path holds kElemsPerThread elements per thread: 4 packs of 8 for 16-bit types (64 B in
-// flight per thread), 8 packs of 4 for fp32, 32 scalars in the unaligned fallback.
+// Every path gives a thread kElemsPerThread elements of the row: 4 packs of 8 for 16-bit types
+// (64 B in flight per thread) and 8 packs of 4 for fp32, held in registers; 32 scalars in the
+// unaligned / odd-size fallback (VEC = 1), streamed pass by pass (no local memory).
 constexpr int kElems = InjectNormTile::kElemsPerThread;
 
 template <typename T> constexpr int vec_width() { return 16 / int(sizeof(T)); }

@@ -11,11 +11,18 @@
 //   two (exact; never `bias`).
 // Shapes: hidden (rows, dim) T with a row stride; embeds (num_visual, dim) E; index (num_visual,)
 //   int64 strictly increasing; weight, bias (dim,) T; outputs contiguous (rows, dim) T.
-// Ownership: a block is (threads_per_row x rows_per_block); threads_per_row threads own one row,
-//   each thread holding up to MAXV packs of VEC elements in registers, so the row is read once
-//   from device memory and written once per output (one pass). The row -> embeds-row lookup is a
-//   binary search in `index`, issued after the row's loads so its latency hides behind them; no
-//   inverse map, no nonzero, no host sync: CUDA-graph capturable.
+// Ownership: a block is (threads_per_row x rows_per_block); threads_per_row threads own one row.
+//   VEC > 1 (16-byte packs): each thread holds up to MAXV packs of VEC elements in registers, so
+//   the row is read once from device memory and written once per output (one pass).
+//   VEC == 1 (the scalar fallback: unaligned pointers or strides, hidden sizes not a multiple of
+//   the pack): the same threads and the same columns per thread (c = threadIdx.x + i * blockDim.x,
+//   i < MAXV), but streamed: each pass over the row (statistics, then normalize) re-reads hidden
+//   and embeds (L1/L2 hits after the first pass) and recomputes the injected value, so no row is
+//   held in registers and nothing spills to local memory (32 scalars per thread plus their
+//   addresses did not fit the 128 registers of the 512-thread launch bound). Per thread the sums
+//   run over the same columns in the same order as the register path: the same results.
+//   The row -> embeds-row lookup is a binary search in `index`, issued after the row's loads so
+//   its latency hides behind them; no inverse map, no nonzero, no host sync: CUDA-graph capturable.
 // Limits: dim <= kMaxThreadsPerRow * kElemsPerThread = 16384 (MAXV * VEC == kElemsPerThread); VEC > 1 needs dim % VEC == 0 and every
 //   pointer and row stride aligned to its pack (the launcher checks and falls back to VEC = 1).
 #pragma once
@@ -27,8 +34,7 @@ namespace hires::deepstack {
 struct InjectNormTile {
   static constexpr int kWarp = 32;
   static constexpr int kMaxThreadsPerRow = 512;   // launch bound 512 leaves 128 registers: no spills
-                                                  // on the 16-byte paths (the unaligned scalar
-                                                  // fallback spills a few bytes; it is a fallback)
+                                                  // (the scalar fallback streams, see above)
   static constexpr int kElemsPerThread = 32;      // row elements one thread holds in registers
   static constexpr int kMinThreadsPerBlock = 128;  // small rows: pack several per block
   static constexpr int kMaxWarpsPerRow = kMaxThreadsPerRow / kWarp;
@@ -93,6 +99,92 @@ __device__ __forceinline__ int64_t find_visual(const int64_t* __restrict__ index
   return (lo < n && __ldg(index + lo) == row) ? lo : -1;
 }
 
+// The scalar fallback (VEC == 1): the row streamed in passes, nothing held in registers (see the
+// header). inj(c) is the injected value of column c, recomputed from hidden and embeds by each pass
+// exactly as the register path computes it once; the sums visit a thread's columns in the register
+// path's order, so statistics and outputs are the same.
+template <typename T, typename E, Norm kNorm>
+__device__ __forceinline__ void inject_norm_row_stream(const InjectNormParams& p, int64_t row, bool active,
+                                                       float (*scratch)[InjectNormTile::kMaxWarpsPerRow]) {
+  const int64_t dim = p.dim;
+  const int64_t c0 = threadIdx.x, step = blockDim.x;
+  const int64_t end = active ? dim : 0;  // inactive threads visit no column but join the barriers
+  const T* hrow = static_cast<const T*>(p.hidden) + (active ? row * p.hidden_stride : 0);
+  const int64_t r = (active && p.num_visual > 0) ? find_visual(p.index, p.num_visual, row) : -1;
+  const E* erow = r >= 0 ? static_cast<const E*>(p.embeds) + r * p.embeds_stride : nullptr;
+  auto inj = [&](int64_t c) {
+    float v = to_f32<T>(hrow[c]);
+    if (erow != nullptr) v = round_to<T>(v + round_to<T>(to_f32<E>(erow[c])));
+    return v;
+  };
+  // Pass 1: inject (write `injected`) and the first statistic (LayerNorm: the sum; RMS: sum x^2).
+  T* irow = (p.injected != nullptr && active) ? static_cast<T*>(p.injected) + row * dim : nullptr;
+  float s = 0.f;
+  for (int64_t c = c0; c < end; c += step) {
+    const float v = inj(c);
+    if (irow != nullptr) irow[c] = from_f32<T>(v);
+    if constexpr (kNorm == Norm::kLayer) s += v;
+    else if constexpr (kNorm == Norm::kRms) s += v * v;
+  }
+  if constexpr (kNorm == Norm::kNone) {
+    return;
+  } else {
+    const float inv_dim = 1.f / float(dim);
+    float shift = 0.f, var;
+    if constexpr (kNorm == Norm::kLayer) {
+      shift = row_sum(s, scratch) * inv_dim;  // the mean; pass 2: the two-pass variance
+      float ss = 0.f;
+      for (int64_t c = c0; c < end; c += step) {
+        const float d = inj(c) - shift;
+        ss += d * d;
+      }
+      var = row_sum(ss, scratch) * inv_dim;
+    } else {
+      var = row_sum(s, scratch) * inv_dim;
+    }
+    const T* w = static_cast<const T*>(p.weight);
+    const T* b = static_cast<const T*>(p.bias);
+    T* orow = static_cast<T*>(p.normed) + (active ? row * dim : 0);
+    // Last pass: normalize, scale (and shift), store; value(x) is the normalized fp32 value.
+    auto store = [&](auto value) {
+      for (int64_t c = c0; c < end; c += step) {
+        const float v = value(inj(c));
+        float o;
+        if constexpr (kNorm == Norm::kRms) {
+          o = to_f32<T>(w[c]) * round_to<T>(v);
+        } else {
+          o = v * to_f32<T>(w[c]) + (b != nullptr ? to_f32<T>(b[c]) : 0.f);
+        }
+        orow[c] = from_f32<T>(o);
+      }
+    };
+    if (!isfinite(var)) {
+      // As the register path: statistics redone on x * 2^-e (exact scaling), 2^e > max |x|.
+      float amax = 0.f;
+      for (int64_t c = c0; c < end; c += step) amax = fmaxf(amax, fabsf(inj(c)));
+      amax = row_max(amax, scratch);
+      int e = 0;
+      if (isfinite(amax) && amax > 0.f) frexpf(amax, &e);
+      const float s1 = ldexpf(1.f, -(e / 2)), s2 = ldexpf(1.f, -(e - e / 2));
+      float sm = 0.f;
+      if constexpr (kNorm == Norm::kLayer) {
+        for (int64_t c = c0; c < end; c += step) sm += inj(c) * s1 * s2;
+        sm = row_sum(sm, scratch) * inv_dim;
+      }
+      float ssd = 0.f;
+      for (int64_t c = c0; c < end; c += step) {
+        const float d = inj(c) * s1 * s2 - sm;
+        ssd += d * d;
+      }
+      const float rstd_s = rsqrtf(row_sum(ssd, scratch) * inv_dim + p.eps * s1 * s1 * s2 * s2);
+      store([&](float v) { return (v * s1 * s2 - sm) * rstd_s; });
+      return;
+    }
+    const float rstd = rsqrtf(var + p.eps);
+    store([&](float v) { return (v - shift) * rstd; });
+  }
+}
+
 template <typename T, typename E, Norm kNorm, int VEC, int MAXV>
 __global__ void __launch_bounds__(InjectNormTile::kMaxThreadsPerRow)
 inject_norm_kernel(const InjectNormParams p) {
@@ -102,6 +194,10 @@ inject_norm_kernel(const InjectNormParams p) {
 
   const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   const bool active = row < p.rows;  // inactive threads still join the barriers in row_sum
+  if constexpr (VEC == 1) {  // the scalar fallback streams the row (no register-resident row)
+    inject_norm_row_stream<T, E, kNorm>(p, row, active, scratch);
+    return;
+  }
   const int64_t nvec = p.dim / VEC;
 
   // 1. Load the row into registers (the only read of hidden).

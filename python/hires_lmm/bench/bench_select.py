@@ -3,7 +3,8 @@
                     softmax(es), sort, cumsum, prefix + 1, sort ascending, gather)
   torch_efficient : normalize, one matmul, masked sum, topk, sort, gather
   torch_compile   : torch_efficient under torch.compile (CUDA only)
-Model shape: N = 1008 local tokens (7 crops x 144), T = 64 prompt tokens, D = 4096, k = 576, bf16.
+Model shape: N = 1008 local tokens (7 crops x 144), T = 64 prompt tokens, D = 4096, k = 576, bf16
+(and fp32 on the CPU).
 Ours includes the gather, like the references."""
 import torch
 import torch.nn.functional as F
@@ -66,46 +67,55 @@ def _ours_topp(local, text, mask, p):
     return ops.gather_tokens(local, idx), lengths
 
 
+def _cases_one(device, dtype, name, B, N, T, D, k):
+    """The cases of one (dtype, shape), in a function of their own so that the lambdas bind this
+    call's tensors (closures in a loop body would all see the last iteration's)."""
+    out = []
+    g = torch.Generator().manual_seed(0)
+    local = torch.randn(B, N, D, generator=g).to(dtype).to(device)
+    text = torch.randn(B, T, D, generator=g).to(dtype).to(device)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[:, T - T // 8:] = False                           # right-padded prompts
+    mask = mask.to(device)
+    el = local.element_size()
+    moved = B * N * D * el + B * T * D * el + B * k * D * el * 2
+
+    def err_scores():
+        _, s = ops.similarity_topk(local, text, k, mask)
+        return (s - ref.similarity_scores(local, text, mask)).abs().max().item()
+
+    def err_topp():
+        _, n = ops.similarity_topp(local, text, 0.95, mask, 1.0, 0.5)
+        _, rn = ref.similarity_topp(local, text, 0.95, mask, 1.0, 0.5)
+        return (n.cpu() - rn.cpu()).abs().max().item()
+
+    refs_k = {"slime_eager": lambda: slime_topk(local, text, mask, k),
+              "torch_efficient": lambda: efficient_topk(local, text, mask, k)}
+    refs_p = {"slime_eager": lambda: slime_topp(local, text, mask, 0.95),
+              "torch_efficient": lambda: efficient_topp(local, text, mask, 0.95)}
+    if device == "cuda":
+        ck, cp = torch.compile(efficient_topk), torch.compile(efficient_topp)
+        refs_k["torch_compile"] = lambda: ck(local, text, mask, k)
+        refs_p["torch_compile"] = lambda: cp(local, text, mask, 0.95)
+    out += [
+        Case("similarity_topk+gather", name, dtype, lambda: _ours_topk(local, text, mask, k), refs_k,
+             bytes=moved, max_err=err_scores, tol=1e-3),
+        Case("similarity_topp+gather", name.rsplit(" k", 1)[0] + " p0.95", dtype,
+             lambda: _ours_topp(local, text, mask, 0.95), refs_p,
+             bytes=B * N * D * el * 3 + B * T * D * el, max_err=err_topp, tol=1.0),
+    ]
+    return out
+
+
 def cases(device, quick):
     if quick:
         shapes = [("B1 N288 T16 D256 k144", 1, 288, 16, 256, 144)]
     else:
         shapes = [("B1 N1008 T64 D4096 k576", 1, 1008, 64, 4096, 576),
                   ("B4 N1008 T64 D4096 k576", 4, 1008, 64, 4096, 576)]
-    dtype = torch.bfloat16
+    dtypes = [torch.bfloat16, torch.float32] if device == "cpu" else [torch.bfloat16]
     out = []
-    for name, B, N, T, D, k in shapes:
-        g = torch.Generator().manual_seed(0)
-        local = torch.randn(B, N, D, generator=g).to(dtype).to(device)
-        text = torch.randn(B, T, D, generator=g).to(dtype).to(device)
-        mask = torch.ones(B, T, dtype=torch.bool)
-        mask[:, T - T // 8:] = False                           # right-padded prompts
-        mask = mask.to(device)
-        el = local.element_size()
-        moved = B * N * D * el + B * T * D * el + B * k * D * el * 2
-
-        def err_scores():
-            _, s = ops.similarity_topk(local, text, k, mask)
-            return (s - ref.similarity_scores(local, text, mask)).abs().max().item()
-
-        def err_topp():
-            _, n = ops.similarity_topp(local, text, 0.95, mask, 1.0, 0.5)
-            _, rn = ref.similarity_topp(local, text, 0.95, mask, 1.0, 0.5)
-            return (n.cpu() - rn.cpu()).abs().max().item()
-
-        refs_k = {"slime_eager": lambda: slime_topk(local, text, mask, k),
-                  "torch_efficient": lambda: efficient_topk(local, text, mask, k)}
-        refs_p = {"slime_eager": lambda: slime_topp(local, text, mask, 0.95),
-                  "torch_efficient": lambda: efficient_topp(local, text, mask, 0.95)}
-        if device == "cuda":
-            ck, cp = torch.compile(efficient_topk), torch.compile(efficient_topp)
-            refs_k["torch_compile"] = lambda: ck(local, text, mask, k)
-            refs_p["torch_compile"] = lambda: cp(local, text, mask, 0.95)
-        out += [
-            Case("similarity_topk+gather", name, dtype, lambda: _ours_topk(local, text, mask, k), refs_k,
-                 bytes=moved, max_err=err_scores, tol=1e-3),
-            Case("similarity_topp+gather", name.rsplit(" k", 1)[0] + " p0.95", dtype,
-                 lambda: _ours_topp(local, text, mask, 0.95), refs_p,
-                 bytes=B * N * D * el * 3 + B * T * D * el, max_err=err_topp, tol=1.0),
-        ]
+    for dtype in dtypes:
+        for name, B, N, T, D, k in shapes:
+            out += _cases_one(device, dtype, name, B, N, T, D, k)
     return out

@@ -9,6 +9,27 @@ from ._register import check_fake_devices, op
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 
+# The common call (no dropout, no ALiBi, no window, no softcap) is recognised by exact types and
+# values before the full argument checks (which then run only for other values): a call's fixed
+# cost matters for decode-sized work.
+_NUM = (float, int)  # not bool: flash-attn's dropout_p / softcap are numbers
+_NO_WINDOW = (-1, -1)  # exactly (int, int): other forms take the full checks
+_OPS = {}
+
+
+def _op(name):
+    fn = _OPS.get(name)
+    if fn is None:
+        fn = _OPS[name] = op(name).default
+    return fn
+
+
+def _plain(dropout_p, window_size, softcap, alibi_slopes) -> bool:
+    return (type(dropout_p) in _NUM and dropout_p == 0 and alibi_slopes is None
+            and type(window_size) is tuple and len(window_size) == 2
+            and type(window_size[0]) is int and type(window_size[1]) is int and window_size == _NO_WINDOW
+            and type(softcap) in _NUM and softcap == 0)
+
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal: bool = False,
                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic: bool = False,
@@ -34,13 +55,17 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal: bool = F
     tanh's derivative; rows that see no key contribute nothing. CPU: the twin of the CUDA kernel
     (any dtype, D <= 512); CUDA: sm_80 kernel for fp16/bf16, D in {64, 128} (compiled, never run
     on a GPU yet), ATen O(S^2) math otherwise."""
-    _ref_attn._check_unsupported("flash_attn_func", dropout_p, alibi_slopes)
-    left, right = _ref_attn._window_pair("flash_attn_func", window_size)
-    softcap = _ref_attn._check_softcap("flash_attn_func", softcap)
+    if _plain(dropout_p, window_size, softcap, alibi_slopes):
+        left = right = -1
+        softcap = 0.0
+    else:
+        _ref_attn._check_unsupported("flash_attn_func", dropout_p, alibi_slopes)
+        left, right = _ref_attn._window_pair("flash_attn_func", window_size)
+        softcap = _ref_attn._check_softcap("flash_attn_func", softcap)
     if use_reference():
         out, lse = _ref_attn._flash_attn_fwd(q, k, v, softmax_scale, causal, left, right, softcap)
     else:
-        out, lse = op("flash_attn_func")(q, k, v, softmax_scale, causal, left, right, softcap)
+        out, lse = _op("flash_attn_func")(q, k, v, softmax_scale, causal, left, right, softcap)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -57,14 +82,18 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     copy on CUDA (hires_lmm.set_value_checks(False) skips them). Backward as flash_attn_func's
     (hires_lmm::flash_attn_varlen_bwd; saves q, k, v, cu_seqlens, o, softmax_lse); tokens past
     cu_seqlens_q[-1] / cu_seqlens_k[-1] get zero gradients."""
-    _ref_attn._check_unsupported("flash_attn_varlen_func", dropout_p, alibi_slopes)
-    left, right = _ref_attn._window_pair("flash_attn_varlen_func", window_size)
-    softcap = _ref_attn._check_softcap("flash_attn_varlen_func", softcap)
+    if _plain(dropout_p, window_size, softcap, alibi_slopes):
+        left = right = -1
+        softcap = 0.0
+    else:
+        _ref_attn._check_unsupported("flash_attn_varlen_func", dropout_p, alibi_slopes)
+        left, right = _ref_attn._window_pair("flash_attn_varlen_func", window_size)
+        softcap = _ref_attn._check_softcap("flash_attn_varlen_func", softcap)
     if use_reference():
         out, lse = _ref_attn._flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                     max_seqlen_k, softmax_scale, causal, left, right, softcap)
     else:
-        out, lse = op("flash_attn_varlen_func")(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        out, lse = _op("flash_attn_varlen_func")(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                 max_seqlen_k, softmax_scale, causal, left, right, softcap)
     return (out, lse, None) if return_attn_probs else out
 
@@ -172,18 +201,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     batch (for a given S_cache; the split-KV count never depends on B).
     Not differentiable (a decode-time op): requesting gradients raises (here and in the op's
     Autograd kernel, so torch.ops.hires_lmm.flash_attn_with_kvcache too)."""
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                       for t in (q, k_cache, v_cache, k, v)):
-        raise RuntimeError("flash_attn_with_kvcache: not differentiable (a decode-time op that "
-                           "writes its caches in place); call it under torch.no_grad() or use "
-                           "flash_attn_func for training")
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
     if use_reference():
+        # (the op's Autograd kernel makes this check for the compiled path)
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                           for t in (q, k_cache, v_cache, k, v)):
+            raise RuntimeError("flash_attn_with_kvcache: not differentiable (a decode-time op that "
+                               "writes its caches in place); call it under torch.no_grad() or use "
+                               "flash_attn_func for training")
         return _ref_attn.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens,
-                                            softmax_scale, causal)
-    return op("flash_attn_with_kvcache")(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale,
-                                         causal)
+                                                 softmax_scale, causal)
+    return _op("flash_attn_with_kvcache")(q, k_cache, v_cache, k, v, cache_seqlens, softmax_scale,
+                                          causal)
 
 
 @torch.library.register_fake("hires_lmm::flash_attn_with_kvcache")
