@@ -110,7 +110,8 @@ at::Tensor dwconv_ln_impl(const at::Tensor& x_in, const at::Tensor& dw_weight,
   const at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
   const int64_t C = x.size(3);
   // (C,1,7,7) -> (49, C): one tap of all channels is contiguous (16-byte loads per tap).
-  const at::Tensor w_t = dw_weight.reshape({C, DwconvLnLimits::kTaps}).t().contiguous();
+  const at::Tensor w_c = dw_weight.reshape({C, DwconvLnLimits::kTaps}).contiguous();
+  const at::Tensor w_t = w_c.t().contiguous();
   const at::Tensor lw = ln_weight.contiguous();
   at::Tensor db, lb;
   DwconvLnParams p;
@@ -119,6 +120,7 @@ at::Tensor dwconv_ln_impl(const at::Tensor& x_in, const at::Tensor& dw_weight,
   p.sx_h = x.stride(1);
   p.sx_w = x.stride(2);
   p.w_t = w_t.data_ptr();
+  p.w_c = w_c.data_ptr();
   if (dw_bias) {
     db = dw_bias->contiguous();
     p.dw_bias = db.data_ptr();

@@ -194,132 +194,134 @@ void run_twin(const DwconvLnParams& p) {
 
 // ---- the default CPU path: a fused AVX2/FMA kernel -----------------------------------------------
 // Per worker: a contiguous range of output rows. The 7 input rows of the current output row live in
-// a ring of fp32 rows with 3 zero columns each side (each input row converted once per worker);
-// per group of kPix = 4 output pixels and block of 8 channels, 4 vector accumulators take the 49
-// taps (10 input vectors and 7 weights per kernel row), bias last; the group's C conv outputs then
-// get their LayerNorm while in L1 (two-pass fp32, fp64 redo of a pixel whose variance is not
-// finite). Zero columns are multiplied (+0 for finite weights: the caller checks them).
+// a ring of fp32 rows with 3 zero columns each side, stored channel-block-major ([block of 8
+// channels][column][8]: a block's columns are contiguous), each input row converted once per worker
+// (8 elements per instruction). Per block of 8 channels, sliding along the row in groups of kPix = 8
+// output pixels: 8 vector accumulators (8 independent FMA chains: two FMA ports x 4 cycles of
+// latency) take the 49 taps, inputs as memory operands from L1 (14 consecutive vectors per kernel
+// row), bias last, into the row's fp32 conv outputs; then the LayerNorm of each pixel of the row (two-pass fp32, fp64 redo of a pixel
+// whose variance is not finite) and 8-wide rounding to T. Zero columns are multiplied (+0 for
+// finite weights: the caller checks them).
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 typedef __m256 F8;  // 8 floats (GCC vector arithmetic; FMAs explicit: -std=c++17 turns off contraction)
-constexpr int kPix = 4;
+constexpr int kPix = 8;
 
-inline F8 ld8(const float* q) {
-  F8 v;
-  std::memcpy(&v, q, sizeof(F8));
-  return v;
-}
-inline void st8(float* q, F8 v) { std::memcpy(q, &v, sizeof(F8)); }
+inline F8 ld8(const float* q) { return _mm256_loadu_ps(q); }
+inline void st8(float* q, F8 v) { _mm256_storeu_ps(q, v); }
 inline float hsum8(F8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
-
+// 8 elements of T <-> 8 floats (exact widening; rounding to nearest even, NaN kept, on narrowing).
 template <typename T>
-void fast_convert_row(const T* src, int64_t sx_w, int64_t W, int64_t C, float* dst) {
-  // dst: (W + 6) x C, columns 0..2 and W+3.. are zero
-  std::memset(dst, 0, sizeof(float) * kPad * C);
-  std::memset(dst + (W + kPad) * C, 0, sizeof(float) * kPad * C);
-  for (int64_t w = 0; w < W; ++w) {
-    const T* s = src + w * sx_w;
-    float* d = dst + (w + kPad) * C;
-    for (int64_t c = 0; c < C; ++c) d[c] = static_cast<float>(s[c]);
+inline F8 ld8t(const T* q) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(q);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+  } else {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+}
+template <typename T>
+inline void st8t(T* q, F8 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_storeu_ps(q, v);
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  } else {  // bfloat16: c10's round-to-nearest-even, NaN -> 0x7fc0
+    const __m256i b = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), packed);
   }
 }
 
 template <typename T>
-void fast_rows(const DwconvLnParams& p, const float* wf, const float* dbf, const float* lwf,
+void fast_rows(const DwconvLnParams& p, const float* wfb, const float* dbf, const float* lwf,
                const float* lbf, int64_t begin, int64_t end) {
-  const int64_t H = p.H, W = p.W, C = p.C, Wp = W + 2 * kPad;
+  const int64_t H = p.H, W = p.W, C = p.C;
+  // padded row: 3 zero columns left, W image columns, 3 + kPix - 1 zero columns right (the last
+  // group's unused pixels read them: no bounds test in the tap loop)
+  const int64_t Wp = W + 2 * kPad + kPix - 1;
   const T* x = static_cast<const T*>(p.x);
   T* out = static_cast<T*>(p.out);
-  std::vector<float> ring(size_t(kK) * Wp * C);   // input row ih in slot ih % 7
-  std::vector<int64_t> slot_row(kK, -1);          // which (b, ih) each slot holds
-  std::vector<float> y(size_t(kPix) * C);         // conv outputs of one pixel group
-  const float* zero_row = nullptr;
-  std::vector<float> zeros;
+  const int64_t nb = C / 8;                            // channel blocks
+  std::vector<float> ring(size_t(kK) * Wp * C, 0.f);  // input row ih in slot ih % 7: [nb][Wp][8]
+  std::vector<int64_t> slot_row(kK, -1);               // which (b, ih) each slot holds
+  std::vector<float> zeros(size_t(Wp) * C, 0.f);       // a row outside the image
+  std::vector<float> y(size_t(W + kPix) * C);          // conv outputs of one output row
   for (int64_t r = begin; r < end; ++r) {
     const int64_t b = r / H, h = r % H;
     const float* rows[kK];
     for (int kh = 0; kh < kK; ++kh) {
       const int64_t ih = h + kh - kPad;
       if (ih < 0 || ih >= H) {
-        if (zero_row == nullptr) {
-          zeros.assign(size_t(Wp) * C, 0.f);
-          zero_row = zeros.data();
-        }
-        rows[kh] = zero_row;
+        rows[kh] = zeros.data();
         continue;
       }
       const int slot = int(ih % kK);
       float* dst = ring.data() + size_t(slot) * Wp * C;
-      if (slot_row[slot] != b * H + ih) {
-        fast_convert_row<T>(x + b * p.sx_b + ih * p.sx_h, p.sx_w, W, C, dst);
+      if (slot_row[slot] != b * H + ih) {  // convert the row once (its padding stays zero)
+        const T* src = x + b * p.sx_b + ih * p.sx_h;
+        for (int64_t w = 0; w < W; ++w)
+          for (int64_t cb = 0; cb < nb; ++cb)
+            st8(dst + (cb * Wp + w + kPad) * 8, ld8t<T>(src + w * p.sx_w + cb * 8));
         slot_row[slot] = b * H + ih;
       }
       rows[kh] = dst;
     }
-    T* orow = out + (b * H + h) * W * C;
-    for (int64_t w0 = 0; w0 < W; w0 += kPix) {
-      const int np = int(std::min<int64_t>(kPix, W - w0));
-      for (int64_t c0 = 0; c0 < C; c0 += 8) {
-        F8 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    // conv: channel block outer, pixel groups inner (the block's columns stay in L1)
+    for (int64_t cb = 0; cb < nb; ++cb) {
+      const int64_t c0 = cb * 8;
+      const F8 bv = ld8(dbf + c0);
+      for (int64_t w0 = 0; w0 < W; w0 += kPix) {
+        F8 a[kPix];
+        for (int q = 0; q < kPix; ++q) a[q] = _mm256_setzero_ps();
         for (int kh = 0; kh < kK; ++kh) {
-          const float* xi = rows[kh] + w0 * C + c0;  // padded column w0 + j is image column w0 + j - 3
-          F8 xv[kPix + kK - 1];
-          for (int j = 0; j < kPix + kK - 1; ++j)
-            xv[j] = (w0 + j < Wp) ? ld8(xi + j * C) : _mm256_setzero_ps();
-          const float* wk = wf + int64_t(kh * kK) * C + c0;
+          // padded column w0 + j = image column w0 + j - 3
+          const float* xi = rows[kh] + (cb * Wp + w0) * 8;
+          const float* wk = wfb + (cb * kTaps + kh * kK) * 8;
           for (int kw = 0; kw < kK; ++kw) {
-            const F8 wv = ld8(wk + kw * C);
-            a0 = _mm256_fmadd_ps(wv, xv[kw], a0);
-            a1 = _mm256_fmadd_ps(wv, xv[kw + 1], a1);
-            a2 = _mm256_fmadd_ps(wv, xv[kw + 2], a2);
-            a3 = _mm256_fmadd_ps(wv, xv[kw + 3], a3);
+            const F8 wv = ld8(wk + kw * 8);
+            for (int q = 0; q < kPix; ++q) a[q] = _mm256_fmadd_ps(wv, ld8(xi + (q + kw) * 8), a[q]);
           }
         }
-        const F8 bv = ld8(dbf + c0);
-        st8(y.data() + c0, a0 + bv);
-        st8(y.data() + C + c0, a1 + bv);
-        st8(y.data() + 2 * C + c0, a2 + bv);
-        st8(y.data() + 3 * C + c0, a3 + bv);
+        float* yq = y.data() + w0 * C + c0;  // y has kPix spare pixels: the last group fits
+        for (int q = 0; q < kPix; ++q) st8(yq + q * C, a[q] + bv);
       }
-      for (int q = 0; q < np; ++q) {
-        const float* yp = y.data() + size_t(q) * C;
-        F8 s8 = _mm256_setzero_ps();
-        for (int64_t c = 0; c < C; c += 8) s8 += ld8(yp + c);
-        const float mean = hsum8(s8) / float(C);
-        const F8 m8 = _mm256_set1_ps(mean);
-        F8 v8 = _mm256_setzero_ps();
-        for (int64_t c = 0; c < C; c += 8) {
-          const F8 d = ld8(yp + c) - m8;
-          v8 = _mm256_fmadd_ps(d, d, v8);
-        }
-        const float var = hsum8(v8) / float(C);
-        T* o = orow + (w0 + q) * C;
-        if (!std::isfinite(var)) {
-          double sd = 0.0;
-          for (int64_t c = 0; c < C; ++c) sd += yp[c];
-          const double md = sd / double(C);
-          double ssd = 0.0;
-          for (int64_t c = 0; c < C; ++c) ssd += (yp[c] - md) * (yp[c] - md);
-          const double rd = 1.0 / std::sqrt(ssd / double(C) + double(p.eps));
-          for (int64_t c = 0; c < C; ++c)
-            o[c] = static_cast<T>(static_cast<float>((yp[c] - md) * rd) * lwf[c] + lbf[c]);
-          continue;
-        }
-        const float rstd = 1.f / std::sqrt(var + p.eps);
-        const F8 r8 = _mm256_set1_ps(rstd);
-        float tmp[8];
-        for (int64_t c = 0; c < C; c += 8) {
-          const F8 v = _mm256_fmadd_ps((ld8(yp + c) - m8) * r8, ld8(lwf + c), ld8(lbf + c));
-          if constexpr (std::is_same_v<T, float>) {
-            st8(o + c, v);
-          } else {
-            st8(tmp, v);
-            for (int e = 0; e < 8; ++e) o[c + e] = static_cast<T>(tmp[e]);
-          }
-        }
+    }
+    T* orow = out + (b * H + h) * W * C;
+    for (int64_t w = 0; w < W; ++w) {
+      const float* yp = y.data() + w * C;
+      F8 s8 = _mm256_setzero_ps();
+      for (int64_t c = 0; c < C; c += 8) s8 += ld8(yp + c);
+      const float mean = hsum8(s8) / float(C);
+      const F8 m8 = _mm256_set1_ps(mean);
+      F8 v8 = _mm256_setzero_ps();
+      for (int64_t c = 0; c < C; c += 8) {
+        const F8 d = ld8(yp + c) - m8;
+        v8 = _mm256_fmadd_ps(d, d, v8);
       }
+      const float var = hsum8(v8) / float(C);
+      T* o = orow + w * C;
+      if (!std::isfinite(var)) {
+        double sd = 0.0;
+        for (int64_t c = 0; c < C; ++c) sd += yp[c];
+        const double md = sd / double(C);
+        double ssd = 0.0;
+        for (int64_t c = 0; c < C; ++c) ssd += (yp[c] - md) * (yp[c] - md);
+        const double rd = 1.0 / std::sqrt(ssd / double(C) + double(p.eps));
+        for (int64_t c = 0; c < C; ++c)
+          o[c] = static_cast<T>(static_cast<float>((yp[c] - md) * rd) * lwf[c] + lbf[c]);
+        continue;
+      }
+      const F8 r8 = _mm256_set1_ps(1.f / std::sqrt(var + p.eps));
+      for (int64_t c = 0; c < C; c += 8)
+        st8t<T>(o + c, _mm256_fmadd_ps((ld8(yp + c) - m8) * r8, ld8(lwf + c), ld8(lbf + c)));
     }
   }
 }
@@ -345,8 +347,13 @@ bool run_fast(const DwconvLnParams& p) {
   // contiguous row ranges per worker (each input row converted about once per worker)
   const int64_t rows = p.B * p.H;
   const int64_t grain = std::max<int64_t>(1, rows / std::max<int64_t>(1, at::get_num_threads()));
+  // weights per block of 8 channels: [C / 8][49][8]
+  std::vector<float> wfb(size_t(kTaps) * C);
+  for (int64_t cb = 0; cb < C / 8; ++cb)
+    for (int t = 0; t < kTaps; ++t)
+      for (int e = 0; e < 8; ++e) wfb[(cb * kTaps + t) * 8 + e] = wf[t * C + cb * 8 + e];
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    fast_rows<T>(p, wf.data(), dbf.data(), lwf.data(), lbf.data(), begin, end);
+    fast_rows<T>(p, wfb.data(), dbf.data(), lwf.data(), lbf.data(), begin, end);
   });
   return true;
 }

@@ -51,18 +51,25 @@ std::string launch_generic(const DwconvLnParams& p, cudaStream_t stream) {
 
 template <typename T, int VEC>
 std::string pick_tile(const DwconvLnParams& p, cudaStream_t stream) {
-  int device = 0, max_smem = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    const cudaError_t e = cudaGetLastError();
-    return std::string("reading the device's shared-memory limit: ") + cudaGetErrorString(e);
-  }
-  switch (DwconvLnTiling::pick(p.C, max_smem)) {  // the order of DwconvLnTiling::kShapes
-    case 0: return launch_tiled<T, VEC, 2, 4>(p, stream);
-    case 1: return launch_tiled<T, VEC, 2, 2>(p, stream);
-    case 2: return launch_tiled<T, VEC, 2, 1>(p, stream);
-    case 3: return launch_tiled<T, VEC, 1, 1>(p, stream);
-    default: return launch_generic<T, VEC>(p, stream);
+  // The scalar path (C % VEC != 0 or a misaligned / odd-strided view) runs the generic kernel:
+  // the tiled one's scalar staging (up to 14 loads per thread per row) spilled under its
+  // 128-register cap.
+  if constexpr (VEC == 1) {
+    return launch_generic<T, 1>(p, stream);
+  } else {
+    int device = 0, max_smem = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+      const cudaError_t e = cudaGetLastError();
+      return std::string("reading the device's shared-memory limit: ") + cudaGetErrorString(e);
+    }
+    switch (DwconvLnTiling::pick(p.C, max_smem)) {  // the order of DwconvLnTiling::kShapes
+      case 0: return launch_tiled<T, VEC, 2, 4>(p, stream);
+      case 1: return launch_tiled<T, VEC, 2, 2>(p, stream);
+      case 2: return launch_tiled<T, VEC, 2, 1>(p, stream);
+      case 3: return launch_tiled<T, VEC, 1, 1>(p, stream);
+      default: return launch_generic<T, VEC>(p, stream);
+    }
   }
 }
 static_assert(DwconvLnTiling::kShapes[0].rh == 2 && DwconvLnTiling::kShapes[0].strips == 4 &&

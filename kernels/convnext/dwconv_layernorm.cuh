@@ -7,9 +7,9 @@
 //   mean   = sum_c y[c] / C;  var = sum_c (y[c] - mean)^2 / C   (two-pass, biased, fp32)
 //   out[c] = round_T((y[c] - mean) * rsqrt(var + eps) * ln_weight[c] + ln_bias[c])
 //   (a pixel whose fp32 var is not finite is redone in fp64: no overflow for finite y)
-// Shapes: x (B,H,W,C) of T with strides (sx_b, sx_h, sx_w, 1); w_t (49, C) contiguous (the
-//   checkpoint's (C,1,7,7) transposed by the binding); dw_bias, ln_weight, ln_bias (C,); out
-//   (B,H,W,C) contiguous.
+// Shapes: x (B,H,W,C) of T with strides (sx_b, sx_h, sx_w, 1); w_c (C, 49) contiguous (the
+//   checkpoint's (C,1,7,7); tiled kernel) and w_t (49, C) (its transpose; generic kernel); dw_bias,
+//   ln_weight, ln_bias (C,); out (B,H,W,C) contiguous.
 //
 // Why the conv output stays on chip: the LayerNorm needs all C conv outputs of a pixel before it
 // can write one, and recomputing the conv would double its 49 FMAs per output, the kernel's
@@ -37,7 +37,7 @@
 //     registers (issued before the taps on the 2-row 16-byte shapes, after them otherwise); the
 //     taps of row i (each thread: 14 LDS.32 of its channel's staged row,
 //     conflict-free, then for each of its output rows r with kh = i - r in [0,7), 7 x 8 FFMA
-//     against its 49 fp32 weights held in registers); the loaded row converted to fp32 ONCE and
+//     against its fp32 weights in registers, kernel row kh loaded at step kh - 1); the loaded row converted to fp32 ONCE and
 //     stored (STS.128) into the other buffer; one __syncthreads. Rows outside the image are
 //     staged as zeros and skipped (block-uniform); strips whose window crosses the left/right
 //     border take the predicated instance (taps on padding skipped, not multiplied).
@@ -45,17 +45,24 @@
 //     (LDS.128), two-pass mean / variance with lane-strided fp32 partial sums and a butterfly
 //     (xor-shuffle) reduction, then 16-byte stores of the normalized pixel (st.global.v4).
 //   Per output (bf16, stage 1, shape 2x4): 49 FFMA; 14*8/16 = 7 LDS.32; weights 49 LDG.16 + 49
-//     conversions per thread per chunk = 6.1; staging (8 rows x 38 cols)/(2 x 32) = 4.75 input
-//     elements per output, each converted once (1 PRMT/shift each, 1/8 LDG.128, 1/4 STS.128);
-//     LayerNorm ~3/32 LDS.128 x 3 passes. L2->SM traffic: 4.75x the input at 2x4, 5.5x at 2x2, 7x
-//     at 2x1, 12.25x at 1x1 (generic kernel: 7.66x; the weights come from L1).
-//   Registers: 49 weights + RH*8 accumulators + 14 staged values + 8 prefetch + addressing;
-//     __launch_bounds__(256, 2) caps them at 128 (2 blocks = 16 warps per SM).
+//     conversions per thread per chunk = 6.1 (the S threads of a channel each load them, from L1);
+//     staging (8 rows x 38 cols)/(2 x 32) = 4.75 input elements per output, each converted once
+//     (1 shift/LOP each, 1/8 LDG.128, 1/4 STS.128); LayerNorm ~3/32 LDS.128 x 3 passes. L2->SM
+//     traffic: 4.75x the input at 2x4, 5.5x at 2x2, 7x at 2x1, 12.25x at 1x1 (generic: 7.66x).
+//   Compiled (cuda_check, bf16): one interior row step of a 2-row shape is ~230 SASS instructions
+//     for 112 FFMA (49%; the generic kernel's kernel-row step ~720 for 224 FFMA, 31%: it converts
+//     every input and weight pack per use); the 1-row shape ~170 for 56 (33%). What is left per
+//     step: the next row's address/predicate arithmetic and the 7 weight loads (next to attack:
+//     4 output rows per thread once the registers allow it).
+//   Registers: (RH+1)*7 live weights (a kernel row is live only for the RH steps that use it) +
+//     RH*8 accumulators + 14 staged values + 4 x kLoads prefetch + addressing; __launch_bounds__(256,
+//     2) caps them at 128 (2 blocks = 16 warps per SM). With all 49 weights resident, ptxas spilled.
 //   Accumulation order (what fp32 rounding depends on; the CPU twin follows it): per output,
 //     acc = 0, fmaf over kh ascending, kw ascending, skipped padding taps, then + dw_bias; the
 //     statistics as described above (fmaf(d, d, ss) for the squares).
-// Limits: C % VEC == 0, strides % VEC == 0 and 16-byte aligned pointers for VEC = 16/sizeof(T)
-//   (the launcher checks, else VEC = 1: 2/4-byte accesses, same math). All offsets are int64.
+// Limits: the tiled kernel is the 16-byte path: C % VEC == 0, strides % VEC == 0 and 16-byte
+//   aligned pointers for VEC = 16/sizeof(T) (the launcher checks); other calls run the generic
+//   kernel with VEC = 1 (2/4-byte accesses, same math). All offsets are int64.
 #pragma once
 #include <type_traits>
 
@@ -126,49 +133,42 @@ __device__ __forceinline__ void dwln_raw_to_f32(const DwlnRaw<T, VEC>& r, float 
 
 // The staging of one input row of a chunk: ring[j][cc], j in [0, TW+6) the tile's columns with the
 // halo, cc the chunk's channels; kLoads packs per thread. Since kThreads is a multiple of the packs
-// per column, thread t always loads pack cp = t % kPacksPerCol of columns j = t / kPacksPerCol +
-// l * kThreads / kPacksPerCol: its column offsets and their inside-the-image bits are computed once.
+// per column, thread t always loads pack cp = t % kPacksPerCol, of columns j = t / kPacksPerCol +
+// l * kThreads / kPacksPerCol. Offsets are recomputed per row (a few integer ops) rather than
+// kept: registers are the kernel's scarce resource.
 template <typename Cfg, typename T, int VEC>
 struct DwlnStager {
   static_assert(Cfg::kThreads % Cfg::kPacksPerCol == 0, "a thread keeps its pack index");
   static constexpr int kColsPerPass = Cfg::kThreads / Cfg::kPacksPerCol;
   DwlnRaw<T, VEC> raw[Cfg::kLoads];
-  int64_t off[Cfg::kLoads];  // iw * sx_w + cp * VEC of pack l
-  uint32_t ok = 0;           // bit l: pack l exists and its column is inside the image
-  int cpv = 0;               // cp * VEC: the pack's first channel within the chunk
 
-  __device__ __forceinline__ DwlnStager(const DwconvLnParams& p, int64_t w0) {
-    const int cp = threadIdx.x % Cfg::kPacksPerCol;
-    cpv = cp * VEC;
-#pragma unroll
-    for (int l = 0; l < Cfg::kLoads; ++l) {
-      const int j = threadIdx.x / Cfg::kPacksPerCol + l * kColsPerPass;
-      const int64_t iw = w0 - Cfg::kPad + j;
-      off[l] = iw * p.sx_w + cpv;
-      if (j < Cfg::kInW && iw >= 0 && iw < p.W) ok |= 1u << l;
-    }
+  __device__ __forceinline__ static int col(int l) {
+    return int(threadIdx.x) / Cfg::kPacksPerCol + l * kColsPerPass;
   }
+  __device__ __forceinline__ static int cpv() { return int(threadIdx.x) % Cfg::kPacksPerCol * VEC; }
   // Global -> registers: row ih of the chunk starting at channel c0 with ccv valid channels; zeros
   // outside the image and past the valid channels.
   __device__ __forceinline__ void load(const T* __restrict__ x, const DwconvLnParams& p, int64_t b,
-                                       int64_t ih, int64_t c0, int64_t ccv) {
-    const bool use = ih >= 0 && ih < p.H && cpv < ccv;
-    const T* row = x + b * p.sx_b + ih * p.sx_h + c0;
+                                       int64_t w0, int64_t ih, int64_t c0, int64_t ccv) {
+    const bool use = ih >= 0 && ih < p.H && cpv() < ccv;
+    const T* row = x + b * p.sx_b + ih * p.sx_h + c0 + cpv();
 #pragma unroll
     for (int l = 0; l < Cfg::kLoads; ++l) {
-      if (use && ((ok >> l) & 1u)) raw[l] = *reinterpret_cast<const DwlnRaw<T, VEC>*>(row + off[l]);
-      else raw[l] = DwlnRaw<T, VEC>{};
+      const int64_t iw = w0 - Cfg::kPad + col(l);
+      if (use && col(l) < Cfg::kInW && iw >= 0 && iw < p.W)
+        raw[l] = *reinterpret_cast<const DwlnRaw<T, VEC>*>(row + iw * p.sx_w);
+      else
+        raw[l] = DwlnRaw<T, VEC>{};
     }
   }
   // Registers -> shared buffer `buf` (ring[j][cc]): each element converted to fp32 once.
   __device__ __forceinline__ void store(float* buf) const {
 #pragma unroll
     for (int l = 0; l < Cfg::kLoads; ++l) {
-      const int j = threadIdx.x / Cfg::kPacksPerCol + l * kColsPerPass;
-      if (j >= Cfg::kInW) break;
+      if (col(l) >= Cfg::kInW) break;
       float f[VEC];
       dwln_raw_to_f32<T, VEC>(raw[l], f);
-      float* dst = buf + j * Cfg::kCC + cpv;
+      float* dst = buf + col(l) * Cfg::kCC + cpv();
       if constexpr (VEC % 4 == 0) {
 #pragma unroll
         for (int e = 0; e < VEC; e += 4)
@@ -292,6 +292,7 @@ template <typename T, int VEC, int RH, int S>
 __global__ void __launch_bounds__(DwconvLnTiling::kThreads, 2)
 dwconv_layernorm_kernel(const DwconvLnParams p, const int64_t tiles_h, const int64_t tiles_w) {
   using Cfg = DwconvLnTileCfg<VEC, RH, S>;
+  static_assert(VEC * sizeof(T) == 16, "the tiled kernel is the 16-byte path (the launcher sends the rest to the generic kernel)");
   constexpr int kRw = Cfg::kRw, kCC = Cfg::kCC, kPad = Cfg::kPad;
   extern __shared__ float4 dwln_smem4[];  // float4: 16-byte aligned
   float* smem = reinterpret_cast<float*>(dwln_smem4);
@@ -315,13 +316,12 @@ dwconv_layernorm_kernel(const DwconvLnParams p, const int64_t tiles_h, const int
   }
 
   const T* __restrict__ x = static_cast<const T*>(p.x);
-  const T* __restrict__ wt = static_cast<const T*>(p.w_t);
   const T* __restrict__ dwb = static_cast<const T*>(p.dw_bias);
   const int64_t nchunks = (C + kCC - 1) / kCC;
 
-  DwlnStager<Cfg, T, VEC> st(p, w0);
+  DwlnStager<Cfg, T, VEC> st;
   // prologue: stage input row 0 of chunk 0
-  st.load(x, p, b, h0 - kPad, 0, C < kCC ? C : int64_t(kCC));
+  st.load(x, p, b, w0, h0 - kPad, 0, C < kCC ? C : int64_t(kCC));
   st.store(ring);
   __syncthreads();
 
@@ -333,9 +333,20 @@ dwconv_layernorm_kernel(const DwconvLnParams p, const int64_t tiles_h, const int
     const int64_t ccv = C - c0 < kCC ? C - c0 : int64_t(kCC);  // valid channels of the chunk
     const bool active = cc < ccv;
     const int64_t c = c0 + cc;
-    // this thread's 49 taps in fp32, once per chunk (w_t is tap-major: coalesced across lanes)
+    // this thread's taps in fp32, each loaded once per chunk from the checkpoint layout (C, 49)
+    // (constant offsets from one pointer: no address arithmetic per tap; the chunk's 49 x CC
+    // weights are L1-resident after the first row), one kernel row per step: row kh is needed from
+    // step kh to kh + RH - 1, so at most RH + 1 rows (21 registers, not 49) are live; row 0 now,
+    // row i + 1 during step i
+    const T* __restrict__ wc = static_cast<const T*>(p.w_c) + (active ? c : 0) * Cfg::kTaps;
+    auto load_wrow = [&](int kh) {
 #pragma unroll
-    for (int t = 0; t < Cfg::kTaps; ++t) wr[t] = active ? to_f32<T>(wt[int64_t(t) * C + c]) : 0.f;
+      for (int kw = 0; kw < Cfg::kK; ++kw) {
+        const int t = kh * Cfg::kK + kw;
+        wr[t] = active ? to_f32<T>(wc[t]) : 0.f;
+      }
+    };
+    load_wrow(0);
 #pragma unroll
     for (int r = 0; r < RH; ++r)
 #pragma unroll
@@ -350,7 +361,8 @@ dwconv_layernorm_kernel(const DwconvLnParams p, const int64_t tiles_h, const int
       const int64_t nc0 = last ? c0 + kCC : c0;
       const int64_t nccv = C - nc0 < kCC ? C - nc0 : int64_t(kCC);
       const int64_t nih = h0 - kPad + (last ? 0 : i + 1);
-      if (Cfg::kPrefetch && has_next) st.load(x, p, b, nih, nc0, nccv);
+      if (Cfg::kPrefetch && has_next) st.load(x, p, b, w0, nih, nc0, nccv);
+      if (i + 1 < Cfg::kK) load_wrow(i + 1);
       // 2. the taps of row i (block-uniform skip of rows outside the image)
       const int64_t ih = h0 - kPad + i;
       if (active && ih >= 0 && ih < H) {
@@ -361,7 +373,7 @@ dwconv_layernorm_kernel(const DwconvLnParams p, const int64_t tiles_h, const int
       // 3. convert the next row once and store it into the other buffer; the barrier both
       //    publishes it and retires every read of the buffer step 3 of the next row overwrites
       if (has_next) {
-        if (!Cfg::kPrefetch) st.load(x, p, b, nih, nc0, nccv);
+        if (!Cfg::kPrefetch) st.load(x, p, b, w0, nih, nc0, nccv);
         st.store(ring + (buf ^ 1) * Cfg::kRowFloats);
       }
       __syncthreads();

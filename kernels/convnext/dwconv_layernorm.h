@@ -11,6 +11,8 @@ struct DwconvLnParams {
   int64_t sx_b = 0, sx_h = 0, sx_w = 0;
   const void* w_t = nullptr;      // (7*7, C) of T, contiguous: dw_weight (C,1,7,7) transposed to
                                   // tap-major so that one tap of C channels is contiguous
+  const void* w_c = nullptr;      // (C, 7*7) of T, contiguous: dw_weight (C,1,7,7) as stored (the
+                                  // tiled kernel: one thread's 49 taps at constant offsets)
   const void* dw_bias = nullptr;  // (C,) of T, or null
   const void* ln_weight = nullptr;  // (C,) of T
   const void* ln_bias = nullptr;    // (C,) of T, or null
