@@ -9,7 +9,8 @@
    shared-memory access is inside the bytes the launch gives, that no step writes the buffer it
    reads, and that every output pixel is produced exactly once. The CPU twin
    (csrc/cpu/dwconv_layernorm.cpp, HIRES_LMM_CPU_TWIN=1) runs the same decomposition on real data.
-2. dwconv_layernorm, generic kernel (C past the tiled kernel's shared memory): the launcher's
+2. dwconv_layernorm, generic kernel (C past the tiled kernel's shared memory, and the scalar path:
+   C % (16 / sizeof(T)) != 0 or misaligned views): the launcher's
    pixel segment P and grid, step-1 work items (run of kRun pixels x pack of VEC channels, the
    kRun + 6 input window, the shared-memory offsets) and step-2 output offsets; this covers
    P < kRun, several segments per row and the segment tails.
