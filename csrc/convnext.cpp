@@ -78,12 +78,13 @@ void check_dwconv_ln_args(const char* op, const at::Tensor& x, const at::Tensor&
   HIRES_CHECK(eps >= 0.0, op, "eps", "must be >= 0, got ", eps);
 }
 
-// Default CPU path (README "CPU paths"): ATen's depthwise conv (oneDNN, channels-last) and
-// LayerNorm, both in fp32, then one rounding to x's dtype: the op's formula (fp32 conv output, no
-// intermediate rounding; the padding is not a multiplication, as F.conv2d). A pixel whose LayerNorm
-// statistic is not finite and positive (a non-finite conv output, an fp32 overflow, eps = 0 on a
-// constant pixel) makes it return undefined: the twin, with its fp64 redo, then runs the call.
-at::Tensor dwconv_ln_cpu_fast(const at::Tensor& x, const at::Tensor& dw_weight,
+// Second CPU path (README "CPU paths"), for what the fused CPU kernel (dwconv_layernorm_cpu_fast)
+// does not take (no AVX2/FMA, C % 8 != 0, a non-finite conv weight): ATen's depthwise conv (oneDNN,
+// channels-last) and LayerNorm, both in fp32, then one rounding to x's dtype: the op's formula (fp32
+// conv output, no intermediate rounding; the padding is not a multiplication, as F.conv2d). A pixel
+// whose LayerNorm statistic is not finite and positive (a non-finite conv output, an fp32 overflow,
+// eps = 0 on a constant pixel) makes it return undefined: the twin, with its fp64 redo, then runs.
+at::Tensor dwconv_ln_cpu_aten(const at::Tensor& x, const at::Tensor& dw_weight,
                               const c10::optional<at::Tensor>& dw_bias, const at::Tensor& ln_weight,
                               const c10::optional<at::Tensor>& ln_bias, double eps) {
   const int64_t C = x.size(3);
@@ -105,14 +106,12 @@ at::Tensor dwconv_ln_cpu_fast(const at::Tensor& x, const at::Tensor& dw_weight,
 at::Tensor dwconv_ln_impl(const at::Tensor& x_in, const at::Tensor& dw_weight,
                           const c10::optional<at::Tensor>& dw_bias, const at::Tensor& ln_weight,
                           const c10::optional<at::Tensor>& ln_bias, double eps) {
-  if (x_in.is_cpu() && !cpu_twin_forced()) {
-    at::Tensor y = dwconv_ln_cpu_fast(x_in, dw_weight, dw_bias, ln_weight, ln_bias, eps);
-    if (y.defined()) return y;
-  }
+  const bool cpu_default = x_in.is_cpu() && !cpu_twin_forced();
   const at::Tensor x = x_in.stride(3) == 1 ? x_in : x_in.contiguous();
   const int64_t C = x.size(3);
   // (C,1,7,7) -> (49, C): one tap of all channels is contiguous (16-byte loads per tap).
-  const at::Tensor w_t = dw_weight.reshape({C, DwconvLnLimits::kTaps}).t().contiguous();
+  const at::Tensor w_c = dw_weight.reshape({C, DwconvLnLimits::kTaps}).contiguous();
+  const at::Tensor w_t = w_c.t().contiguous();
   const at::Tensor lw = ln_weight.contiguous();
   at::Tensor db, lb;
   DwconvLnParams p;
@@ -121,6 +120,7 @@ at::Tensor dwconv_ln_impl(const at::Tensor& x_in, const at::Tensor& dw_weight,
   p.sx_h = x.stride(1);
   p.sx_w = x.stride(2);
   p.w_t = w_t.data_ptr();
+  p.w_c = w_c.data_ptr();
   if (dw_bias) {
     db = dw_bias->contiguous();
     p.dw_bias = db.data_ptr();
@@ -138,6 +138,12 @@ at::Tensor dwconv_ln_impl(const at::Tensor& x_in, const at::Tensor& dw_weight,
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   p.out = out.data_ptr();
   if (x.is_cpu()) {
+    if (cpu_default) {
+      // the fused CPU kernel, else ATen's conv + LayerNorm, else (non-finite statistics) the twin
+      if (dwconv_layernorm_cpu_fast(p, x.scalar_type())) return out;
+      at::Tensor y = dwconv_ln_cpu_aten(x_in, dw_weight, dw_bias, ln_weight, ln_bias, eps);
+      if (y.defined()) return y;
+    }
     dwconv_layernorm_cpu(p, x.scalar_type());
   } else {
 #ifdef HIRES_LMM_WITH_CUDA

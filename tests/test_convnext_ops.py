@@ -88,6 +88,47 @@ def test_dwconv_layernorm_checkpoint_widths(device, C):
     assert_close(got, ref.dwconv_layernorm(x, *dwln_args(p), 1e-6), dtype)
 
 
+# The tiled kernel's tile shapes (DwconvLnTiling, kernels/convnext/dwconv_layernorm.h): each C at
+# the last width of one shape and the first of the next (80 KiB budget: 2x32 tiles up to C = 244,
+# 2x16 up to 464, 2x8 up to 832, then 1x8), with tail channel chunks (248 = 128 + 120, 472 =
+# 256 + 216, 840 = 3 x 256 + 72), H and W not multiples of the tile (W = 37: 2x32 tiles with a tail
+# of 5; 17: 2x16 with 1; 13: 2x8 with 5; odd H: a half tile), batch 2 and borders on every side.
+TILE_EDGES = [(2, 5, 37, 240), (1, 3, 37, 248), (2, 3, 17, 464), (1, 5, 17, 472),
+              (1, 3, 13, 832), (2, 3, 13, 840), (1, 2, 3, 1672)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", TILE_EDGES, ids=lambda s: "x".join(map(str, s)))
+def test_dwconv_layernorm_tile_edges(device, dtype, shape):
+    C = shape[-1]
+    p = make_params(C, 8, dtype, device, seed=C)
+    x = make_x(shape, dtype, device, seed=C + 1)
+    got = ops.dwconv_layernorm(x, *dwln_args(p), 1e-6)
+    assert_close(got, ref.dwconv_layernorm(x, *dwln_args(p), 1e-6), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dwconv_layernorm_padding_taps(device):
+    """Only the taps on the zero padding of the tile's borders are skipped: weights of 1 on a single
+    tap (kh, kw) make the conv a shift, zero exactly where the shifted pixel is padding, in every
+    tile of a 2x32 grid (W = 70: three tiles, H = 5: three row tiles)."""
+    C = 16
+    x = make_x((2, 5, 70, C), torch.float32, device)
+    for kh, kw in [(0, 0), (6, 6), (0, 6), (3, 0), (6, 3)]:
+        w = torch.zeros(C, 1, 7, 7, device=device)
+        w[:, 0, kh, kw] = 1.0
+        ones, zeros = torch.ones(C, device=device), torch.zeros(C, device=device)
+        # LayerNorm of the shifted pixel (eps = 1: a zero pixel stays exactly 0)
+        got = ops.dwconv_layernorm(x, w, None, ones, zeros, 1.0)
+        assert_close(got, ref.dwconv_layernorm(x, w, None, ones, zeros, 1.0), torch.float32)
+        dh, dw = kh - 3, kw - 3
+        H, W = 5, 70
+        hs = [h for h in range(H) if not 0 <= h + dh < H]
+        ws = [w_ for w_ in range(W) if not 0 <= w_ + dw < W]
+        assert (got[:, hs] == 0).all() and (got[:, :, ws] == 0).all()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dwconv_layernorm_noncontiguous(device, dtype):

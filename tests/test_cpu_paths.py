@@ -2,7 +2,8 @@
 twin's own tests (tests/test_flash_attn*.py, test_convnext_ops.py, which run the CPU twin of the
 CUDA kernels with HIRES_LMM_CPU_TWIN=1): attention and its varlen / kvcache forms through ATen's
 CPU flash kernel where it gives our semantics (the twin elsewhere: softcap, rows that see no key,
-non-finite scores or outputs), dwconv_layernorm through ATen's conv and LayerNorm (fp32).
+non-finite scores or outputs), dwconv_layernorm through its fused AVX2/FMA CPU kernel (ATen's conv
+and LayerNorm in fp32 where that kernel does not apply).
 Here HIRES_LMM_CPU_TWIN is unset: these calls take the default path."""
 import math
 
@@ -210,3 +211,58 @@ def test_dwconv_layernorm_segments(dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dwconv_layernorm_noncontiguous(dtype):
     tcv.test_dwconv_layernorm_noncontiguous("cpu", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", tcv.TILE_EDGES, ids=lambda s: "x".join(map(str, s)))
+def test_dwconv_layernorm_tile_edges(dtype, shape):
+    tcv.test_dwconv_layernorm_tile_edges("cpu", dtype, shape)
+
+
+def test_dwconv_layernorm_padding_taps():
+    tcv.test_dwconv_layernorm_padding_taps("cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dwconv_default_matches_twin(dtype, monkeypatch):
+    """The fused CPU kernel (C % 8 == 0) and the twin agree at an odd shape with batch 2."""
+    C = 48
+    p = tcv.make_params(C, 8, dtype, "cpu", seed=3)
+    x = tcv.make_x((2, 7, 11, C), dtype, "cpu", seed=4)
+    a = ops.dwconv_layernorm(x, *tcv.dwln_args(p), 1e-6)
+    monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
+    b = ops.dwconv_layernorm(x, *tcv.dwln_args(p), 1e-6)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=0)
+
+
+def test_dwconv_nonfinite_on_the_fused_cpu_kernel():
+    """C % 8 == 0 takes the fused CPU kernel: a NaN input reaches only the pixels whose window reads
+    it, a pixel of huge conv outputs is normalized in fp64 (not set to the bias), and an inf weight
+    (which that kernel declines: it multiplies the padding) leaves the border pixels finite."""
+    C = 16
+    g = torch.Generator().manual_seed(6)
+    ones, zeros = torch.ones(C), torch.zeros(C)
+    w = torch.randn(C, 1, 7, 7, generator=g) * 0.2
+    x = torch.randn(1, 12, 12, C, generator=g)
+    x[0, 1, 10, 5] = float("nan")
+    out = ops.dwconv_layernorm(x, w, None, ones, zeros)
+    fin = torch.isfinite(out).all(-1)[0]
+    expect = torch.ones(12, 12, dtype=torch.bool)
+    expect[0:5, 7:12] = False  # rows 1 +- 3, columns 10 +- 3 inside the image
+    assert torch.equal(fin, expect)
+    want = reference.dwconv_layernorm(x, w, None, ones, zeros)
+    torch.testing.assert_close(out, want, equal_nan=True, atol=1e-5, rtol=1e-5)
+    xh = torch.randn(1, 4, 5, C, generator=g) * 1e30
+    wi = torch.zeros(C, 1, 7, 7)
+    wi[:, 0, 3, 3] = 1.0  # identity conv: var ~ 1e60 overflows fp32
+    xd = xh.double()
+    want = (xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True))
+    torch.testing.assert_close(ops.dwconv_layernorm(xh, wi, None, ones, zeros).double(), want,
+                               atol=1e-5, rtol=1e-5)
+    w[1, 0, 0, 0] = float("inf")
+    out = ops.dwconv_layernorm(x.nan_to_num(0.0), w, None, ones, zeros)
+    fin = torch.isfinite(out).all(-1)[0]
+    expect = torch.ones(12, 12, dtype=torch.bool)
+    expect[3:, 3:] = False
+    assert torch.equal(fin, expect)

@@ -150,3 +150,15 @@ def test_divergence_stub_is_not_a_loop():
     assert (0x20, 0x40) in loops             # the real (predicated) loop
     ml = sass.analyse_function(insns)["main_loop"]
     assert ml["start"] == "0x20" and ml["mix"]["local"] == 1
+
+
+def test_dwconv_launch_configs():
+    """dwconv_layernorm's tiled kernel: 256 threads, P*C fp32 conv outputs + two staged input rows
+    at the width DwconvLnTiling::pick gives each tile shape (tests/test_kernel_tiling_emulation.py
+    models the choice); the generic kernel keeps 128 threads."""
+    k = "void hires::convnext::dwconv_layernorm_kernel<__nv_bfloat16, 8, {}, {}>(hires::convnext::DwconvLnParams, long, long)"
+    assert sass.launch_config(k.format(2, 4)) == (256, (64 * 192 + 2 * 38 * 64) * 4, "C=192, tile 2x32")
+    assert sass.launch_config(k.format(2, 1)) == (256, (16 * 768 + 2 * 14 * 256) * 4, "C=768, tile 2x8")
+    assert sass.launch_config(k.format(1, 1))[1] == (8 * 1536 + 2 * 14 * 256) * 4
+    g = sass.launch_config("void hires::convnext::dwconv_layernorm_generic_kernel<float, 4>(hires::convnext::DwconvLnParams, int, long)")
+    assert g[0] == 128 and g[1] == 2 * 6144 * 4

@@ -160,12 +160,14 @@ def cases(device: str, quick: bool) -> list:
             ours_dw = functools.partial(ops.dwconv_layernorm, x, p["dw_weight"], p["dw_bias"],
                                         p["ln_weight"], p["ln_bias"], 1e-6)
             eager_dw = functools.partial(_eager_dwln, x_nchw, p)
+            refs = {"eager": torch.no_grad()(eager_dw)}
+            if device == "cpu":  # the best PyTorch CPU path may be either layout (issue 13, section 3)
+                refs["eager_nchw"] = torch.no_grad()(functools.partial(_eager_dwln, x_nchw.contiguous(), p))
+            refs["torch_compile"] = torch.no_grad()(functools.partial(torch.compile(_eager_dwln), x_nchw, p))
             out.append(Case(
                 op="dwconv_layernorm", case=tag, dtype=dtype,
                 ours=torch.no_grad()(ours_dw),
-                references={"eager": torch.no_grad()(eager_dw),
-                            "torch_compile": torch.no_grad()(
-                                functools.partial(torch.compile(_eager_dwln), x_nchw, p))},
+                references=refs,
                 bytes=2 * M * C * esize,
                 flops=2.0 * 49 * M * C,
                 max_err=_max_err(ours_dw, lambda x=x, p32=p32: ref.dwconv_layernorm(

@@ -112,9 +112,15 @@ def launch_config(name: str) -> Optional[Tuple[int, int, str]]:
     if "flash_combine_kernel" in name:
         return 4 * 32, 0, ""
     if "dwconv_layernorm_kernel" in name:                     # csrc/cuda/dwconv_layernorm.cu
-        c = 192                                               # ConvLLaVA-1536 stage 1 width
+        # tiled kernel <T, VEC, RH, S>: RH x 8S output tile, 256 threads; the ConvLLaVA-1536 width
+        # that DwconvLnTiling::pick gives each shape; P*C fp32 conv outputs + 2 staged input rows
+        rh, s = _tmpl_ints(name)[-2:]
+        c = {(2, 4): 192, (2, 2): 384, (2, 1): 768, (1, 1): 1536}.get((rh, s), 192)
+        tw, cc = 8 * s, 256 // s
+        return 256, (rh * tw * c + 2 * (tw + 6) * cc) * 4, f"C={c}, tile {rh}x{tw}"
+    if "dwconv_layernorm_generic_kernel" in name:             # C past the tiled kernel's smem
+        c = 6144                                              # taken on sm_80 above C = 4320
         p = min(64, 12288 // c)
-        p = p // 4 * 4
         return 128, p * c * 4, f"C={c}, P={p}"
     if "inject_norm_kernel" in name:                          # csrc/cuda/deepstack.cu
         ints = _tmpl_ints(name)
