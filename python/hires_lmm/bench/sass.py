@@ -269,9 +269,19 @@ def find_loops(insns: List[Tuple[int, str, str]]) -> List[Tuple[int, int]]:
     Not loops: the branch that ends a warp-divergence stub. `BRA.DIV ..., stub` jumps, when the
     warp is not converged, to out-of-line code after the function body that re-runs a warp
     collective (shfl) through a subroutine and then branches back unconditionally; that back
-    branch spans the whole tail of the function without being a loop."""
+    branch spans the whole tail of the function without being a loop. Nor is the return of any
+    other out-of-line stub placed after the function's last EXIT (the mbarrier try-wait retry
+    loops of sm_90 kernels: `SYNCS.PHASECHK ...; @!P BRA retry; BRA back-into-the-body`): an
+    unconditional branch from past the last EXIT to before it."""
     index = {addr: i for i, (addr, _, _) in enumerate(insns)}
     stub_returns = set()
+    exits = [addr for addr, op, _ in insns if op.split(".")[0] == "EXIT"]
+    if exits:
+        last_exit = max(exits)
+        for addr, op, args in insns:
+            if addr > last_exit and op.split(".")[0] == "BRA" and not args.startswith("@") \
+                    and (m := _BRA_TARGET.match(args.strip())) and int(m[1], 16) < last_exit:
+                stub_returns.add(addr)
     for addr, op, args in insns:
         if op.startswith("BRA.DIV") and (m := re.search(r"(0x[0-9a-f]+)", args)):
             i = index.get(int(m[1], 16))
@@ -416,7 +426,7 @@ def _row(r: KernelReport, name: str) -> List[str]:
 
 def summarise(reports: List[KernelReport]) -> List[Tuple[str, KernelReport, int, Tuple[int, int]]]:
     """One representative per (kernel, arch): the bf16 instantiation with the most tensor-core
-    work, then the widest loads; -> [(kernel, report, instantiations, (min regs, max regs))]."""
+    work, then the most of it per ldmatrix, then the widest loads; -> [(kernel, report, instantiations, (min regs, max regs))]."""
     groups: Dict[Tuple[str, str], List[KernelReport]] = {}
     for r in reports:
         groups.setdefault((r.short, r.arch), []).append(r)
@@ -424,8 +434,13 @@ def summarise(reports: List[KernelReport]) -> List[Tuple[str, KernelReport, int,
     def score(r):
         mix = (r.main_loop or {}).get("mix", {})
         bf16 = "bfloat16" in r.kernel
-        return (bf16, mix.get("mma", 0), mix.get("ldg128", 0) + mix.get("cp.async128", 0),
-                -r.local_accesses)
+        mma = mix.get("mma", 0)
+        widest = max([int(m[1]) for k in mix if (m := re.fullmatch(r"(?:ldg|cp\.async)(\d+)", k))],
+                     default=0)
+        # most MMAs, then the most MMAs per ldmatrix (the prefill tile over the decode one), then
+        # the widest global loads (the vector path over the scalar fallback)
+        return (bf16, mma, mma / max(mix.get("ldsm", 0), 1), widest,
+                mix.get("ldg128", 0) + mix.get("cp.async128", 0), -r.local_accesses)
 
     out = []
     for (short, arch), rs in sorted(groups.items()):
