@@ -1,0 +1,108 @@
+// CPU twin of the fused ConvNeXt MLP kernel (kernels/convnext/fused_mlp.cuh). It models, step by
+// step, what one thread block does:
+//   - a block owns BM = fused_mlp_bm(C) pixel rows (the last block a partial tile: rows past M
+//     are zero-filled in the kernel and never stored, so they are skipped here);
+//   - the hidden dimension F is walked in chunks of BH = fused_mlp_bh(C) columns, in order;
+//   - per chunk: S = x_tile . W1[chunk]^T in fp32 (k = 0..C-1 in order; the mma.sync groups 16
+//     products per instruction, whose internal order is not modelled), then
+//     H = round_T(GELU_erf(S + b1)): the ONE rounding of the hidden, as the unfused path rounds
+//     when it stores fc1's output;
+//   - O (BM x C, fp32) accumulates H . W2[:, chunk]^T chunk after chunk (never rounded);
+//   - the final epilogue: out = round_T(res + gamma * (O + b2)), in fp32, one rounding.
+// Blocks are independent (at::parallel_for over them), as the kernel's grid.
+#include "csrc/cpu/fused_mlp.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace hires::convnext {
+namespace {
+
+inline float gelu_erf(float s) { return 0.5f * s * (1.f + std::erf(s * 0.70710678118654752f)); }
+
+template <typename T>
+inline float round_to(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+template <typename T>
+void run(const FusedMlpParams& p) {
+  const int64_t M = p.M, C = p.C, F = p.F;
+  const int64_t BM = fused_mlp_bm(C), BH = fused_mlp_bh(C);
+  const T* x = static_cast<const T*>(p.x);
+  const T* w1 = static_cast<const T*>(p.w1);
+  const T* w2 = static_cast<const T*>(p.w2);
+  const T* b1 = static_cast<const T*>(p.b1);
+  const T* b2 = static_cast<const T*>(p.b2);
+  const T* g = static_cast<const T*>(p.gamma);
+  const T* res = static_cast<const T*>(p.residual);
+  T* out = static_cast<T*>(p.out);
+
+  // Weights in fp32 once, laid out so the inner loops run over contiguous memory:
+  // w1t[k][h] = W1[h][k], w2t[h][n] = W2[n][h].
+  std::vector<float> w1t(size_t(C) * F), w2t(size_t(F) * C), b1f(F, 0.f), b2f(C, 0.f), gf(C, 1.f);
+  for (int64_t h = 0; h < F; ++h)
+    for (int64_t k = 0; k < C; ++k) w1t[size_t(k) * F + h] = static_cast<float>(w1[h * C + k]);
+  for (int64_t n = 0; n < C; ++n)
+    for (int64_t h = 0; h < F; ++h) w2t[size_t(h) * C + n] = static_cast<float>(w2[n * F + h]);
+  for (int64_t h = 0; h < F; ++h)
+    if (b1) b1f[h] = static_cast<float>(b1[h]);
+  for (int64_t n = 0; n < C; ++n) {
+    if (b2) b2f[n] = static_cast<float>(b2[n]);
+    if (g) gf[n] = static_cast<float>(g[n]);
+  }
+
+  const int64_t blocks = (M + BM - 1) / BM;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xs(size_t(BM) * C), O(size_t(BM) * C), S(size_t(BM) * BH);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t m0 = blk * BM, rows = std::min(BM, M - m0);
+      for (int64_t i = 0; i < rows * C; ++i) xs[i] = static_cast<float>(x[m0 * C + i]);  // x tile
+      std::fill(O.begin(), O.end(), 0.f);
+      for (int64_t j0 = 0; j0 < F; j0 += BH) {  // hidden chunks, in order
+        const int64_t bh = std::min(BH, F - j0);
+        // GEMM 1: S = x_tile . W1[j0:j0+bh]^T, fp32, k in order.
+        std::fill(S.begin(), S.end(), 0.f);
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t k = 0; k < C; ++k) {
+            const float xv = xs[m * C + k];
+            const float* wr = &w1t[size_t(k) * F + j0];
+            float* sr = &S[m * BH];
+            for (int64_t h = 0; h < bh; ++h) sr[h] += xv * wr[h];
+          }
+        // Epilogue of GEMM 1: bias + erf-GELU in fp32, rounded once to T (the A operand of GEMM 2).
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t h = 0; h < bh; ++h)
+            S[m * BH + h] = round_to<T>(gelu_erf(S[m * BH + h] + b1f[j0 + h]));
+        // GEMM 2: O += H . W2[:, j0:j0+bh]^T, fp32, h in order within the chunk.
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t h = 0; h < bh; ++h) {
+            const float hv = S[m * BH + h];
+            const float* wr = &w2t[size_t(j0 + h) * C];
+            float* orow = &O[m * C];
+            for (int64_t n = 0; n < C; ++n) orow[n] += hv * wr[n];
+          }
+      }
+      // Final epilogue: (O + b2) * gamma + res, one rounding.
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t n = 0; n < C; ++n) {
+          const int64_t i = (m0 + m) * C + n;
+          const float v = (O[m * C + n] + b2f[n]) * gf[n];
+          out[i] = static_cast<T>(static_cast<float>(res[i]) + v);
+        }
+    }
+  });
+}
+
+}  // namespace
+
+void fused_mlp_cpu(const FusedMlpParams& p, at::ScalarType t) {
+  if (p.M == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, "fused_mlp_cpu", [&] { run<scalar_t>(p); });
+}
+
+}  // namespace hires::convnext
