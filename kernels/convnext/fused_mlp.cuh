@@ -48,8 +48,10 @@
 //   256   64  64  |  33792    36864          9216 | 153600   |   64       | 128 : 72 (1.8)
 //   384   64  32  |  50176    30720          5120 | 147456   |   96       |  96 : 64 (1.5)
 // Registers: the output accumulator BM x C fp32 over 256 threads = BM*C/256 per thread (<= 96);
-// plus S (GEMM 1 warp tile / 32 = 32, 16 or 8), A fragments 8, B 4, addresses: ~150-170 of the
-// 255 that __launch_bounds__(256, 1) allows. BM = 128 for C = 256/384 would need 128-192
+// plus S (GEMM 1 warp tile / 32 = 32, 16 or 8), A fragments 8, B 4, addresses, within the 255
+// that __launch_bounds__(256, 1) allows. ptxas (nvcc 13.2): 186-242 registers on sm_80 (C = 192:
+// 242; 96: 186-188), 180-241 on sm_90a, no spills, no stack: the fully unrolled k loop of GEMM 1
+// lets ptxas load fragments of later k steps early, which takes the rest. BM = 128 for C = 256/384 would need 128-192
 // accumulator registers per thread: those widths take BM = 64 (and BH = 32 at C = 384 to fit
 // three stages). 1 block (8 warps) per SM on sm_80; latency is hidden by the 3-stage pipeline.
 // MMA : LDSM: GEMM 1 per k16 step loads kMT1 A + kNP1 B x4 fragments for 2*kMT1*kNP1 MMAs
@@ -67,8 +69,12 @@
 // GPU to measure.
 //
 // ---- erf-GELU and the MMAs -------------------------------------------------------------------
-// The epilogue is ~25 FP32/MUFU-pipe instructions per element (erff), BH*BM/256 = 32 elements
-// per thread per chunk (C <= 192), against 192 MMAs per warp-chunk (C = 192) on the tensor pipe.
+// The epilogue is ~25 instructions per element (SASS, C = 192: per element 8 FSEL, 7 FFMA,
+// 4 FMUL, 3 FADD, 1 FSETP, 1 MUFU.EX2, 1/2 F2FP), BH*BM/256 = 32 elements per thread per chunk
+// (C <= 192): ~780 of the 1323 instructions of a warp's chunk iteration, next to 192 HMMA and
+// 80 LDSM. On A100 (one m16n8k16 per ~8 cycles per sub-partition) 2 warps x 192 HMMA = 3072
+// tensor cycles against 2 x 1323 issue slots: tensor-bound if the issue overlaps. On H100 the
+// mma.sync rate doubles and the same loop is issue-bound (~1.7x more issue than tensor cycles).
 // They overlap across warps: 2 warps share each SM sub-partition, and the scheduler issues one
 // warp's FP32 epilogue while the other's HMMAs occupy the tensor pipe; the per-tile barrier keeps
 // the warps within one tile of each other, so the overlap is partial. Not done: FA3-style

@@ -1,5 +1,5 @@
 """ConvNeXt family benchmark: one ConvNeXt block per ConvLLaVA-1536 stage (B=1, bf16) and the
-fused dwconv + LayerNorm, against PyTorch eager (transformers' ConvNextLayer, channels_last) and
+fused dwconv + LayerNorm, and the block's MLP alone (stages with C <= 384: the fused MLP kernel), against PyTorch eager (transformers' ConvNextLayer, channels_last) and
 torch.compile of the same module.
 
     python -m hires_lmm.bench.bench_convnext [--quick] [--device cpu|cuda]
@@ -69,6 +69,11 @@ def _eager_dwln(x_nchw, p):
     C = x_nchw.shape[1]
     y = F.conv2d(x_nchw, p["dw_weight"], p["dw_bias"], padding=3, groups=C).permute(0, 2, 3, 1)
     return F.layer_norm(y, (C,), p["ln_weight"], p["ln_bias"], 1e-6)
+
+
+def _eager_mlp(h, w1, b1, w2, b2, gamma, res):
+    """Eager Linear -> GELU (erf) -> Linear -> layer scale -> residual, in h's dtype."""
+    return res + gamma * F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
 
 
 def _sm90_available():
@@ -156,6 +161,26 @@ def cases(device: str, quick: bool) -> list:
                 references={"hf_eager": hf_fb},
                 bytes=None, flops=3 * (2.0 * 2 * M * C * 4 * C + 2.0 * 49 * M * C)))
 
+            # -- the block's MLP alone (fused kernel for C <= 384, stages 1-2) against eager
+            #    Linear -> GELU -> Linear -> layer scale -> residual and torch.compile of it
+            if C <= 384:
+                mlp_args = (p["fc1_weight"], p["fc1_bias"], p["fc2_weight"], p["fc2_bias"],
+                            p["gamma"], x)
+                h_in = torch.randn(x.shape, generator=g).to(device=device, dtype=dtype)
+                ours_mlp = functools.partial(ops.convnext_mlp, h_in, *mlp_args)
+                out.append(Case(
+                    op="convnext_mlp", case=tag, dtype=dtype,
+                    ours=torch.no_grad()(ours_mlp),
+                    references={"eager": torch.no_grad()(functools.partial(_eager_mlp, h_in, *mlp_args)),
+                                "torch_compile": torch.no_grad()(functools.partial(
+                                    torch.compile(_eager_mlp), h_in, *mlp_args))},
+                    bytes=(3 * M * C + 8 * C * C) * esize,  # x, res, out, weights (hidden on chip)
+                    flops=2.0 * 2 * M * C * 4 * C,
+                    max_err=_max_err(ours_mlp, lambda h_in=h_in, x=x, p32=p32: ref.convnext_mlp(
+                        h_in.float(), p32["fc1_weight"], p32["fc1_bias"], p32["fc2_weight"],
+                        p32["fc2_bias"], p32["gamma"], x.float())),
+                    tol=TOL[dtype]["block"]))
+
             # -- dwconv + LayerNorm alone
             ours_dw = functools.partial(ops.dwconv_layernorm, x, p["dw_weight"], p["dw_bias"],
                                         p["ln_weight"], p["ln_bias"], 1e-6)
@@ -184,7 +209,7 @@ def main(argv=None):
     print("case | dtype | ours us | reference us | speedup | TFLOP/s or GB/s | max err (tol)")
     for c in cases(args.device, args.quick):
         t = time_us(c.ours, args.device)
-        rate = (f"{c.flops / t / 1e6:.2f} TFLOP/s" if c.op == "convnext_block"
+        rate = (f"{c.flops / t / 1e6:.2f} TFLOP/s" if c.op in ("convnext_block", "convnext_mlp")
                 else f"{c.bytes / t / 1e3:.1f} GB/s")
         err = c.max_err() if c.max_err else float("nan")
         for name, fn in c.references.items():
