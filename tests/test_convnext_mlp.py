@@ -147,6 +147,18 @@ def test_block_uses_the_fused_twin(monkeypatch):
         torch.testing.assert_close(got.float(), want.float(), atol=2 * atol, rtol=2 * rtol)
 
 
+def test_non_finite_stays_in_its_row(cpu_path):
+    """README "Non-finite values": a NaN in x row 3 or an inf in residual[7, 5] reaches only the
+    outputs whose formula reads it (rows are independent; the kernel's zero-filled rows too)."""
+    x, args = make(2 * bm_of(96) + 5, 96, 384, torch.bfloat16)
+    x[3, 10] = float("nan")
+    res = args[5].clone()
+    res[7, 5] = float("inf")
+    got = ops.convnext_mlp(x, *args[:5], res)
+    bad = ~torch.isfinite(got)
+    assert bad[3].all() and bad[7, 5] and bad.sum() == 96 + 1
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 def test_bad_input():
     x, (w1, b1, w2, b2, g, res) = make(5, 32, 128, torch.float32)
