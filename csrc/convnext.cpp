@@ -344,7 +344,13 @@ at::Tensor convnext_block(const at::Tensor& x, const at::Tensor& dw_weight,
 
 #ifdef HIRES_LMM_WITH_CUDA
   // C <= 384 (kFusedMlpWidths): one fused MLP kernel, the 4C-wide hidden never reaches HBM.
-  if (fused_mlp_cuda(op, h2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, x2, out2)) return out;
+  // HIRES_LMM_CONVNEXT_FUSED_MLP=0 (read per call) keeps the two GEMMs, for the benchmark's
+  // side-by-side until a GPU run decides the widths.
+  const char* fused_env = std::getenv("HIRES_LMM_CONVNEXT_FUSED_MLP");
+  const bool fused_off = fused_env != nullptr && std::string(fused_env) == "0";
+  if (!fused_off &&
+      fused_mlp_cuda(op, h2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, x2, out2))
+    return out;
   // 16-byte accesses everywhere in the GEMMs and their epilogues: views with odd offsets take
   // the fallback (fresh allocations are always aligned).
   auto aligned = aligned16;

@@ -95,6 +95,19 @@ def _with_sm90(fn):
             os.environ["HIRES_LMM_CONVNEXT_SM90"] = old
 
 
+def _with_env(name, value, fn):
+    """Runs fn with the environment variable `name` set to `value` (the binding reads it per call)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
 def _max_err(fn, want_fn):
     @torch.no_grad()
     def err():
@@ -133,12 +146,24 @@ def cases(device: str, quick: bool) -> list:
                     x.float(), *_block_args(p32), 1e-6)),
                 tol=TOL[dtype]["block"]))
 
-            # -- the same block through the opt-in Hopper GEMMs (compare before making them default)
-            if device == "cuda" and _sm90_available():
+            block_case = out[-1]
+
+            # -- the same block through the opt-in Hopper GEMMs (compare before making them default;
+            #    stages 1-2 take the fused MLP kernel first, so only C > 384)
+            if device == "cuda" and _sm90_available() and C > 384:
                 ours90 = functools.partial(_with_sm90, ours)
                 out.append(dataclasses.replace(out[-1], op="convnext_block_sm90",
                                                ours=torch.no_grad()(ours90),
                                                max_err=_max_err(ours90, lambda x=x, p32=p32: ref.convnext_block(
+                                                   x.float(), *_block_args(p32), 1e-6))))
+
+            # -- stages 1-2 through the two CUTLASS GEMMs instead of the fused MLP (the widths the
+            #    fused kernel should take are for this side-by-side on a GPU to decide)
+            if device == "cuda" and C <= 384:
+                ours2 = functools.partial(_with_env, "HIRES_LMM_CONVNEXT_FUSED_MLP", "0", ours)
+                out.append(dataclasses.replace(block_case, op="convnext_block[two-gemm]",
+                                               ours=torch.no_grad()(ours2),
+                                               max_err=_max_err(ours2, lambda x=x, p32=p32: ref.convnext_block(
                                                    x.float(), *_block_args(p32), 1e-6))))
 
             # -- forward + backward (fine-tuning the tower): ours (dwconv+LN backward kernels, ATen
@@ -209,7 +234,8 @@ def main(argv=None):
     print("case | dtype | ours us | reference us | speedup | TFLOP/s or GB/s | max err (tol)")
     for c in cases(args.device, args.quick):
         t = time_us(c.ours, args.device)
-        rate = (f"{c.flops / t / 1e6:.2f} TFLOP/s" if c.op in ("convnext_block", "convnext_mlp")
+        rate = (f"{c.flops / t / 1e6:.2f} TFLOP/s"
+                if c.flops and (c.bytes is None or c.op.startswith(("convnext_block", "convnext_mlp")))
                 else f"{c.bytes / t / 1e3:.1f} GB/s")
         err = c.max_err() if c.max_err else float("nan")
         for name, fn in c.references.items():
@@ -217,7 +243,7 @@ def main(argv=None):
                 continue
             tr = time_us(fn, args.device)
             print(f"{c.op} {c.case} | {str(c.dtype).replace('torch.', '')} | {t:.1f} | "
-                  f"{name} {tr:.1f} | {tr / t:.2f}x | {rate} | {err:.3g} ({c.tol:g})")
+                  f"{name} {tr:.1f} | {tr / t:.2f}x | {rate} | {err:.3g} ({'-' if c.tol is None else f'{c.tol:g}'})")
 
 
 if __name__ == "__main__":
