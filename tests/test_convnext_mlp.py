@@ -222,6 +222,29 @@ class Tile:
         self.smem = 2 * (self.XE + self.S * self.SLOT + self.HE)
 
 
+def test_mirror_matches_the_kernel_source():
+    """The Python mirror (Tile, bm_of, bh_of, the lane formulas of emulate_block) states the
+    kernel's constants; fail when the kernel source changes them without this file."""
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1] / "kernels" / "convnext"
+    h = (root / "fused_mlp.h").read_text()
+    cuh = " ".join((root / "fused_mlp.cuh").read_text().split())
+    assert "return C <= 192 ? 128 : 64;" in h and "return C <= 256 ? 64 : 32;" in h
+    assert "kFusedMlpWidths[] = {96, 128, 192, 256, 384};" in h
+    for text in ("kWarps = 8;", "kStages = 3;", "kWM1 = 4, kWN1 = 2;", "kMT2 = 2;",
+                 "kWM2 = kBM / 32, kWN2 = kWarps / kWM2;", "kLdX = kC + 8;", "kLdH = kBH + 8;",
+                 "kLdO = kC + 8;", "const int a_row = lane % 16, a_col = (lane / 16) * 8;",
+                 "const int b_row = lane % 8 + ((lane / 8) >> 1) * 8, b_col = ((lane / 8) & 1) * 8;",
+                 "const int r1 = (warp / Tile::kWN1) * (Tile::kMT1 * 16);",
+                 "const int c1 = (warp % Tile::kWN1) * (Tile::kNP1 * 16);",
+                 "const int r2 = (warp / Tile::kWN2) * (Tile::kMT2 * 16);",
+                 "const int c2 = (warp % Tile::kWN2) * (Tile::kNP2 * 16);",
+                 "sH + (r1 + mt * 16 + g + 8 * hf) * LdH + c1 + nt * 8 + 2 * t4",
+                 "sO + (r2 + mt * 16 + g + 8 * hf) * LdO + n",
+                 "cp_async_wait<S - 2>();"):
+        assert text in cuh, text
+
+
 # The table of the header comment ("Sizing"): smem bytes per block.
 HEADER_SMEM = {96: 86528, 128: 108544, 192: 152576, 256: 153600, 384: 147456}
 
