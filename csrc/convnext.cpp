@@ -7,9 +7,11 @@
 // x is NHWC (B, H, W, C). The fused dwconv + LayerNorm kernel is
 // kernels/convnext/dwconv_layernorm.cuh (CPU twin: csrc/cpu/dwconv_layernorm.cpp). The block's
 // pointwise layers are CUTLASS GEMMs with fused epilogues on CUDA for fp16/bf16 when C and the
-// hidden width are multiples of 8 (csrc/cuda/convnext_block.cu); everywhere else (CPU, fp32,
-// other widths) they run as fp32 at::addmm on row chunks with the same roundings as the kernels
-// (see pointwise_composite). For C in kFusedMlpWidths (<= 384) the two GEMMs are one fused MLP
+// hidden width are multiples of 8 (csrc/cuda/convnext_block.cu). On CPU (convnext_mlp and the
+// block) the default path is oneDNN GEMMs in x's dtype (mlp_cpu_onednn, csrc/cpu/fused_mlp.h: one
+// extra rounding of the fc2 product when gamma is given); everywhere else (CUDA fp32 / other
+// widths, CPU without oneDNN or with HIRES_LMM_CPU_ONEDNN_MLP=0, a non-finite oneDNN output) they
+// run as fp32 at::addmm on row chunks with the kernels' roundings (see pointwise_composite). For C in kFusedMlpWidths (<= 384) the two GEMMs are one fused MLP
 // kernel whose 4C-wide hidden never leaves the SM (kernels/convnext/fused_mlp.cuh; CPU twin
 // csrc/cpu/fused_mlp.cpp).
 #include <torch/library.h>
@@ -317,8 +319,13 @@ at::Tensor convnext_mlp(const at::Tensor& x, const at::Tensor& fc1_weight,
 #ifdef HIRES_LMM_WITH_CUDA
   if (fused_mlp_cuda(op, x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, r2, out2)) return out;
 #endif
-  // CPU default path, and CUDA shapes / dtypes the kernel does not take: fp32 ATen GEMMs with
-  // the same one rounding of the hidden.
+  // CPU default path: oneDNN GEMMs in x's dtype (csrc/cpu/fused_mlp.h, mlp_cpu_onednn); where
+  // it does not take the call, and for CUDA shapes / dtypes the kernel does not take: fp32 ATen
+  // GEMMs with the same one rounding of the hidden.
+  if (x.is_cpu()) {
+    const at::Tensor y = mlp_cpu_onednn(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, r2);
+    if (y.defined()) return y.view(xc.sizes());
+  }
   pointwise_composite(x2, r2.to(at::kFloat), fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, out2);
   return out;
 }
@@ -411,6 +418,10 @@ at::Tensor convnext_block(const at::Tensor& x, const at::Tensor& dw_weight,
   if (x.is_cpu() && cpu_twin_forced() && x.scalar_type() != at::kFloat && fused_mlp_shape_ok(C, F)) {
     fused_mlp_twin(h2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, x2, out2);
     return out;
+  }
+  if (x.is_cpu() && !cpu_twin_forced()) {  // the same default CPU path as convnext_mlp
+    const at::Tensor y = mlp_cpu_onednn(h2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, x2);
+    if (y.defined()) return y.view(xc.sizes());
   }
   pointwise_composite(h2, x2.to(at::kFloat), fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, out2);
   return out;

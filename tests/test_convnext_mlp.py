@@ -42,9 +42,12 @@ def assert_close(got, want, dtype):
     torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
 
 
-@pytest.fixture(params=["twin", "default"])
+@pytest.fixture(params=["twin", "default", "fp32-fallback"])
 def cpu_path(request, monkeypatch):
+    """twin: HIRES_LMM_CPU_TWIN=1; default: the oneDNN path (GEMMs in x's dtype) where this torch
+    has it; fp32-fallback: HIRES_LMM_CPU_ONEDNN_MLP=0, the fp32 ATen path the default falls back to."""
     monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1" if request.param == "twin" else "0")
+    monkeypatch.setenv("HIRES_LMM_CPU_ONEDNN_MLP", "0" if request.param == "fp32-fallback" else "1")
     return request.param
 
 
@@ -157,6 +160,118 @@ def test_non_finite_stays_in_its_row(cpu_path):
     got = ops.convnext_mlp(x, *args[:5], res)
     bad = ~torch.isfinite(got)
     assert bad[3].all() and bad[7, 5] and bad.sum() == 96 + 1
+
+
+# ---- the default CPU path: oneDNN GEMMs in x's dtype (csrc/cpu/fused_mlp.h) -------------------
+def _onednn_available():
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+needs_onednn = pytest.mark.skipif(not _onednn_available(),
+                                  reason="this torch has no oneDNN mkldnn::_linear_pointwise")
+
+
+def onednn_sequence(x, w1, b1, w2, b2, gamma, res):
+    """The default path's documented sequence, in Python: fc1+bias+GELU (one rounding), then with
+    gamma: fc2+bias rounded, res + gamma * p rounded once; without: fc2+bias+res rounded once."""
+    lp = torch.ops.mkldnn._linear_pointwise
+    C = x.shape[-1]
+    x2, r2 = x.reshape(-1, C).contiguous(), res.reshape(-1, C).contiguous()
+    h = lp(x2, w1, b1, "gelu", [], "none")
+    if gamma is None:
+        out = lp.binary(h, r2, w2, b2, "add")
+    else:
+        out = torch.addcmul(r2, gamma, lp(h, w2, b2, "none", [], "none"))
+    return out.reshape(x.shape)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gamma", [True, False])
+def test_default_path_is_the_onednn_sequence(monkeypatch, dtype, gamma):
+    """The default CPU path runs the oneDNN sequence (bitwise), the switch turns it off (the fp32
+    path: bf16 results differ from it, and match the reference)."""
+    monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "0")
+    monkeypatch.setenv("HIRES_LMM_CPU_ONEDNN_MLP", "1")
+    x, args = make(None, 96, 384, dtype, gamma=gamma, lead=(2, 7, 19))
+    xt = x.transpose(1, 2)  # a non-contiguous view: the op copies it first
+    args = args[:5] + (args[5].transpose(1, 2),)
+    got = ops.convnext_mlp(xt, *args)
+    want = onednn_sequence(xt, *args)
+    assert torch.equal(got, want)
+    assert_close(got, ref.convnext_mlp(xt, *args), dtype)
+    monkeypatch.setenv("HIRES_LMM_CPU_ONEDNN_MLP", "0")
+    off = ops.convnext_mlp(xt, *args)
+    assert_close(off, ref.convnext_mlp(xt, *args), dtype)
+    if dtype == torch.bfloat16 and gamma:  # the extra rounding of the fc2 product shows
+        assert not torch.equal(off, got)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_onednn_error_vs_fp64_no_worse_than_eager(monkeypatch, dtype):
+    """The default path's one extra rounding (the fc2 product, when gamma is given) against the
+    fp64 formula: no worse than eager PyTorch's Linear -> GELU -> Linear -> * gamma -> + res in
+    the same dtype (max and mean error), within the op's tolerance, and the exact-rounding paths
+    (fp32 fallback, twin) stay at least as accurate."""
+    monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "0")
+    monkeypatch.setenv("HIRES_LMM_CPU_ONEDNN_MLP", "1")
+    C = 192
+    x, (w1, b1, w2, b2, g, res) = make(512, C, 4 * C, dtype, seed=3)
+    h = torch.nn.functional.gelu(torch.nn.functional.linear(x.double(), w1.double(), b1.double()))
+    want = res.double() + g.double() * torch.nn.functional.linear(h.to(dtype).double(), w2.double(),
+                                                                  b2.double())
+    got = ops.convnext_mlp(x, w1, b1, w2, b2, g, res)
+    eager = res + g * torch.nn.functional.linear(
+        torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, b1)), w2, b2)
+    monkeypatch.setenv("HIRES_LMM_CPU_ONEDNN_MLP", "0")
+    exact = ops.convnext_mlp(x, w1, b1, w2, b2, g, res)
+    err = {k: (v.double() - want).abs() for k, v in (("ours", got), ("eager", eager), ("exact", exact))}
+    assert err["ours"].max() <= err["eager"].max() and err["ours"].mean() < err["eager"].mean()
+    assert err["exact"].max() <= err["ours"].max() and err["exact"].mean() < err["ours"].mean()
+    atol, rtol = tol(dtype)
+    assert (err["ours"] / (atol + rtol * want.abs())).max() < 0.75  # margin inside the tolerance
+
+
+@needs_onednn
+def test_onednn_fp16_overflow_of_the_product_falls_back(monkeypatch):
+    """fp16: the fc2 product overflows fp16 (|h W2^T| ~ 1e5 > 65504) but gamma = 2^-4 brings the
+    result back in range: the formula's output is finite, so the default path must not return the
+    oneDNN sequence's inf (its non-finite output sends the call to the fp32 path)."""
+    monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "0")
+    monkeypatch.setenv("HIRES_LMM_CPU_ONEDNN_MLP", "1")
+    C, Fh, dt = 16, 64, torch.float16
+    x = torch.ones(5, C, dtype=dt)
+    w1 = torch.full((Fh, C), 2.0, dtype=dt)          # hidden = GELU(32) = 32
+    w2 = torch.full((C, Fh), 64.0, dtype=dt)         # product = 64 * 64 * 32 = 131072 > 65504
+    g = torch.full((C,), 2.0 ** -4, dtype=dt)
+    res = torch.zeros(5, C, dtype=dt)
+    assert not torch.isfinite(onednn_sequence(x, w1, None, w2, None, g, res)).all()
+    got = ops.convnext_mlp(x, w1, None, w2, None, g, res)
+    assert torch.equal(got, torch.full((5, C), 8192.0, dtype=dt))
+
+
+@needs_onednn
+@pytest.mark.parametrize("C", [96, 768])
+def test_block_default_path_is_the_onednn_sequence(monkeypatch, C):
+    """convnext_block's default CPU path: dwconv_layernorm, then the same oneDNN MLP sequence
+    (any width); HIRES_LMM_CPU_ONEDNN_MLP=0 gives the fp32 path, both close to the reference."""
+    monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "0")
+    monkeypatch.setenv("HIRES_LMM_CPU_ONEDNN_MLP", "1")
+    from test_convnext_ops import block_args, make_params, make_x
+    p = make_params(C, 4 * C, torch.bfloat16, "cpu")
+    x = make_x((1, 5, 7, C), torch.bfloat16, "cpu")
+    a = block_args(p)
+    got = ops.convnext_block(x, *a, 1e-6)
+    h = ops.dwconv_layernorm(x, *a[:4], 1e-6)
+    assert torch.equal(got, onednn_sequence(h, *a[4:], x))
+    want = ref.convnext_block(x, *a, 1e-6)
+    atol, rtol = tol(torch.bfloat16)
+    torch.testing.assert_close(got.float(), want.float(), atol=2 * atol, rtol=2 * rtol)
+    monkeypatch.setenv("HIRES_LMM_CPU_ONEDNN_MLP", "0")
+    off = ops.convnext_block(x, *a, 1e-6)
+    torch.testing.assert_close(off.float(), want.float(), atol=2 * atol, rtol=2 * rtol)
 
 
 # ---- bad input ----------------------------------------------------------------------------------

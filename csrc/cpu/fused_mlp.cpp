@@ -106,3 +106,126 @@ void fused_mlp_cpu(const FusedMlpParams& p, at::ScalarType t) {
 }
 
 }  // namespace hires::convnext
+
+// ---- default CPU path: oneDNN GEMMs in x's dtype (see fused_mlp.h) ----------------------------
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace hires::convnext {
+namespace {
+
+// mkldnn::_linear_pointwise overloads, looked up once (null when this torch lacks them).
+const c10::OperatorHandle* linear_pointwise_op(const char* overload) {
+  auto op = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", overload});
+  return op ? new c10::OperatorHandle(*op) : nullptr;  // lives as long as the process
+}
+
+const c10::OperatorHandle* linear_unary() {
+  static const c10::OperatorHandle* h = linear_pointwise_op("");
+  return h;
+}
+
+const c10::OperatorHandle* linear_binary() {
+  static const c10::OperatorHandle* h = linear_pointwise_op("binary");
+  return h;
+}
+
+// Dtypes oneDNN refused on this CPU (bit per dtype: fp32, fp16, bf16).
+std::atomic<unsigned> g_refused{0};
+
+unsigned dtype_bit(at::ScalarType t) {
+  return t == at::kFloat ? 1u : t == at::kHalf ? 2u : 4u;
+}
+
+c10::IValue opt(const at::Tensor& t) { return t.defined() ? c10::IValue(t) : c10::IValue(); }
+
+// _linear_pointwise(X, W, B, attr, [], "none"): X W^T + B, then the unary attr, one rounding.
+at::Tensor linear_unary_call(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                             const char* attr) {
+  std::vector<c10::IValue> st;
+  st.reserve(6);
+  st.emplace_back(x);
+  st.emplace_back(w);
+  st.emplace_back(opt(b));
+  st.emplace_back(std::string(attr));
+  st.emplace_back(c10::List<c10::optional<at::Scalar>>());
+  st.emplace_back(std::string("none"));
+  linear_unary()->callBoxed(&st);
+  return st[0].toTensor();
+}
+
+// _linear_pointwise.binary(X, other, W, B, "add"): X W^T + B + other, one rounding.
+at::Tensor linear_add_call(const at::Tensor& x, const at::Tensor& other, const at::Tensor& w,
+                           const at::Tensor& b) {
+  std::vector<c10::IValue> st;
+  st.reserve(5);
+  st.emplace_back(x);
+  st.emplace_back(other);
+  st.emplace_back(w);
+  st.emplace_back(opt(b));
+  st.emplace_back(std::string("add"));
+  linear_binary()->callBoxed(&st);
+  return st[0].toTensor();
+}
+
+// True when every element of t (contiguous, fp32/fp16/bf16) is finite: an exponent-bits test.
+template <typename U>
+bool all_finite_bits(const at::Tensor& t, U mask) {
+  const U* p = static_cast<const U*>(t.const_data_ptr());
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+    bool good = true;
+    for (int64_t i = b; i < e; ++i) good &= (p[i] & mask) != mask;
+    if (!good) ok.store(false, std::memory_order_relaxed);
+  });
+  return ok.load();
+}
+
+bool all_finite(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return all_finite_bits<uint32_t>(t, 0x7F800000u);
+    case at::kHalf: return all_finite_bits<uint16_t>(t, uint16_t(0x7C00));
+    default: return all_finite_bits<uint16_t>(t, uint16_t(0x7F80));  // bf16
+  }
+}
+
+}  // namespace
+
+at::Tensor mlp_cpu_onednn(const at::Tensor& x2, const at::Tensor& fc1_weight,
+                          const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                          const c10::optional<at::Tensor>& fc2_bias,
+                          const c10::optional<at::Tensor>& gamma, const at::Tensor& res2) {
+  const char* env = std::getenv("HIRES_LMM_CPU_ONEDNN_MLP");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return at::Tensor();
+  const at::ScalarType t = x2.scalar_type();
+  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn() || linear_unary() == nullptr ||
+      linear_binary() == nullptr || (g_refused.load() & dtype_bit(t)) != 0)
+    return at::Tensor();
+  const at::Tensor w1 = fc1_weight.contiguous(), w2 = fc2_weight.contiguous();
+  const at::Tensor b1 = fc1_bias ? fc1_bias->contiguous() : at::Tensor();
+  const at::Tensor b2 = fc2_bias ? fc2_bias->contiguous() : at::Tensor();
+  at::Tensor out;
+  try {
+    const at::Tensor h = linear_unary_call(x2, w1, b1, "gelu");  // round_T(GELU_erf(x W1^T + b1))
+    if (gamma) {
+      const at::Tensor p = linear_unary_call(h, w2, b2, "none");  // round_T(h W2^T + b2)
+      out = at::addcmul(res2, *gamma, p);                          // round_T(res + gamma * p)
+    } else {
+      out = linear_add_call(h, res2, w2, b2);                      // round_T(h W2^T + b2 + res)
+    }
+  } catch (const c10::Error&) {
+    // oneDNN does not take this dtype on this CPU (e.g. bf16 without AVX-512 / AMX): remember.
+    g_refused.fetch_or(dtype_bit(t));
+    return at::Tensor();
+  }
+  if (out.scalar_type() != t || out.sizes() != x2.sizes() || !out.is_contiguous()) return at::Tensor();
+  if (!all_finite(out)) return at::Tensor();
+  return out;
+}
+
+}  // namespace hires::convnext
