@@ -38,6 +38,8 @@ def convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bi
     all of x's dtype. On CUDA with fp16/bf16 the pointwise layers are the fused MLP kernel of
     convnext_mlp when C is one of its widths (96, 128, 192, 256, 384; F % 64 == 0, or % 32 for
     C = 384), else CUTLASS GEMMs with fused epilogues when C, F are multiples of 8, else fp32 GEMMs.
+    On CPU the pointwise half is convnext_mlp's default CPU path (oneDNN GEMMs in x's dtype; see
+    its docstring for where it rounds).
     Backward: recomputes the block as dwconv_layernorm (its backward kernels) then ATen GEMMs,
     GELU and layer scale in fp32. Saved for backward: x and the parameters."""
     if use_reference():
@@ -59,8 +61,23 @@ def convnext_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
     unfused path stores it), the result once.
     On CUDA with fp16/bf16, C in (96, 128, 192, 256, 384) and F a multiple of 64 (32 for C = 384)
     one fused kernel (kernels/convnext/fused_mlp.cuh) keeps the hidden on chip; any other CUDA
-    call runs fp32 ATen GEMMs with the same roundings. CPU: ATen GEMMs, or the kernel's twin
-    under HIRES_LMM_CPU_TWIN=1. Backward: the reference, differentiated."""
+    call runs fp32 ATen GEMMs with the same roundings.
+    CPU default path (also convnext_block's MLP half, any C): oneDNN GEMMs in x's dtype
+    (torch.ops.mkldnn._linear_pointwise; AMX / AVX-512 where the CPU has them), which round where:
+
+        H   = round(GELU_erf(x W1^T + b1))       fc1 + bias + GELU on the fp32 accumulator (as above)
+        P   = round(H W2^T + b2)                 only when gamma is given: the one extra rounding
+        out = round(residual + gamma * P)        fp32 arithmetic, one rounding (torch.addcmul)
+        out = round(H W2^T + b2 + residual)      without gamma: one rounding (oneDNN post-op add)
+
+    For fp32 every round() is the fp32 one, as the formula. For bf16/fp16 with gamma the extra
+    rounding of P adds at most half an ulp of P times |gamma| (measured against the fp64 formula:
+    mean 0.55-0.9 ulp of the output vs 0.25 for the exact paths and 1.1-1.9 for eager PyTorch's
+    four roundings; max error below eager's). A non-finite output element (a NaN/inf input, or P
+    overflowing fp16 where gamma * P does not), HIRES_LMM_CPU_ONEDNN_MLP=0, or a torch / CPU
+    without the oneDNN operator or dtype: fp32 ATen GEMMs with exactly the rounding above (H only).
+    HIRES_LMM_CPU_TWIN=1: the kernel's twin (exact, as the fp32 path). Backward: the reference,
+    differentiated."""
     if use_reference():
         return _ref.convnext_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
     return op("convnext_mlp")(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
