@@ -189,9 +189,15 @@ void pointwise_composite(const at::Tensor& h, const at::Tensor& x2, const at::Te
     const int64_t r1 = std::min(M, r0 + chunk);
     const at::Tensor a = h.slice(0, r0, r1).to(at::kFloat);
     at::Tensor u = b1.defined() ? at::addmm(b1, a, w1t) : at::mm(a, w1t);
-    u = at::gelu(u);  // exact erf form
+    at::gelu_(u);  // exact erf form
     if (lowp) u = u.to(h.scalar_type()).to(at::kFloat);  // the CUDA path stores fc1's output as T
     at::Tensor v = b2.defined() ? at::addmm(b2, u, w2t) : at::mm(u, w2t);
+    if (!lowp) {  // fp32: res + gamma * v straight into out (no temporary, no copy)
+      at::Tensor o = out2.slice(0, r0, r1);
+      if (g.defined()) at::addcmul_out(o, x2.slice(0, r0, r1), g, v);
+      else at::add_out(o, x2.slice(0, r0, r1), v);
+      continue;
+    }
     if (g.defined()) v.mul_(g);
     v.add_(x2.slice(0, r0, r1));  // residual (fp32 add of T values, one rounding below)
     out2.slice(0, r0, r1).copy_(v);

@@ -22,7 +22,8 @@ namespace hires::convnext {
 //                 out = round_T(res + gamma * P)   (at::addcmul: fp32 arithmetic, one rounding)
 //   no gamma:     out = round_T(H W2^T + b2 + res) (oneDNN binary-add post-op on the accumulator)
 // x2, res2 (M, C) contiguous of one dtype T. Returns an undefined tensor when it does not take the
-// call (the caller then runs the fp32 ATen path): HIRES_LMM_CPU_ONEDNN_MLP=0 (read per call), no
+// call (the caller then runs the fp32 ATen path): fp32 with M*C*F <= 2^24 (less fixed cost per
+// call in ATen's GEMMs), HIRES_LMM_CPU_ONEDNN_MLP=0 (read per call), no
 // oneDNN in this torch or torch.backends.mkldnn disabled, the operator missing, oneDNN refusing T
 // on this CPU (remembered per dtype), or any non-finite output element (the fp32 path, whose
 // arithmetic is the formula's, then decides every output: README "Non-finite values").
