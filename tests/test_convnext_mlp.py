@@ -173,17 +173,21 @@ needs_onednn = pytest.mark.skipif(not _onednn_available(),
 
 
 def onednn_sequence(x, w1, b1, w2, b2, gamma, res):
-    """The default path's documented sequence, in Python: fc1+bias+GELU (one rounding), then with
-    gamma: fc2+bias rounded, res + gamma * p rounded once; without: fc2+bias+res rounded once."""
+    """The default path's documented sequence, in Python, on row chunks whose hidden is 16 MB:
+    fc1+bias+GELU (one rounding), then with gamma: fc2+bias rounded, res + gamma * p rounded
+    once; without: fc2+bias+res rounded once."""
     lp = torch.ops.mkldnn._linear_pointwise
     C = x.shape[-1]
     x2, r2 = x.reshape(-1, C).contiguous(), res.reshape(-1, C).contiguous()
-    h = lp(x2, w1, b1, "gelu", [], "none")
-    if gamma is None:
-        out = lp.binary(h, r2, w2, b2, "add")
-    else:
-        out = torch.addcmul(r2, gamma, lp(h, w2, b2, "none", [], "none"))
-    return out.reshape(x.shape)
+    rows = max(1, (16 << 20) // (w1.shape[0] * x.element_size()))
+    outs = []
+    for i in range(0, x2.shape[0], rows):
+        h = lp(x2[i:i + rows], w1, b1, "gelu", [], "none")
+        if gamma is None:
+            outs.append(lp.binary(h, r2[i:i + rows], w2, b2, "add"))
+        else:
+            outs.append(torch.addcmul(r2[i:i + rows], gamma, lp(h, w2, b2, "none", [], "none")))
+    return torch.cat(outs).reshape(x.shape)
 
 
 @needs_onednn
@@ -208,6 +212,18 @@ def test_default_path_is_the_onednn_sequence(monkeypatch, dtype, gamma):
     assert_close(off, ref.convnext_mlp(xt, *args), dtype)
     if dtype == torch.bfloat16 and gamma:  # the extra rounding of the fc2 product shows
         assert not torch.equal(off, got)
+
+
+@needs_onednn
+@pytest.mark.parametrize("gamma", [True, False])
+def test_onednn_row_chunks(monkeypatch, gamma):
+    """M over the 16 MB hidden chunk (F = 8192 bf16: 1024 rows; M = 2500: 1024 + 1024 + 452)."""
+    monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "0")
+    monkeypatch.setenv("HIRES_LMM_CPU_ONEDNN_MLP", "1")
+    x, args = make(2500, 8, 8192, torch.bfloat16, gamma=gamma, seed=5)
+    got = ops.convnext_mlp(x, *args)
+    assert torch.equal(got, onednn_sequence(x, *args))
+    assert_close(got, ref.convnext_mlp(x, *args), torch.bfloat16)
 
 
 @needs_onednn

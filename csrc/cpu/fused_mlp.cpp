@@ -213,21 +213,32 @@ at::Tensor mlp_cpu_onednn(const at::Tensor& x2, const at::Tensor& fc1_weight,
   const at::Tensor w1 = fc1_weight.contiguous(), w2 = fc2_weight.contiguous();
   const at::Tensor b1 = fc1_bias ? fc1_bias->contiguous() : at::Tensor();
   const at::Tensor b2 = fc2_bias ? fc2_bias->contiguous() : at::Tensor();
-  at::Tensor out;
+  const int64_t M = x2.size(0), F = fc1_weight.size(0);
+  // Row chunks whose hidden is ~16 MB: it is reused from the allocator's heap chunk after chunk
+  // (a whole-M hidden of 100+ MB is a fresh mmap, page-faulted on every call) and partly stays in
+  // cache for fc2. Measured here 1.3-1.8x faster than one call over all M at M = 36864.
+  const int64_t rows = std::max<int64_t>(1, (int64_t(16) << 20) / (F * x2.element_size()));
+  at::Tensor out = at::empty_like(res2);
   try {
-    const at::Tensor h = linear_unary_call(x2, w1, b1, "gelu");  // round_T(GELU_erf(x W1^T + b1))
-    if (gamma) {
-      const at::Tensor p = linear_unary_call(h, w2, b2, "none");  // round_T(h W2^T + b2)
-      out = at::addcmul(res2, *gamma, p);                          // round_T(res + gamma * p)
-    } else {
-      out = linear_add_call(h, res2, w2, b2);                      // round_T(h W2^T + b2 + res)
+    for (int64_t r0 = 0; r0 < M; r0 += rows) {
+      const int64_t r1 = std::min(M, r0 + rows);
+      const at::Tensor xc = x2.slice(0, r0, r1), rc = res2.slice(0, r0, r1);
+      at::Tensor oc = out.slice(0, r0, r1);
+      const at::Tensor h = linear_unary_call(xc, w1, b1, "gelu");  // round_T(GELU_erf(x W1^T + b1))
+      if (gamma) {
+        const at::Tensor p = linear_unary_call(h, w2, b2, "none");  // round_T(h W2^T + b2)
+        at::addcmul_out(oc, rc, *gamma, p);                         // round_T(res + gamma * p)
+      } else {
+        const at::Tensor y = linear_add_call(h, rc, w2, b2);        // round_T(h W2^T + b2 + res)
+        if (y.scalar_type() != t || y.sizes() != oc.sizes()) return at::Tensor();
+        oc.copy_(y);
+      }
     }
   } catch (const c10::Error&) {
     // oneDNN does not take this dtype on this CPU (e.g. bf16 without AVX-512 / AMX): remember.
     g_refused.fetch_or(dtype_bit(t));
     return at::Tensor();
   }
-  if (out.scalar_type() != t || out.sizes() != x2.sizes() || !out.is_contiguous()) return at::Tensor();
   if (!all_finite(out)) return at::Tensor();
   return out;
 }
