@@ -16,7 +16,8 @@ void fused_mlp_cpu(const FusedMlpParams& p, at::ScalarType t);
 namespace hires::convnext {
 
 // Default CPU path of the MLP (not the twin): oneDNN GEMMs in x's dtype through the
-// mkldnn::_linear_pointwise operator (AMX / AVX-512 bf16 / fp16 where the CPU has them).
+// mkldnn::_linear_pointwise operator (AMX / AVX-512 bf16 / fp16 where the CPU has them), on row
+// chunks whose hidden is 16 MB (rows are independent).
 //   H = round_T(GELU_erf(x W1^T + b1))        fc1 + bias + GELU on the fp32 accumulator, one rounding
 //   gamma given:  P = round_T(H W2^T + b2)    fc2 + bias, rounded (the one extra rounding, T != fp32)
 //                 out = round_T(res + gamma * P)   (at::addcmul: fp32 arithmetic, one rounding)
