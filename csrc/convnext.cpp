@@ -2,12 +2,18 @@
 //   dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
 //   convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight,
 //                  fc2_bias, gamma, eps) = x + gamma * fc2(GELU_erf(fc1(dwconv_layernorm(x))))
+//   convnext_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
+//                = residual + gamma * fc2(GELU_erf(fc1(x)))   (the block's pointwise half)
 // x is NHWC (B, H, W, C). The fused dwconv + LayerNorm kernel is
 // kernels/convnext/dwconv_layernorm.cuh (CPU twin: csrc/cpu/dwconv_layernorm.cpp). The block's
 // pointwise layers are CUTLASS GEMMs with fused epilogues on CUDA for fp16/bf16 when C and the
-// hidden width are multiples of 8 (csrc/cuda/convnext_block.cu); everywhere else (CPU, fp32,
-// other widths) they run as fp32 at::addmm on row chunks with the same roundings as the kernels
-// (see pointwise_composite).
+// hidden width are multiples of 8 (csrc/cuda/convnext_block.cu). On CPU (convnext_mlp and the
+// block) the default path is oneDNN GEMMs in x's dtype (mlp_cpu_onednn, csrc/cpu/fused_mlp.h: one
+// extra rounding of the fc2 product when gamma is given); everywhere else (CUDA fp32 / other
+// widths, CPU without oneDNN or with HIRES_LMM_CPU_ONEDNN_MLP=0, a non-finite oneDNN output) they
+// run as fp32 at::addmm on row chunks with the kernels' roundings (see pointwise_composite). For C in kFusedMlpWidths (<= 384) the two GEMMs are one fused MLP
+// kernel whose 4C-wide hidden never leaves the SM (kernels/convnext/fused_mlp.cuh; CPU twin
+// csrc/cpu/fused_mlp.cpp).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
@@ -18,14 +24,17 @@
 #include "csrc/common.h"
 #include "csrc/cpu/cpu_path.h"
 #include "csrc/cpu/dwconv_layernorm.h"
+#include "csrc/cpu/fused_mlp.h"
 #include "kernels/common/dtype.h"
 #include "kernels/convnext/dwconv_layernorm.h"
+#include "kernels/convnext/fused_mlp.h"
 
 #ifdef HIRES_LMM_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include "csrc/cuda/convnext_block.h"
 #include "csrc/cuda/dwconv_layernorm.h"
+#include "csrc/cuda/fused_mlp.h"
 #endif
 
 namespace hires::convnext {
@@ -186,24 +195,33 @@ void pointwise_composite(const at::Tensor& h, const at::Tensor& x2, const at::Te
     const int64_t r1 = std::min(M, r0 + chunk);
     const at::Tensor a = h.slice(0, r0, r1).to(at::kFloat);
     at::Tensor u = b1.defined() ? at::addmm(b1, a, w1t) : at::mm(a, w1t);
-    u = at::gelu(u);  // exact erf form
+    at::gelu_(u);  // exact erf form
     if (lowp) u = u.to(h.scalar_type()).to(at::kFloat);  // the CUDA path stores fc1's output as T
     at::Tensor v = b2.defined() ? at::addmm(b2, u, w2t) : at::mm(u, w2t);
+    if (!lowp) {  // fp32: res + gamma * v straight into out (no temporary, no copy)
+      at::Tensor o = out2.slice(0, r0, r1);
+      if (g.defined()) at::addcmul_out(o, x2.slice(0, r0, r1), g, v);
+      else at::add_out(o, x2.slice(0, r0, r1), v);
+      continue;
+    }
     if (g.defined()) v.mul_(g);
     v.add_(x2.slice(0, r0, r1));  // residual (fp32 add of T values, one rounding below)
     out2.slice(0, r0, r1).copy_(v);
   }
 }
 
-at::Tensor convnext_block(const at::Tensor& x, const at::Tensor& dw_weight,
-                          const c10::optional<at::Tensor>& dw_bias, const at::Tensor& ln_weight,
-                          const c10::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
-                          const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
-                          const c10::optional<at::Tensor>& fc2_bias,
-                          const c10::optional<at::Tensor>& gamma, double eps) {
-  const char* op = "convnext_block";
-  check_dwconv_ln_args(op, x, dw_weight, dw_bias, ln_weight, ln_bias, eps);
-  const int64_t C = x.size(3);
+// ---- fused MLP (the block's pointwise half) ----------------------------------------------------
+#ifdef HIRES_LMM_WITH_CUDA
+bool aligned16(const c10::optional<at::Tensor>& t) {
+  return !t.has_value() || reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0;
+}
+#endif
+
+// fc1 (F, C), fc1_bias (F,), fc2 (C, F), fc2_bias (C,), gamma (C,) against x's last dim C.
+int64_t check_mlp_params(const char* op, const at::Tensor& x, int64_t C, const at::Tensor& fc1_weight,
+                         const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                         const c10::optional<at::Tensor>& fc2_bias,
+                         const c10::optional<at::Tensor>& gamma) {
   check_same_device(fc1_weight, x, op, "fc1_weight", "x");
   HIRES_CHECK(fc1_weight.scalar_type() == x.scalar_type(), op, "fc1_weight",
               "must have the dtype of 'x' (", x.scalar_type(), "), got ", fc1_weight.scalar_type());
@@ -215,6 +233,125 @@ at::Tensor convnext_block(const at::Tensor& x, const at::Tensor& dw_weight,
   check_param(op, fc2_weight, "fc2_weight", x, {C, F}, "(C, hidden)");
   check_opt_param(op, fc2_bias, "fc2_bias", x, {C}, "(C,)");
   check_opt_param(op, gamma, "gamma", x, {C}, "(C,)");
+  return F;
+}
+
+// The CPU twin of the fused MLP kernel on x2, res2, out2 (M, C) contiguous (any C, F).
+void fused_mlp_twin(const at::Tensor& x2, const at::Tensor& fc1_weight,
+                    const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                    const c10::optional<at::Tensor>& fc2_bias, const c10::optional<at::Tensor>& gamma,
+                    const at::Tensor& res2, at::Tensor& out2) {
+  const at::Tensor w1 = fc1_weight.contiguous(), w2 = fc2_weight.contiguous();
+  const at::Tensor b1 = fc1_bias ? fc1_bias->contiguous() : at::Tensor();
+  const at::Tensor b2 = fc2_bias ? fc2_bias->contiguous() : at::Tensor();
+  const at::Tensor g = gamma ? gamma->contiguous() : at::Tensor();
+  FusedMlpParams p;
+  p.x = x2.data_ptr();
+  p.w1 = w1.data_ptr();
+  p.b1 = b1.defined() ? b1.data_ptr() : nullptr;
+  p.w2 = w2.data_ptr();
+  p.b2 = b2.defined() ? b2.data_ptr() : nullptr;
+  p.gamma = g.defined() ? g.data_ptr() : nullptr;
+  p.residual = res2.data_ptr();
+  p.out = out2.data_ptr();
+  p.M = x2.size(0);
+  p.C = x2.size(1);
+  p.F = fc1_weight.size(0);
+  fused_mlp_cpu(p, x2.scalar_type());
+}
+
+#ifdef HIRES_LMM_WITH_CUDA
+// The fused MLP kernel on x2, res2, out2 (M, C) contiguous when it takes the call (fp16/bf16,
+// C in kFusedMlpWidths, F % BH == 0, 16-byte aligned operands); false otherwise (the caller takes
+// the two-GEMM or fp32 path). A launch error raises.
+bool fused_mlp_cuda(const char* op, const at::Tensor& x2, const at::Tensor& fc1_weight,
+                    const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                    const c10::optional<at::Tensor>& fc2_bias, const c10::optional<at::Tensor>& gamma,
+                    const at::Tensor& res2, at::Tensor& out2) {
+  const int64_t M = x2.size(0), C = x2.size(1), F = fc1_weight.size(0);
+  if (!x2.is_cuda() || x2.scalar_type() == at::kFloat ||
+      !fused_mlp_supported(to_dtype(x2.scalar_type()), C, F))
+    return false;
+  const at::Tensor w1 = fc1_weight.contiguous(), w2 = fc2_weight.contiguous();
+  const at::Tensor b1 = fc1_bias ? fc1_bias->contiguous() : at::Tensor();
+  const at::Tensor b2 = fc2_bias ? fc2_bias->contiguous() : at::Tensor();
+  const at::Tensor g = gamma ? gamma->contiguous() : at::Tensor();
+  // 16-byte rows and tiles (C, F multiples of 8); the vectors are read as 4-byte pairs.
+  auto al = [](const at::Tensor& t, int bytes) {
+    return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
+  };
+  if (!al(x2, 16) || !al(w1, 16) || !al(w2, 16) || !al(res2, 16) || !al(out2, 16) || !al(b1, 4) ||
+      !al(b2, 4) || !al(g, 4))
+    return false;
+  FusedMlpParams p;
+  p.x = x2.data_ptr();
+  p.w1 = w1.data_ptr();
+  p.b1 = b1.defined() ? b1.data_ptr() : nullptr;
+  p.w2 = w2.data_ptr();
+  p.b2 = b2.defined() ? b2.data_ptr() : nullptr;
+  p.gamma = g.defined() ? g.data_ptr() : nullptr;
+  p.residual = res2.data_ptr();
+  p.out = out2.data_ptr();
+  p.M = M;
+  p.C = C;
+  p.F = F;
+  const c10::cuda::CUDAGuard guard(x2.device());
+  const std::string err =
+      launch_fused_mlp(p, to_dtype(x2.scalar_type()), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err.empty(), op, ": CUDA launch failed (fused MLP): ", err);
+  return true;
+}
+#endif
+
+// residual + gamma * fc2(GELU_erf(fc1(x))) over the last dim of x (..., C).
+at::Tensor convnext_mlp(const at::Tensor& x, const at::Tensor& fc1_weight,
+                        const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                        const c10::optional<at::Tensor>& fc2_bias,
+                        const c10::optional<at::Tensor>& gamma, const at::Tensor& residual) {
+  const char* op = "convnext_mlp";
+  check_device_kind(x, op, "x");
+  check_float(x, op, "x");
+  HIRES_CHECK(x.dim() >= 1, op, "x", "must have at least one dim (..., C) channels-last, got shape ",
+              x.sizes());
+  const int64_t C = x.size(-1);
+  HIRES_CHECK(C > 0, op, "x", "must have at least one channel (last dim), got shape ", x.sizes());
+  check_mlp_params(op, x, C, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma);
+  check_param(op, residual, "residual", x, x.sizes(), "the shape of 'x'");
+
+  const at::Tensor xc = x.contiguous(), rc = residual.contiguous();
+  const int64_t M = xc.numel() / C;
+  at::Tensor out = at::empty(xc.sizes(), xc.options());
+  if (M == 0) return out;
+  const at::Tensor x2 = xc.view({M, C}), r2 = rc.view({M, C});
+  at::Tensor out2 = out.view({M, C});
+  if (x.is_cpu() && cpu_twin_forced()) {
+    fused_mlp_twin(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, r2, out2);
+    return out;
+  }
+#ifdef HIRES_LMM_WITH_CUDA
+  if (fused_mlp_cuda(op, x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, r2, out2)) return out;
+#endif
+  // CPU default path: oneDNN GEMMs in x's dtype (csrc/cpu/fused_mlp.h, mlp_cpu_onednn); where
+  // it does not take the call, and for CUDA shapes / dtypes the kernel does not take: fp32 ATen
+  // GEMMs with the same one rounding of the hidden.
+  if (x.is_cpu()) {
+    const at::Tensor y = mlp_cpu_onednn(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, r2);
+    if (y.defined()) return y.view(xc.sizes());
+  }
+  pointwise_composite(x2, r2.to(at::kFloat), fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, out2);
+  return out;
+}
+
+at::Tensor convnext_block(const at::Tensor& x, const at::Tensor& dw_weight,
+                          const c10::optional<at::Tensor>& dw_bias, const at::Tensor& ln_weight,
+                          const c10::optional<at::Tensor>& ln_bias, const at::Tensor& fc1_weight,
+                          const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                          const c10::optional<at::Tensor>& fc2_bias,
+                          const c10::optional<at::Tensor>& gamma, double eps) {
+  const char* op = "convnext_block";
+  check_dwconv_ln_args(op, x, dw_weight, dw_bias, ln_weight, ln_bias, eps);
+  const int64_t C = x.size(3);
+  const int64_t F = check_mlp_params(op, x, C, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma);
 
   const at::Tensor h = dwconv_ln_impl(x, dw_weight, dw_bias, ln_weight, ln_bias, eps);  // (B,H,W,C)
   const at::Tensor xc = x.contiguous();
@@ -225,11 +362,17 @@ at::Tensor convnext_block(const at::Tensor& x, const at::Tensor& dw_weight,
   at::Tensor out2 = out.view({M, C});
 
 #ifdef HIRES_LMM_WITH_CUDA
+  // C <= 384 (kFusedMlpWidths): one fused MLP kernel, the 4C-wide hidden never reaches HBM.
+  // HIRES_LMM_CONVNEXT_FUSED_MLP=0 (read per call) keeps the two GEMMs, for the benchmark's
+  // side-by-side until a GPU run decides the widths.
+  const char* fused_env = std::getenv("HIRES_LMM_CONVNEXT_FUSED_MLP");
+  const bool fused_off = fused_env != nullptr && std::string(fused_env) == "0";
+  if (!fused_off &&
+      fused_mlp_cuda(op, h2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, x2, out2))
+    return out;
   // 16-byte accesses everywhere in the GEMMs and their epilogues: views with odd offsets take
   // the fallback (fresh allocations are always aligned).
-  auto aligned = [](const c10::optional<at::Tensor>& t) {
-    return !t.has_value() || reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0;
-  };
+  auto aligned = aligned16;
   if (x.is_cuda() && x.scalar_type() != at::kFloat &&
       pointwise_supported(to_dtype(x.scalar_type()), F, C) && aligned(x2) && aligned(fc1_weight) &&
       aligned(fc2_weight) && aligned(fc1_bias) && aligned(fc2_bias) && aligned(gamma)) {
@@ -283,6 +426,15 @@ at::Tensor convnext_block(const at::Tensor& x, const at::Tensor& dw_weight,
     return out;
   }
 #endif
+  // The CPU twin models the CUDA dispatch: the fused kernel's tiling where CUDA runs it.
+  if (x.is_cpu() && cpu_twin_forced() && x.scalar_type() != at::kFloat && fused_mlp_shape_ok(C, F)) {
+    fused_mlp_twin(h2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, x2, out2);
+    return out;
+  }
+  if (x.is_cpu() && !cpu_twin_forced()) {  // the same default CPU path as convnext_mlp
+    const at::Tensor y = mlp_cpu_onednn(h2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, x2);
+    if (y.defined()) return y.view(xc.sizes());
+  }
   pointwise_composite(h2, x2.to(at::kFloat), fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, out2);
   return out;
 }
@@ -295,11 +447,14 @@ TORCH_LIBRARY_FRAGMENT(hires_lmm, m) {
   m.def("convnext_block(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor ln_weight, "
         "Tensor? ln_bias, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
         "Tensor? fc2_bias, Tensor? gamma, float eps) -> Tensor");
+  m.def("convnext_mlp(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
+        "Tensor? fc2_bias, Tensor? gamma, Tensor residual) -> Tensor");
 }
 
 HIRES_BIND_CPU_CUDA(bind_convnext) {
   b.impl("dwconv_layernorm", &dwconv_layernorm)
-      .impl("convnext_block", &convnext_block);
+      .impl("convnext_block", &convnext_block)
+      .impl("convnext_mlp", &convnext_mlp);
 }
 
 }  // namespace hires::convnext

@@ -105,6 +105,11 @@ def test_launch_configs_follow_the_tiles():
     threads, smem, note = sass.launch_config(
         "void hires::deepstack::inject_norm_kernel<__nv_bfloat16, __nv_bfloat16, (hires::deepstack::Norm)1, 8, 4>(hires::deepstack::InjectNormParams)")
     assert threads == 128 and smem == 0   # 4096 / 8 / 4 = 128 threads per row, one row per block
+    # the fused ConvNeXt MLP: FusedMlpTile<C>::kSmemBytes (kernels/convnext/fused_mlp.cuh table)
+    assert sass.launch_config("void hires::convnext::fused_mlp_kernel<__nv_bfloat16, 192>"
+                              "(hires::convnext::FusedMlpParams)")[:2] == (256, 152576)
+    assert sass.launch_config("void hires::convnext::fused_mlp_kernel<__half, 384>"
+                              "(hires::convnext::FusedMlpParams)")[:2] == (256, 147456)
     assert sass.launch_config("void unknown_kernel<int>(int)") is None
 
 

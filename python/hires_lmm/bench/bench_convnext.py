@@ -1,5 +1,5 @@
 """ConvNeXt family benchmark: one ConvNeXt block per ConvLLaVA-1536 stage (B=1, bf16) and the
-fused dwconv + LayerNorm, against PyTorch eager (transformers' ConvNextLayer, channels_last) and
+fused dwconv + LayerNorm, and the block's MLP alone (stages with C <= 384: the fused MLP kernel), against PyTorch eager (transformers' ConvNextLayer, channels_last) and
 torch.compile of the same module.
 
     python -m hires_lmm.bench.bench_convnext [--quick] [--device cpu|cuda]
@@ -71,6 +71,11 @@ def _eager_dwln(x_nchw, p):
     return F.layer_norm(y, (C,), p["ln_weight"], p["ln_bias"], 1e-6)
 
 
+def _eager_mlp(h, w1, b1, w2, b2, gamma, res):
+    """Eager Linear -> GELU (erf) -> Linear -> layer scale -> residual, in h's dtype."""
+    return res + gamma * F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+
+
 def _sm90_available():
     import hires_lmm
     return (hires_lmm.build_info()["sm90a_kernels"]
@@ -88,6 +93,19 @@ def _with_sm90(fn):
             del os.environ["HIRES_LMM_CONVNEXT_SM90"]
         else:
             os.environ["HIRES_LMM_CONVNEXT_SM90"] = old
+
+
+def _with_env(name, value, fn):
+    """Runs fn with the environment variable `name` set to `value` (the binding reads it per call)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        return fn()
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
 
 
 def _max_err(fn, want_fn):
@@ -128,12 +146,24 @@ def cases(device: str, quick: bool) -> list:
                     x.float(), *_block_args(p32), 1e-6)),
                 tol=TOL[dtype]["block"]))
 
-            # -- the same block through the opt-in Hopper GEMMs (compare before making them default)
-            if device == "cuda" and _sm90_available():
+            block_case = out[-1]
+
+            # -- the same block through the opt-in Hopper GEMMs (compare before making them default;
+            #    stages 1-2 take the fused MLP kernel first, so only C > 384)
+            if device == "cuda" and _sm90_available() and C > 384:
                 ours90 = functools.partial(_with_sm90, ours)
                 out.append(dataclasses.replace(out[-1], op="convnext_block_sm90",
                                                ours=torch.no_grad()(ours90),
                                                max_err=_max_err(ours90, lambda x=x, p32=p32: ref.convnext_block(
+                                                   x.float(), *_block_args(p32), 1e-6))))
+
+            # -- stages 1-2 through the two CUTLASS GEMMs instead of the fused MLP (the widths the
+            #    fused kernel should take are for this side-by-side on a GPU to decide)
+            if device == "cuda" and C <= 384:
+                ours2 = functools.partial(_with_env, "HIRES_LMM_CONVNEXT_FUSED_MLP", "0", ours)
+                out.append(dataclasses.replace(block_case, op="convnext_block[two-gemm]",
+                                               ours=torch.no_grad()(ours2),
+                                               max_err=_max_err(ours2, lambda x=x, p32=p32: ref.convnext_block(
                                                    x.float(), *_block_args(p32), 1e-6))))
 
             # -- forward + backward (fine-tuning the tower): ours (dwconv+LN backward kernels, ATen
@@ -155,6 +185,26 @@ def cases(device: str, quick: bool) -> list:
                 op="convnext_block[fwd+bwd]", case=tag, dtype=dtype, ours=ours_fb,
                 references={"hf_eager": hf_fb},
                 bytes=None, flops=3 * (2.0 * 2 * M * C * 4 * C + 2.0 * 49 * M * C)))
+
+            # -- the block's MLP alone (fused kernel for C <= 384, stages 1-2) against eager
+            #    Linear -> GELU -> Linear -> layer scale -> residual and torch.compile of it
+            if C <= 384:
+                mlp_args = (p["fc1_weight"], p["fc1_bias"], p["fc2_weight"], p["fc2_bias"],
+                            p["gamma"], x)
+                h_in = torch.randn(x.shape, generator=g).to(device=device, dtype=dtype)
+                ours_mlp = functools.partial(ops.convnext_mlp, h_in, *mlp_args)
+                out.append(Case(
+                    op="convnext_mlp", case=tag, dtype=dtype,
+                    ours=torch.no_grad()(ours_mlp),
+                    references={"eager": torch.no_grad()(functools.partial(_eager_mlp, h_in, *mlp_args)),
+                                "torch_compile": torch.no_grad()(functools.partial(
+                                    torch.compile(_eager_mlp), h_in, *mlp_args))},
+                    bytes=(3 * M * C + 8 * C * C) * esize,  # x, res, out, weights (hidden on chip)
+                    flops=2.0 * 2 * M * C * 4 * C,
+                    max_err=_max_err(ours_mlp, lambda h_in=h_in, x=x, p32=p32: ref.convnext_mlp(
+                        h_in.float(), p32["fc1_weight"], p32["fc1_bias"], p32["fc2_weight"],
+                        p32["fc2_bias"], p32["gamma"], x.float())),
+                    tol=TOL[dtype]["block"]))
 
             # -- dwconv + LayerNorm alone
             ours_dw = functools.partial(ops.dwconv_layernorm, x, p["dw_weight"], p["dw_bias"],
@@ -186,7 +236,8 @@ def main(argv=None):
     print("case | dtype | ours us | reference us | speedup | TFLOP/s or GB/s | max err (tol)")
     for c in cases(args.device, args.quick):
         t = time_us(c.ours, args.device)
-        rate = (f"{c.flops / t / 1e6:.2f} TFLOP/s" if c.op == "convnext_block"
+        rate = (f"{c.flops / t / 1e6:.2f} TFLOP/s"
+                if c.flops and (c.bytes is None or c.op.startswith(("convnext_block", "convnext_mlp")))
                 else f"{c.bytes / t / 1e3:.1f} GB/s")
         err = c.max_err() if c.max_err else float("nan")
         for name, fn in c.references.items():
@@ -194,7 +245,7 @@ def main(argv=None):
                 continue
             tr = time_us(fn, args.device)
             print(f"{c.op} {c.case} | {str(c.dtype).replace('torch.', '')} | {t:.1f} | "
-                  f"{name} {tr:.1f} | {tr / t:.2f}x | {rate} | {err:.3g} ({c.tol:g})")
+                  f"{name} {tr:.1f} | {tr / t:.2f}x | {rate} | {err:.3g} ({'-' if c.tol is None else f'{c.tol:g}'})")
 
 
 if __name__ == "__main__":

@@ -122,6 +122,12 @@ def launch_config(name: str) -> Optional[Tuple[int, int, str]]:
         c = 6144                                              # taken on sm_80 above C = 4320
         p = min(64, 12288 // c)
         return 128, p * c * 4, f"C={c}, P={p}"
+    if "fused_mlp_kernel" in name:                            # csrc/cuda/fused_mlp.cu
+        c = _tmpl_ints(name)[-1]                              # FusedMlpTile<C>
+        bm, bh = (128 if c <= 192 else 64), (64 if c <= 256 else 32)
+        ldx, ldh = c + 8, bh + 8
+        smem = 2 * (bm * ldx + 3 * max(bh * ldx, c * ldh) + bm * ldh)
+        return 256, smem, f"C={c}, BM={bm}, BH={bh}, 3 stages"
     if "inject_norm_kernel" in name:                          # csrc/cuda/deepstack.cu
         ints = _tmpl_ints(name)
         vec, maxv = ints[-2], ints[-1]

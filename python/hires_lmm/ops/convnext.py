@@ -9,9 +9,9 @@ import torch
 
 from .. import reference as _ref
 from .._backend import use_reference
-from ._register import check_fake_devices, op
+from ._register import check_fake_devices, op, register_reference_backward
 
-__all__ = ["dwconv_layernorm", "convnext_block"]
+__all__ = ["dwconv_layernorm", "convnext_block", "convnext_mlp"]
 
 
 def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps: float = 1e-6):
@@ -35,8 +35,11 @@ def convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bi
 
     x (B,H,W,C); dwconv/LN parameters as in dwconv_layernorm; fc1_weight (F,C) (F = 4C in
     ConvNeXt), fc1_bias (F,), fc2_weight (C,F), fc2_bias (C,), gamma (C,) layer scale or None;
-    all of x's dtype. On CUDA with fp16/bf16 and C, F multiples of 8 the pointwise layers are
-    CUTLASS GEMMs with fused epilogues; otherwise fp32 GEMMs.
+    all of x's dtype. On CUDA with fp16/bf16 the pointwise layers are the fused MLP kernel of
+    convnext_mlp when C is one of its widths (96, 128, 192, 256, 384; F % 64 == 0, or % 32 for
+    C = 384), else CUTLASS GEMMs with fused epilogues when C, F are multiples of 8, else fp32 GEMMs.
+    On CPU the pointwise half is convnext_mlp's default CPU path (oneDNN GEMMs in x's dtype; see
+    its docstring for where it rounds).
     Backward: recomputes the block as dwconv_layernorm (its backward kernels) then ATen GEMMs,
     GELU and layer scale in fp32. Saved for backward: x and the parameters."""
     if use_reference():
@@ -44,6 +47,41 @@ def convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bi
                                    fc2_weight, fc2_bias, gamma, eps)
     return op("convnext_block")(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias,
                                 fc2_weight, fc2_bias, gamma, eps)
+
+
+def convnext_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual):
+    """residual + gamma * fc2(GELU_erf(fc1(x))): the pointwise half of a ConvNeXt block.
+
+        out[m, :] = residual[m, :] + gamma * (round(GELU_erf(x[m, :] W1^T + b1)) W2^T + b2)
+
+    x (..., C) channels-last, float32/float16/bfloat16; fc1_weight (F, C) and fc2_weight (C, F)
+    nn.Linear weights (F = 4C in ConvNeXt), fc1_bias (F,) or None, fc2_bias (C,) or None, gamma
+    (C,) layer scale or None, residual of x's shape; all of x's dtype. Returns x's shape,
+    contiguous. fp32 accumulation; for fp16/bf16 the hidden is rounded to x's dtype once (as the
+    unfused path stores it), the result once.
+    On CUDA with fp16/bf16, C in (96, 128, 192, 256, 384) and F a multiple of 64 (32 for C = 384)
+    one fused kernel (kernels/convnext/fused_mlp.cuh) keeps the hidden on chip; any other CUDA
+    call runs fp32 ATen GEMMs with the same roundings.
+    CPU default path (also convnext_block's MLP half, any C): oneDNN GEMMs in x's dtype
+    (torch.ops.mkldnn._linear_pointwise; AMX / AVX-512 where the CPU has them), which round where:
+
+        H   = round(GELU_erf(x W1^T + b1))       fc1 + bias + GELU on the fp32 accumulator (as above)
+        P   = round(H W2^T + b2)                 only when gamma is given: the one extra rounding
+        out = round(residual + gamma * P)        fp32 arithmetic, one rounding (torch.addcmul)
+        out = round(H W2^T + b2 + residual)      without gamma: one rounding (oneDNN post-op add)
+
+    For fp32 every round() is the fp32 one, as the formula (fp32 with M*C*F <= 2^24 takes the
+    fp32 ATen path below, cheaper per call). For bf16/fp16 with gamma the extra
+    rounding of P adds at most half an ulp of P times |gamma| (measured against the fp64 formula:
+    mean 0.55-0.9 ulp of the output vs 0.25 for the exact paths and 1.1-1.9 for eager PyTorch's
+    four roundings; max error below eager's). A non-finite output element (a NaN/inf input, or P
+    overflowing fp16 where gamma * P does not), HIRES_LMM_CPU_ONEDNN_MLP=0, or a torch / CPU
+    without the oneDNN operator or dtype: fp32 ATen GEMMs with exactly the rounding above (H only).
+    HIRES_LMM_CPU_TWIN=1: the kernel's twin (exact, as the fp32 path). Backward: the reference,
+    differentiated."""
+    if use_reference():
+        return _ref.convnext_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
+    return op("convnext_mlp")(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
 
 
 # ---- fake kernels (shapes only; torch.compile and meta tensors) ----------------------------
@@ -75,6 +113,18 @@ def _(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weigh
     torch._check(x.dim() == 4, lambda: "convnext_block: argument 'x' must be 4-D (B, H, W, C)")
     torch._check(dw_weight.shape[0] == x.shape[-1],
                  lambda: "convnext_block: argument 'x' channel mismatch with 'dw_weight'")
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.register_fake("hires_lmm::convnext_mlp")
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual):
+    check_fake_devices("convnext_mlp", x=x, fc1_weight=fc1_weight, fc1_bias=fc1_bias,
+                       fc2_weight=fc2_weight, fc2_bias=fc2_bias, gamma=gamma, residual=residual)
+    torch._check(x.dim() >= 1, lambda: "convnext_mlp: argument 'x' must have at least one dim (..., C)")
+    torch._check(fc1_weight.dim() == 2 and fc1_weight.shape[1] == x.shape[-1],
+                 lambda: "convnext_mlp: argument 'fc1_weight' must have shape (hidden, C)")
+    torch._check(residual.shape == x.shape,
+                 lambda: "convnext_mlp: argument 'residual' must have the shape of 'x'")
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
@@ -152,3 +202,4 @@ torch.library.register_autograd("hires_lmm::dwconv_layernorm", _dwln_backward,
                                 setup_context=_dwln_setup)
 torch.library.register_autograd("hires_lmm::convnext_block", _block_backward,
                                 setup_context=_block_setup)
+register_reference_backward("convnext_mlp", _ref.convnext_mlp)

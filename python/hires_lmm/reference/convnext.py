@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from .deepstack import stable_layer_norm
 
-__all__ = ["dwconv_layernorm", "convnext_block"]
+__all__ = ["dwconv_layernorm", "convnext_block", "convnext_mlp"]
 
 
 def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps=1e-6):
@@ -57,3 +57,19 @@ def convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bi
     if gamma is not None:
         h = gamma.float() * h
     return (x.float() + h).to(x.dtype)
+
+
+def convnext_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual):
+    """residual + gamma * fc2(GELU_erf(fc1(x))) over the last dim of x (..., C): the pointwise
+    half of a ConvNeXt block (HF ConvNextLayer's pwconv1 -> act -> pwconv2 -> layer scale, plus
+    the residual). fc1 (F, C), fc2 (C, F) nn.Linear weights; fp32 throughout, except that for
+    fp16/bf16 x the GELU output is rounded to x's dtype once (it is the input of fc2, as the
+    kernels store or stage it); one rounding of the result."""
+    h = F.linear(x.float(), fc1_weight.float(), None if fc1_bias is None else fc1_bias.float())
+    h = F.gelu(h)  # exact erf GELU
+    if x.dtype != torch.float32:
+        h = h.to(x.dtype).float()
+    h = F.linear(h, fc2_weight.float(), None if fc2_bias is None else fc2_bias.float())
+    if gamma is not None:
+        h = gamma.float() * h
+    return (residual.float() + h).to(x.dtype)
