@@ -20,6 +20,12 @@ fi
 
 gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name().replace('NVIDIA ','').replace(' ','-'))") || {
   echo "gpu_validate: no CUDA device visible"; exit 1; }
+# Build only for this GPU (half the compile time of the default 8.0+PTX;9.0a): sm_90a on Hopper,
+# where the mma.sync kernels and the opt-in sm_90a ones both compile.
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; M, m = torch.cuda.get_device_capability(); print(f'{M}.{m}' + ('a' if M == 9 else ''))")
+  export TORCH_CUDA_ARCH_LIST
+fi
 stem="bench/results/$(date +%F)-${gpu}-${commit}"
 mkdir -p bench/results
 log="$stem.log"
