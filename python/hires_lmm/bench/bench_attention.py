@@ -252,7 +252,7 @@ def cases(device: str, quick: bool) -> List[Case]:
         if device == "cpu":
             out.append(_varlen_case(device, dtype))
         out.append(_kvcache_case(device, dtype, 3, 300, 8, 2, 128))
-        out.append(_fwd_bwd_case("tiny", 1, 128, 4, 64, True, dtype, device, ["sdpa_math"], 4))
+        out.append(_fwd_bwd_case("tiny", 1, 128, 4, 64, True, dtype, device, refs, 4))
         return out
 
     dtype = torch.bfloat16
