@@ -173,3 +173,26 @@ def test_twin_bwd_window_softcap(case, dtype, monkeypatch):
 def test_twin_bwd_varlen(case, causal, dtype, monkeypatch):
     monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
     tfb.test_flash_attn_varlen_bwd(case, causal, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_qkv_slices(dtype, monkeypatch):
+    """q, k, v as slices of one fused (B, S, 3, H, D) tensor (read in place by the checks): the
+    result of contiguous copies; an inf / NaN in such a slice still sends the call to the twin."""
+    gen = torch.Generator().manual_seed(9)
+    qkv = torch.randn(2, 29, 3, 4, 48, generator=gen).to(dtype)
+    g = torch.randn(2, 29, 4, 48, generator=gen).to(dtype)
+    q, k, v = qkv.unbind(2)
+    assert not q.is_contiguous()
+    got = _fwd_bwd(q, k, v, g, causal=True)
+    want = _fwd_bwd(q.contiguous(), k.contiguous(), v.contiguous(), g, causal=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for t, val in ((0, float("inf")), (1, float("nan")), (2, float("nan"))):
+        bad = qkv.clone()
+        bad[1, 20, t, 2, 5] = val
+        q, k, v = bad.unbind(2)
+        got = _fwd_bwd(q, k, v, g, causal=True)
+        twin = _twin(monkeypatch, _fwd_bwd, q, k, v, g, causal=True)
+        for a, b in zip(got, twin):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)

@@ -142,8 +142,30 @@ bool finite_contiguous(const T* x, int64_t n) {
 }
 
 // sum of t^2 in fp32 (inf / NaN as sum_sq_contiguous); chunks over the intra-op threads when large.
+// A 4-D (B, S, H, D) view whose H * D elements of each token are contiguous (a slice of a fused
+// qkv tensor) is read in place, token by token, not copied.
+bool tokens_in_place(const at::Tensor& t) {
+  return t.dim() == 4 && t.stride(3) == 1 && t.stride(2) == t.size(3);
+}
+
 float sum_sq(const at::Tensor& t) {
   if (t.numel() == 0) return 0.f;
+  if (!t.is_contiguous() && tokens_in_place(t)) {
+    float s = 0.f;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "sum_sq_tokens", [&] {
+      const scalar_t* x = t.const_data_ptr<scalar_t>();
+      const int64_t S = t.size(1), n = t.size(2) * t.size(3), tokens = t.size(0) * S;
+      const int64_t per = std::max<int64_t>(1, (int64_t(1) << 17) / n), chunks = (tokens + per - 1) / per;
+      std::vector<float> part(chunks, 0.f);
+      at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+        for (int64_t c = b; c < e; ++c)
+          for (int64_t i = c * per; i < std::min(tokens, (c + 1) * per); ++i)
+            part[c] += sum_sq_contiguous(x + (i / S) * t.stride(0) + (i % S) * t.stride(1), n);
+      });
+      for (float v : part) s += v;
+    });
+    return s;
+  }
   const at::Tensor c = t.contiguous();
   float s = 0.f;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "sum_sq", [&] {
@@ -255,7 +277,11 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> attention_cpu_fast(
   }
   // Finite inputs give a finite o and lse here (every row sees a key); a non-finite one means a
   // non-finite input (or an overflow), where the ATen kernel's rules are not ours: the twin decides.
-  if (!all_finite(o)) return c10::nullopt;
+  // With finite scores and lse, o can only be non-finite through v: each row accumulates at most Sk
+  // terms exp(s - m) v_j with weights <= 1, so sum v^2 < inf (every |v_j| < 2e19) keeps the fp32
+  // accumulator and o finite; that pass reads v (1 / g of o's size under GQA). Otherwise o is checked.
+  const bool v_read_in_place = v.is_contiguous() || tokens_in_place(v);
+  if (!(v_read_in_place && std::isfinite(sum_sq(v))) && !all_finite(o)) return c10::nullopt;
   return std::make_tuple(o, lse);
 }
 
