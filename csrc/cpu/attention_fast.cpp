@@ -188,6 +188,11 @@ float sum_sq(const at::Tensor& t) {
 
 }  // namespace
 
+bool& cpu_fast_taken() {
+  thread_local bool taken = false;
+  return taken;
+}
+
 bool all_finite(const at::Tensor& t) {
   if (t.numel() == 0) return true;
   if (!t.is_contiguous()) return at::isfinite(t).all().item<bool>();
@@ -266,14 +271,26 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> attention_cpu_fast(
   // out (B,H,Sq,D) is a view of (B,Sq,H,D) memory; make sure of it rather than assume it
   at::Tensor o = out.transpose(1, 2);
   if (!o.is_contiguous()) o = o.contiguous();
-  lse = lse.contiguous();
   // lse of a row whose scores are all -inf comes back as exactly 0 (ours: -inf, with o = NaN): an
   // lse of exactly 0 (rare for real scores: it needs sum_j exp(s_ij) == 1) goes to the twin too.
+  // Checked while copied into a contiguous (B, H, Sq) tensor (ATen's is a view of (B, Sq, H) memory).
+  if (lse.scalar_type() != at::kFloat) return c10::nullopt;
   {
-    const float* l = lse.const_data_ptr<float>();
+    at::Tensor l = at::empty(lse.sizes(), lse.options().memory_format(at::MemoryFormat::Contiguous));
+    const float* src = lse.const_data_ptr<float>();
+    float* dst = l.data_ptr<float>();
+    const int64_t n0 = lse.size(0), n1 = lse.size(1), n2 = lse.size(2);
+    const int64_t s0 = lse.stride(0), s1 = lse.stride(1), s2 = lse.stride(2);
     bool ok = true;
-    for (int64_t i = 0, n = lse.numel(); i < n; ++i) ok &= std::isfinite(l[i]) && l[i] != 0.f;
+    for (int64_t a = 0; a < n0; ++a)
+      for (int64_t h = 0; h < n1; ++h)
+        for (int64_t i = 0; i < n2; ++i) {
+          const float x = src[a * s0 + h * s1 + i * s2];
+          *dst++ = x;
+          ok &= std::isfinite(x) && x != 0.f;
+        }
     if (!ok) return c10::nullopt;
+    lse = l;
   }
   // Finite inputs give a finite o and lse here (every row sees a key); a non-finite one means a
   // non-finite input (or an overflow), where the ATen kernel's rules are not ours: the twin decides.
@@ -282,12 +299,14 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> attention_cpu_fast(
   // accumulator and o finite; that pass reads v (1 / g of o's size under GQA). Otherwise o is checked.
   const bool v_read_in_place = v.is_contiguous() || tokens_in_place(v);
   if (!(v_read_in_place && std::isfinite(sum_sq(v))) && !all_finite(o)) return c10::nullopt;
+  cpu_fast_taken() = true;
   return std::make_tuple(o, lse);
 }
 
 c10::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> attention_cpu_fast_bwd(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right, double softcap) {
+    const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right, double softcap,
+    bool forward_checked) {
   const at::ScalarType t = q.scalar_type();
   if (t != at::kFloat && t != at::kHalf && t != at::kBFloat16) return c10::nullopt;
   const int64_t Sq = q.size(1), Sk = k.size(1);
@@ -298,16 +317,16 @@ c10::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> attention_cpu_fast
   // The forward's conditions for the ATen kernel (every score finite, every row sees a key), checked
   // on the saved tensors: lse finite and nonzero, out finite; and dO finite (a NaN / inf in dO meets
   // masked keys' zero weights in ATen's GEMMs, which the twin never multiplies).
-  const double bound = std::abs(scale) * std::sqrt(double(sum_sq(q)) * double(sum_sq(k)));
-  if (!(bound < 1e37)) return c10::nullopt;
-  {
+  if (!forward_checked) {
+    const double bound = std::abs(scale) * std::sqrt(double(sum_sq(q)) * double(sum_sq(k)));
+    if (!(bound < 1e37)) return c10::nullopt;
     const at::Tensor l = lse.contiguous();
     const float* lp = l.const_data_ptr<float>();
     bool ok = true;
     for (int64_t i = 0, n = l.numel(); i < n; ++i) ok &= std::isfinite(lp[i]) && lp[i] != 0.f;
-    if (!ok) return c10::nullopt;
+    if (!ok || !all_finite(out)) return c10::nullopt;
   }
-  if (!all_finite(out) || !all_finite(dout)) return c10::nullopt;
+  if (!all_finite(dout)) return c10::nullopt;
   const bool plain_causal = fast_plain_causal(Sq, Sk, window_left, window_right);
   // fp16 / bf16 run in fp32 (one rounding of dq / dk / dv, as the twin): ATen's kernel in those dtypes
   // rounds P to the input dtype and accumulates dK / dV across query blocks and GQA heads in it
