@@ -586,7 +586,12 @@ struct FlashAttnFn : public torch::autograd::Function<FlashAttnFn> {
                                int64_t right, double softcap) {
     static const auto op = typed_op<FwdSig>("hires_lmm::flash_attn_func");
     at::AutoDispatchBelowADInplaceOrView guard;
+    cpu_fast_taken() = false;
     auto [o, lse] = op.call(q, k, v, scale, causal, left, right, softcap);
+    // ATen's CPU kernel produced o / lse from these q, k, v (its checks passed): the backward may
+    // skip re-checking them (the saved tensors cannot change: autograd's version counters)
+    ctx->saved_data["cpu_fast"] = cpu_fast_taken();
+    ctx->set_materialize_grads(false);  // no zeros for lse's (never used) gradient
     ctx->save_for_backward({q, k, v, o, lse});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["causal"] = causal;
@@ -603,9 +608,24 @@ struct FlashAttnFn : public torch::autograd::Function<FlashAttnFn> {
     if (!go.defined() || !(ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2)))
       return out;
     const auto s = ctx->get_saved_variables();
-    auto [dq, dk, dv] = op.call(go, s[0], s[1], s[2], s[3], s[4], ctx->saved_data["scale"].toOptional<double>(),
-                                ctx->saved_data["causal"].toBool(), ctx->saved_data["left"].toInt(),
-                                ctx->saved_data["right"].toInt(), ctx->saved_data["softcap"].toDouble());
+    const c10::optional<double> scale = ctx->saved_data["scale"].toOptional<double>();
+    const bool causal = ctx->saved_data["causal"].toBool();
+    const int64_t left = ctx->saved_data["left"].toInt(), right = ctx->saved_data["right"].toInt();
+    const double softcap = ctx->saved_data["softcap"].toDouble();
+    if (ctx->saved_data["cpu_fast"].toBool() && !cpu_twin_forced()) {  // forward ran ATen's kernel
+      const AttnOptions opt = resolve_options("flash_attn_func", resolve_scale(scale, s[0].size(-1)), causal, left,
+                                              right, softcap, s[0].size(1), s[1].size(1));
+      auto fast = attention_cpu_fast_bwd(go, s[0], s[1], s[2], s[3], s[4], opt.scale, opt.window_left,
+                                         opt.window_right, opt.softcap, /*forward_checked=*/true);
+      if (fast.has_value()) {
+        auto [dq, dk, dv] = *fast;
+        if (ctx->needs_input_grad(0)) out[0] = dq;
+        if (ctx->needs_input_grad(1)) out[1] = dk;
+        if (ctx->needs_input_grad(2)) out[2] = dv;
+        return out;
+      }
+    }
+    auto [dq, dk, dv] = op.call(go, s[0], s[1], s[2], s[3], s[4], scale, causal, left, right, softcap);
     if (ctx->needs_input_grad(0)) out[0] = dq;
     if (ctx->needs_input_grad(1)) out[1] = dk;
     if (ctx->needs_input_grad(2)) out[2] = dv;

@@ -4,7 +4,9 @@
 //   flash_attn_varlen_bwd(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, ...)
 // FlashAttention-2's backward from the forward's saved q, k, v, out and softmax_lse (natural log,
 // (B, Hq, Sq) dense / (Hq, total_q) varlen): O(S) extra memory (fp32 dQ accumulator and
-// D = rowsum(dO * O)). CPU: the twin csrc/cpu/attention_bwd.cpp (every dtype, head_dim <= 512).
+// D = rowsum(dO * O)). CPU: by default ATen's CPU flash backward where the forward's ATen path
+// applies (attention_cpu_fast_bwd, csrc/cpu/attention_fast.h; varlen per sequence), otherwise (and
+// with HIRES_LMM_CPU_TWIN=1) the twin csrc/cpu/attention_bwd.cpp (every dtype, head_dim <= 512).
 // CUDA: kernels/attention/flash_bwd.cuh for fp16/bf16 with head_dim 64 or 128; fp32 and other
 // head dims run `attention_bwd_math` below (ATen ops, O(S^2) memory; HIRES_LMM_ATTN_MATH=1 forces
 // it on any device so CPU tests cover it).
@@ -21,6 +23,8 @@
 #include "csrc/attention_params.h"
 #include "csrc/common.h"
 #include "csrc/cpu/attention_bwd.h"
+#include "csrc/cpu/attention_fast.h"
+#include "csrc/cpu/cpu_path.h"
 #include "kernels/attention/flash_bwd_params.h"
 #include "kernels/common/dtype.h"
 
@@ -227,6 +231,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
                                  softcap, q_in.size(1), k_in.size(1));
   if (!use_bwd_kernel(q_in))
     return attention_bwd_math(dout_in, q_in, k_in, v_in, out_in, lse_in, at::Tensor(), at::Tensor(), opt);
+  if (q_in.is_cpu() && !cpu_twin_forced()) {  // default CPU path: ATen's flash backward
+    auto fast = attention_cpu_fast_bwd(dout_in, q_in, k_in, v_in, out_in, lse_in, opt.scale, opt.left, opt.right,
+                                       opt.softcap);
+    if (fast.has_value()) return *fast;
+  }
   const at::Tensor q = ready(q_in), k = ready(k_in), v = ready(v_in), out = ready(out_in),
                    dout = ready(dout_in), lse = lse_in.contiguous();
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
@@ -260,6 +269,38 @@ void check_cu(const char* op, const char* arg, const at::Tensor& cu, const at::T
               "must be 1-D (batch + 1,) like 'cu_seqlens_q', got shape ", cu.sizes());
 }
 
+// Default CPU varlen backward: ATen's CPU flash backward per sequence (as the forward's
+// varlen_cpu_fast), when every sequence with queries qualifies; nullopt: the twin runs the call.
+c10::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> varlen_cpu_fast_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& cq, const at::Tensor& ck, const BwdOptions& opt) {
+  const int* pq = cq.data_ptr<int>();
+  const int* pk = ck.data_ptr<int>();
+  const int64_t batch = cq.size(0) - 1;
+  if (q.numel() == 0 || k.numel() == 0 || batch <= 0) return c10::nullopt;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t sq = pq[b + 1] - pq[b], sk = pk[b + 1] - pk[b];
+    if (sq > 0 && !attention_cpu_fast_shape_ok(sq, sk, opt.left, opt.right, opt.softcap)) return c10::nullopt;
+  }
+  // zeros: tokens outside every sequence (and keys no query sees) get no gradient
+  at::Tensor dq = at::zeros(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dk = at::zeros(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dv = at::zeros(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t q0 = pq[b], sq = pq[b + 1] - q0, k0 = pk[b], sk = pk[b + 1] - k0;
+    if (sq == 0) continue;
+    auto seq = [](const at::Tensor& t, int64_t t0, int64_t n) { return t.narrow(0, t0, n).unsqueeze(0); };
+    auto r = attention_cpu_fast_bwd(seq(dout, q0, sq), seq(q, q0, sq), seq(k, k0, sk), seq(v, k0, sk),
+                                     seq(out, q0, sq), lse.narrow(1, q0, sq).unsqueeze(0), opt.scale, opt.left,
+                                     opt.right, opt.softcap);
+    if (!r.has_value()) return c10::nullopt;
+    dq.narrow(0, q0, sq).copy_(std::get<0>(*r).squeeze(0));
+    dk.narrow(0, k0, sk).copy_(std::get<1>(*r).squeeze(0));  // key ranges are disjoint (nondecreasing cu)
+    dv.narrow(0, k0, sk).copy_(std::get<2>(*r).squeeze(0));
+  }
+  return std::make_tuple(dq, dk, dv);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q,
@@ -278,6 +319,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd(
                                  softcap, total_q, total_k);
   const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
   if (!use_bwd_kernel(q_in)) return attention_bwd_math(dout_in, q_in, k_in, v_in, out_in, lse_in, cq, ck, opt);
+  if (q_in.is_cpu() && !cpu_twin_forced()) {
+    auto fast = varlen_cpu_fast_bwd(dout_in, q_in, k_in, v_in, out_in, lse_in, cq, ck, opt);
+    if (fast.has_value()) return *fast;
+  }
   const at::Tensor q = ready(q_in), k = ready(k_in), v = ready(v_in), out = ready(out_in),
                    dout = ready(dout_in), lse = lse_in.contiguous();
   // zeros: tokens outside every sequence get no gradient (and the kernel never writes them)

@@ -142,8 +142,30 @@ bool finite_contiguous(const T* x, int64_t n) {
 }
 
 // sum of t^2 in fp32 (inf / NaN as sum_sq_contiguous); chunks over the intra-op threads when large.
+// A 4-D (B, S, H, D) view whose H * D elements of each token are contiguous (a slice of a fused
+// qkv tensor) is read in place, token by token, not copied.
+bool tokens_in_place(const at::Tensor& t) {
+  return t.dim() == 4 && t.stride(3) == 1 && t.stride(2) == t.size(3);
+}
+
 float sum_sq(const at::Tensor& t) {
   if (t.numel() == 0) return 0.f;
+  if (!t.is_contiguous() && tokens_in_place(t)) {
+    float s = 0.f;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "sum_sq_tokens", [&] {
+      const scalar_t* x = t.const_data_ptr<scalar_t>();
+      const int64_t S = t.size(1), n = t.size(2) * t.size(3), tokens = t.size(0) * S;
+      const int64_t per = std::max<int64_t>(1, (int64_t(1) << 17) / n), chunks = (tokens + per - 1) / per;
+      std::vector<float> part(chunks, 0.f);
+      at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
+        for (int64_t c = b; c < e; ++c)
+          for (int64_t i = c * per; i < std::min(tokens, (c + 1) * per); ++i)
+            part[c] += sum_sq_contiguous(x + (i / S) * t.stride(0) + (i % S) * t.stride(1), n);
+      });
+      for (float v : part) s += v;
+    });
+    return s;
+  }
   const at::Tensor c = t.contiguous();
   float s = 0.f;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "sum_sq", [&] {
@@ -165,6 +187,11 @@ float sum_sq(const at::Tensor& t) {
 }
 
 }  // namespace
+
+bool& cpu_fast_taken() {
+  thread_local bool taken = false;
+  return taken;
+}
 
 bool all_finite(const at::Tensor& t) {
   if (t.numel() == 0) return true;
@@ -190,7 +217,30 @@ bool all_finite(const at::Tensor& t) {
 
 namespace {
 constexpr int64_t kMaxMaskElems = int64_t(1) << 26;  // 64 Mi mask entries; larger masked calls: twin
+
+// ATen's own causal flag (top-left aligned) equals ours (bottom-right) when Sq == Sk
+bool fast_plain_causal(int64_t Sq, int64_t Sk, int64_t window_left, int64_t window_right) {
+  return window_left < 0 && window_right == 0 && Sq == Sk;
 }
+
+// The bottom-right causal mask / window as an additive mask (0 / -inf) in `dtype`: key j visible
+// to query i iff i + Sk - Sq - left <= j <= i + Sk - Sq + right; none when unmasked or plain causal.
+c10::optional<at::Tensor> fast_mask(int64_t Sq, int64_t Sk, int64_t window_left, int64_t window_right,
+                                    at::ScalarType dtype) {
+  const bool masked = window_left >= 0 || window_right >= 0;
+  if (!masked || fast_plain_causal(Sq, Sk, window_left, window_right)) return c10::nullopt;
+  at::Tensor m = at::empty({Sq, Sk}, at::TensorOptions().dtype(at::kFloat));
+  float* mp = m.data_ptr<float>();
+  const float kNegInf = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < Sq; ++i) {
+    const int64_t c = i + Sk - Sq;
+    const int64_t lo = window_left >= 0 ? c - window_left : 0;
+    const int64_t hi = window_right >= 0 ? c + window_right : Sk - 1;
+    for (int64_t j = 0; j < Sk; ++j) mp[i * Sk + j] = (j >= lo && j <= hi) ? 0.f : kNegInf;
+  }
+  return m.to(dtype);
+}
+}  // namespace
 
 bool attention_cpu_fast_shape_ok(int64_t Sq, int64_t Sk, int64_t window_left, int64_t window_right,
                                  double softcap) {
@@ -214,40 +264,85 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> attention_cpu_fast(
   const double bound = std::abs(scale) * std::sqrt(double(sum_sq(q)) * double(sum_sq(k)));
   if (!(bound < 1e37)) return c10::nullopt;
   (void)Hq; (void)Hkv;  // GQA: the ATen kernel maps query head h to kv head h / (Hq / Hkv) itself
-  const bool masked = window_left >= 0 || window_right >= 0;
-  const bool plain_causal = window_left < 0 && window_right == 0 && Sq == Sk;
-  c10::optional<at::Tensor> mask;
-  if (masked && !plain_causal) {
-    // additive mask: key j visible to query i iff i + Sk - Sq - left <= j <= i + Sk - Sq + right
-    at::Tensor m = at::empty({Sq, Sk}, at::TensorOptions().dtype(at::kFloat));
-    float* mp = m.data_ptr<float>();
-    const float kNegInf = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < Sq; ++i) {
-      const int64_t c = i + Sk - Sq;
-      const int64_t lo = window_left >= 0 ? c - window_left : 0;
-      const int64_t hi = window_right >= 0 ? c + window_right : Sk - 1;
-      for (int64_t j = 0; j < Sk; ++j) mp[i * Sk + j] = (j >= lo && j <= hi) ? 0.f : kNegInf;
-    }
-    mask = m.to(q.scalar_type());
-  }
+  const bool plain_causal = fast_plain_causal(Sq, Sk, window_left, window_right);
+  const c10::optional<at::Tensor> mask = fast_mask(Sq, Sk, window_left, window_right, q.scalar_type());
   auto [out, lse] = at::_scaled_dot_product_flash_attention_for_cpu(
       q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, plain_causal, mask, scale);
   // out (B,H,Sq,D) is a view of (B,Sq,H,D) memory; make sure of it rather than assume it
   at::Tensor o = out.transpose(1, 2);
   if (!o.is_contiguous()) o = o.contiguous();
-  lse = lse.contiguous();
   // lse of a row whose scores are all -inf comes back as exactly 0 (ours: -inf, with o = NaN): an
   // lse of exactly 0 (rare for real scores: it needs sum_j exp(s_ij) == 1) goes to the twin too.
+  // Checked while copied into a contiguous (B, H, Sq) tensor (ATen's is a view of (B, Sq, H) memory).
+  if (lse.scalar_type() != at::kFloat) return c10::nullopt;
   {
-    const float* l = lse.const_data_ptr<float>();
+    at::Tensor l = at::empty(lse.sizes(), lse.options().memory_format(at::MemoryFormat::Contiguous));
+    const float* src = lse.const_data_ptr<float>();
+    float* dst = l.data_ptr<float>();
+    const int64_t n0 = lse.size(0), n1 = lse.size(1), n2 = lse.size(2);
+    const int64_t s0 = lse.stride(0), s1 = lse.stride(1), s2 = lse.stride(2);
     bool ok = true;
-    for (int64_t i = 0, n = lse.numel(); i < n; ++i) ok &= std::isfinite(l[i]) && l[i] != 0.f;
+    for (int64_t a = 0; a < n0; ++a)
+      for (int64_t h = 0; h < n1; ++h)
+        for (int64_t i = 0; i < n2; ++i) {
+          const float x = src[a * s0 + h * s1 + i * s2];
+          *dst++ = x;
+          ok &= std::isfinite(x) && x != 0.f;
+        }
     if (!ok) return c10::nullopt;
+    lse = l;
   }
   // Finite inputs give a finite o and lse here (every row sees a key); a non-finite one means a
   // non-finite input (or an overflow), where the ATen kernel's rules are not ours: the twin decides.
-  if (!all_finite(o)) return c10::nullopt;
+  // With finite scores and lse, o can only be non-finite through v: each row accumulates at most Sk
+  // terms exp(s - m) v_j with weights <= 1, so sum v^2 < inf (every |v_j| < 2e19) keeps the fp32
+  // accumulator and o finite; that pass reads v (1 / g of o's size under GQA). Otherwise o is checked.
+  const bool v_read_in_place = v.is_contiguous() || tokens_in_place(v);
+  if (!(v_read_in_place && std::isfinite(sum_sq(v))) && !all_finite(o)) return c10::nullopt;
+  cpu_fast_taken() = true;
   return std::make_tuple(o, lse);
+}
+
+c10::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> attention_cpu_fast_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right, double softcap,
+    bool forward_checked) {
+  const at::ScalarType t = q.scalar_type();
+  if (t != at::kFloat && t != at::kHalf && t != at::kBFloat16) return c10::nullopt;
+  const int64_t Sq = q.size(1), Sk = k.size(1);
+  if (q.numel() == 0 || k.numel() == 0 || !attention_cpu_fast_shape_ok(Sq, Sk, window_left, window_right, softcap))
+    return c10::nullopt;
+  if (q.stride(3) != 1 || k.stride(3) != 1 || v.stride(3) != 1 || out.stride(3) != 1 || dout.stride(3) != 1)
+    return c10::nullopt;
+  // The forward's conditions for the ATen kernel (every score finite, every row sees a key), checked
+  // on the saved tensors: lse finite and nonzero, out finite; and dO finite (a NaN / inf in dO meets
+  // masked keys' zero weights in ATen's GEMMs, which the twin never multiplies).
+  if (!forward_checked) {
+    const double bound = std::abs(scale) * std::sqrt(double(sum_sq(q)) * double(sum_sq(k)));
+    if (!(bound < 1e37)) return c10::nullopt;
+    const at::Tensor l = lse.contiguous();
+    const float* lp = l.const_data_ptr<float>();
+    bool ok = true;
+    for (int64_t i = 0, n = l.numel(); i < n; ++i) ok &= std::isfinite(lp[i]) && lp[i] != 0.f;
+    if (!ok || !all_finite(out)) return c10::nullopt;
+  }
+  if (!all_finite(dout)) return c10::nullopt;
+  const bool plain_causal = fast_plain_causal(Sq, Sk, window_left, window_right);
+  // fp16 / bf16 run in fp32 (one rounding of dq / dk / dv, as the twin): ATen's kernel in those dtypes
+  // rounds P to the input dtype and accumulates dK / dV across query blocks and GQA heads in it
+  // (bf16 dV about 2.5x the error of plain bf16 autograd at (2, 33, 4/2 heads, 64)).
+  const c10::optional<at::Tensor> mask = fast_mask(Sq, Sk, window_left, window_right, at::kFloat);
+  auto f32 = [](const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x : x.to(at::kFloat); };
+  // (B, S, H, D) memory seen as (B, H, S, D); GQA: the kernel reduces dK / dV over the group itself
+  auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+      f32(dout).transpose(1, 2), f32(q).transpose(1, 2), f32(k).transpose(1, 2), f32(v).transpose(1, 2),
+      f32(out).transpose(1, 2), lse, 0.0, plain_causal, mask, scale);
+  auto back = [t](const at::Tensor& g) {
+    at::Tensor r = g.transpose(1, 2);
+    if (t != at::kFloat) return r.to(t, /*non_blocking=*/false, /*copy=*/false, at::MemoryFormat::Contiguous);
+    return r.is_contiguous() ? r : r.contiguous();
+  };
+  return std::make_tuple(back(dq), back(dk), back(dv));
 }
 
 }  // namespace hires::attention

@@ -20,6 +20,23 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> attention_cpu_fast(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, int64_t window_left,
     int64_t window_right, double softcap);
 
+// Backward of the same path: ATen's CPU flash backward
+// (at::_scaled_dot_product_flash_attention_for_cpu_backward) from the forward's saved q, k, v, out
+// (B,S,H,D) and softmax_lse (B,Hq,Sq) fp32 natural log (ATen's logsumexp convention), the same
+// additive mask / causal flag as the forward. Returns (dq, dk, dv) contiguous, or nullopt where the
+// forward's conditions do not hold on the saved tensors (shape, |scores| bound, an lse not finite or
+// exactly 0, a non-finite out or dout, fp64): the twin then runs.
+// forward_checked: the caller knows attention_cpu_fast produced out / lse from these q, k, v (the
+// autograd function, from cpu_fast_taken()): the score bound, lse and out checks are skipped.
+c10::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> attention_cpu_fast_bwd(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, double scale, int64_t window_left, int64_t window_right, double softcap,
+    bool forward_checked = false);
+
+// Thread-local: set to true by each attention_cpu_fast call that returns a result (the caller
+// resets it before the call it wants to observe).
+bool& cpu_fast_taken();
+
 // Whether attention_cpu_fast would accept these shapes/options (no data read): lets a caller that
 // runs many sub-problems (varlen, kvcache) decide once.
 bool attention_cpu_fast_shape_ok(int64_t Sq, int64_t Sk, int64_t window_left, int64_t window_right,

@@ -33,16 +33,19 @@ _BACKENDS = {
 
 def _sdpa_fn(backend_name, q, k, v, causal):
     """A callable running SDPA with one backend on (B,S,H,D) tensors, or None if it cannot."""
+    import contextlib
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = getattr(SDPBackend, _BACKENDS[backend_name], None)
-    if backend is None:
+    # "sdpa": SDPA's own choice, without the sdpa_kernel context (whose enter / exit costs tens of
+    # microseconds per call on the CPU, comparable to the tiny CPU shapes' differences)
+    backend = None if backend_name == "sdpa" else getattr(SDPBackend, _BACKENDS[backend_name], None)
+    if backend is None and backend_name != "sdpa":
         return None
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = q.shape[2] != k.shape[2]
 
     def run():
-        with sdpa_kernel(backend):
+        with (sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()):
             if gqa:
                 return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, enable_gqa=True)
             return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
@@ -111,11 +114,12 @@ def _fwd_bwd_case(name, B, S, H, D, causal, dtype, device, backends, err_heads):
         fwd = _sdpa_fn(bname, q.detach(), k.detach(), v.detach(), causal)
         if fwd is None:
             continue
+        import contextlib
         from torch.nn.attention import SDPBackend, sdpa_kernel
-        backend = getattr(SDPBackend, _BACKENDS[bname])
+        backend = None if bname == "sdpa" else getattr(SDPBackend, _BACKENDS[bname])
 
         def run(backend=backend):
-            with sdpa_kernel(backend):
+            with (sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()):
                 o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                    is_causal=causal)
                 return torch.autograd.grad(o, (q, k, v), g.transpose(1, 2))
@@ -242,7 +246,8 @@ def cases(device: str, quick: bool) -> List[Case]:
     if quick or device == "cpu":
         dtype = torch.float32 if device == "cpu" else torch.bfloat16
         # CPU: also SDPA's default CPU kernel (flash), the fastest PyTorch CPU path
-        refs = ["sdpa_math", "sdpa_flash"] if device == "cpu" else ["sdpa_math"]
+        # and "sdpa" (its own choice, no backend context: the cheapest call)
+        refs = ["sdpa_math", "sdpa_flash", "sdpa"] if device == "cpu" else ["sdpa_math"]
         out = [
             _case("tiny", 1, 128, 128, 4, 4, 64, False, dtype, device, refs, 4),
             _case("tiny", 1, 128, 128, 4, 4, 64, True, dtype, device, refs, 4),
@@ -252,7 +257,7 @@ def cases(device: str, quick: bool) -> List[Case]:
         if device == "cpu":
             out.append(_varlen_case(device, dtype))
         out.append(_kvcache_case(device, dtype, 3, 300, 8, 2, 128))
-        out.append(_fwd_bwd_case("tiny", 1, 128, 4, 64, True, dtype, device, ["sdpa_math"], 4))
+        out.append(_fwd_bwd_case("tiny", 1, 128, 4, 64, True, dtype, device, refs, 4))
         return out
 
     dtype = torch.bfloat16

@@ -52,8 +52,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal: bool = F
     Backward: FlashAttention-2's (hires_lmm::flash_attn_bwd): saves q, k, v, o and softmax_lse
     only and recomputes P tile by tile, O(S) extra memory (fp32 dQ accumulator (B,Sq,Hq,D) and
     D = rowsum(dO * o)); fp32 accumulation; dK/dV summed over a GQA group; softcap through
-    tanh's derivative; rows that see no key contribute nothing. CPU: the twin of the CUDA kernel
-    (any dtype, D <= 512); CUDA: sm_80 kernel for fp16/bf16, D in {64, 128} (compiled, never run
+    tanh's derivative; rows that see no key contribute nothing. CPU: ATen's CPU flash backward
+    where the forward's ATen path applies (fp16/bf16 computed in fp32), else the twin of the CUDA
+    kernel (any dtype, D <= 512; README "CPU paths"); CUDA: sm_80 kernel for fp16/bf16, D in {64, 128} (compiled, never run
     on a GPU yet), ATen O(S^2) math otherwise."""
     if _plain(dropout_p, window_size, softcap, alibi_slopes):
         left = right = -1
