@@ -65,6 +65,7 @@
 #include "kernels/attention/flash_params.h"
 #include "kernels/attention/flash_row.cuh"
 #include "kernels/common/numeric.cuh"
+#include "kernels/common/ptx_sm80.cuh"
 
 namespace hires::attention {
 
@@ -104,32 +105,8 @@ struct FlashFwdTile {
   static_assert((kWarpRows * kChunksPerRow) % 32 == 0, "the epilogue's 16-byte stores split evenly");
 };
 
-// ---- PTX wrappers ------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy; src_bytes < 16 zero-fills the rest (0: the whole chunk, nothing is read).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
+// ---- PTX wrappers (kernels/common/ptx_sm80.cuh) ----------------------------------------------
+using namespace hires::ptx;
 
 // A 32-bit global load the compiler cannot merge with an earlier load of the same address: the
 // epilogue re-reads cu_seqlens_q[b] instead of keeping it live across the main loop.
@@ -145,29 +122,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
   return y;
 }
-
-// D (16x8 fp32) += A (16x16, row) * B (16x8, col)
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
-                                                          uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                  uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 
 // Element offset of (row, col) in a swizzled tile with rows of Tile::kHeadDim elements; col is a
 // multiple of kChunk.
@@ -201,7 +155,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_st
 #pragma unroll
   for (int i = 0; i < kRows / kRowsPerPass; ++i) {
     const bool ok = i * kRowsPerPass < rem;
-    cp_async_16(dst + i * kRowsPerPass * Tile::kHeadDim, ok ? src + i * step : gmem, ok ? 16 : 0);
+    cp_async16(dst + i * kRowsPerPass * Tile::kHeadDim, ok ? src + i * step : gmem, ok ? 16 : 0);
   }
 }
 
@@ -368,15 +322,15 @@ flash_fwd_kernel(const FlashParams p) {
       uint32_t qf[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
-        ldmatrix_x4(qf[mt], sQ + ((q_lane ^ (kk * 16)) + mt * 16 * kHeadDim));
+        ldsm_x4(qf[mt], sQ + ((q_lane ^ (kk * 16)) + mt * 16 * kHeadDim));
 #pragma unroll
       for (int nn = 0; nn < BN / 16; ++nn) {
         uint32_t r[4];
-        ldmatrix_x4(r, sK + ((k_lane ^ (kk * 16)) + nn * 16 * kHeadDim));
+        ldsm_x4(r, sK + ((k_lane ^ (kk * 16)) + nn * 16 * kHeadDim));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          mma_16816<T>(s[mt][2 * nn], qf[mt], r[0], r[1]);
-          mma_16816<T>(s[mt][2 * nn + 1], qf[mt], r[2], r[3]);
+          mma16816<T>(s[mt][2 * nn], qf[mt], r[0], r[1]);
+          mma16816<T>(s[mt][2 * nn + 1], qf[mt], r[2], r[3]);
         }
       }
     }
@@ -467,11 +421,11 @@ flash_fwd_kernel(const FlashParams p) {
 #pragma unroll
       for (int dd = 0; dd < Tile::kHeadDim / 16; ++dd) {
         uint32_t r[4];
-        ldmatrix_x4_trans(r, sV + ((v_lane ^ (dd * 16)) + kk * 16 * kHeadDim));
+        ldsm_x4_t(r, sV + ((v_lane ^ (dd * 16)) + kk * 16 * kHeadDim));
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          mma_16816<T>(acc[mt][2 * dd], a[mt], r[0], r[1]);
-          mma_16816<T>(acc[mt][2 * dd + 1], a[mt], r[2], r[3]);
+          mma16816<T>(acc[mt][2 * dd], a[mt], r[0], r[1]);
+          mma16816<T>(acc[mt][2 * dd + 1], a[mt], r[2], r[3]);
         }
       }
     }

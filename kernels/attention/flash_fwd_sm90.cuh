@@ -76,6 +76,7 @@
 #include "kernels/attention/flash_row.cuh"
 #include "kernels/attention/wgmma_sm90.cuh"
 #include "kernels/common/numeric.cuh"
+#include "kernels/common/ptx_sm80.cuh"
 
 namespace hires::attention::sm90 {
 
@@ -124,9 +125,7 @@ struct FlashFwdSm90Tile {
 };
 
 // ---- PTX wrappers ------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+using hires::ptx::smem_u32;  // kernels/common/ptx_sm80.cuh
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
