@@ -236,28 +236,40 @@ int64_t check_mlp_params(const char* op, const at::Tensor& x, int64_t C, const a
   return F;
 }
 
+// The fused MLP's parameters over x2, res2, out2 (M, C) contiguous; owns the contiguous weights
+// and vectors the pointers point into.
+struct FusedMlpArgs {
+  at::Tensor w1, w2, b1, b2, g;
+  FusedMlpParams p;
+  FusedMlpArgs(const at::Tensor& x2, const at::Tensor& fc1_weight, const c10::optional<at::Tensor>& fc1_bias,
+               const at::Tensor& fc2_weight, const c10::optional<at::Tensor>& fc2_bias,
+               const c10::optional<at::Tensor>& gamma, const at::Tensor& res2, at::Tensor& out2)
+      : w1(fc1_weight.contiguous()),
+        w2(fc2_weight.contiguous()),
+        b1(fc1_bias ? fc1_bias->contiguous() : at::Tensor()),
+        b2(fc2_bias ? fc2_bias->contiguous() : at::Tensor()),
+        g(gamma ? gamma->contiguous() : at::Tensor()) {
+    p.x = x2.data_ptr();
+    p.w1 = w1.data_ptr();
+    p.b1 = b1.defined() ? b1.data_ptr() : nullptr;
+    p.w2 = w2.data_ptr();
+    p.b2 = b2.defined() ? b2.data_ptr() : nullptr;
+    p.gamma = g.defined() ? g.data_ptr() : nullptr;
+    p.residual = res2.data_ptr();
+    p.out = out2.data_ptr();
+    p.M = x2.size(0);
+    p.C = x2.size(1);
+    p.F = fc1_weight.size(0);
+  }
+};
+
 // The CPU twin of the fused MLP kernel on x2, res2, out2 (M, C) contiguous (any C, F).
 void fused_mlp_twin(const at::Tensor& x2, const at::Tensor& fc1_weight,
                     const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
                     const c10::optional<at::Tensor>& fc2_bias, const c10::optional<at::Tensor>& gamma,
                     const at::Tensor& res2, at::Tensor& out2) {
-  const at::Tensor w1 = fc1_weight.contiguous(), w2 = fc2_weight.contiguous();
-  const at::Tensor b1 = fc1_bias ? fc1_bias->contiguous() : at::Tensor();
-  const at::Tensor b2 = fc2_bias ? fc2_bias->contiguous() : at::Tensor();
-  const at::Tensor g = gamma ? gamma->contiguous() : at::Tensor();
-  FusedMlpParams p;
-  p.x = x2.data_ptr();
-  p.w1 = w1.data_ptr();
-  p.b1 = b1.defined() ? b1.data_ptr() : nullptr;
-  p.w2 = w2.data_ptr();
-  p.b2 = b2.defined() ? b2.data_ptr() : nullptr;
-  p.gamma = g.defined() ? g.data_ptr() : nullptr;
-  p.residual = res2.data_ptr();
-  p.out = out2.data_ptr();
-  p.M = x2.size(0);
-  p.C = x2.size(1);
-  p.F = fc1_weight.size(0);
-  fused_mlp_cpu(p, x2.scalar_type());
+  const FusedMlpArgs a(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, res2, out2);
+  fused_mlp_cpu(a.p, x2.scalar_type());
 }
 
 #ifdef HIRES_LMM_WITH_CUDA
@@ -268,36 +280,21 @@ bool fused_mlp_cuda(const char* op, const at::Tensor& x2, const at::Tensor& fc1_
                     const c10::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
                     const c10::optional<at::Tensor>& fc2_bias, const c10::optional<at::Tensor>& gamma,
                     const at::Tensor& res2, at::Tensor& out2) {
-  const int64_t M = x2.size(0), C = x2.size(1), F = fc1_weight.size(0);
+  const int64_t C = x2.size(1), F = fc1_weight.size(0);
   if (!x2.is_cuda() || x2.scalar_type() == at::kFloat ||
       !fused_mlp_supported(to_dtype(x2.scalar_type()), C, F))
     return false;
-  const at::Tensor w1 = fc1_weight.contiguous(), w2 = fc2_weight.contiguous();
-  const at::Tensor b1 = fc1_bias ? fc1_bias->contiguous() : at::Tensor();
-  const at::Tensor b2 = fc2_bias ? fc2_bias->contiguous() : at::Tensor();
-  const at::Tensor g = gamma ? gamma->contiguous() : at::Tensor();
+  const FusedMlpArgs a(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, res2, out2);
   // 16-byte rows and tiles (C, F multiples of 8); the vectors are read as 4-byte pairs.
   auto al = [](const at::Tensor& t, int bytes) {
     return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
   };
-  if (!al(x2, 16) || !al(w1, 16) || !al(w2, 16) || !al(res2, 16) || !al(out2, 16) || !al(b1, 4) ||
-      !al(b2, 4) || !al(g, 4))
+  if (!al(x2, 16) || !al(a.w1, 16) || !al(a.w2, 16) || !al(res2, 16) || !al(out2, 16) || !al(a.b1, 4) ||
+      !al(a.b2, 4) || !al(a.g, 4))
     return false;
-  FusedMlpParams p;
-  p.x = x2.data_ptr();
-  p.w1 = w1.data_ptr();
-  p.b1 = b1.defined() ? b1.data_ptr() : nullptr;
-  p.w2 = w2.data_ptr();
-  p.b2 = b2.defined() ? b2.data_ptr() : nullptr;
-  p.gamma = g.defined() ? g.data_ptr() : nullptr;
-  p.residual = res2.data_ptr();
-  p.out = out2.data_ptr();
-  p.M = M;
-  p.C = C;
-  p.F = F;
   const c10::cuda::CUDAGuard guard(x2.device());
   const std::string err =
-      launch_fused_mlp(p, to_dtype(x2.scalar_type()), c10::cuda::getCurrentCUDAStream());
+      launch_fused_mlp(a.p, to_dtype(x2.scalar_type()), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err.empty(), op, ": CUDA launch failed (fused MLP): ", err);
   return true;
 }
