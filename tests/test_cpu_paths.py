@@ -199,7 +199,7 @@ def test_inject_norms_match_twin(dtype, dim, monkeypatch):
 def test_layer_norm_large_offset_rows(dtype, offset):
     """fp16/bf16 rows far from zero (offset + N(0, 1)): the default CPU path keeps fp32 statistics
     accurate (the last-ulp error of a rounding), where ATen's CPU LayerNorm in these dtypes measured
-    0.06-0.99 off the fp64 result here; the reason this path does not route to ATen (README)."""
+    0.08-1.3 off the fp64 result here; the reason this path does not route to ATen (README)."""
     g = torch.Generator().manual_seed(3)
     x = (offset + torch.randn(4, 1024, generator=g)).to(dtype)
     w = (1 + 0.1 * torch.randn(1024, generator=g)).to(dtype)
