@@ -4,10 +4,10 @@
 // One implementation function (inject_norm) serves all six; the kernel is
 // kernels/deepstack/inject_norm.cuh and its CPU twin csrc/cpu/deepstack.cpp.
 #include <torch/library.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <ATen/ATen.h>
 
 #include "csrc/common.h"
-#include "csrc/cpu/cpu_path.h"
 #include "csrc/cpu/deepstack.h"
 #include "kernels/common/dtype.h"
 
@@ -60,12 +60,19 @@ std::tuple<at::Tensor, at::Tensor> inject_norm(const char* op, const at::Tensor&
   HIRES_CHECK(D <= kMaxDim, op, hname, "has hidden size ", D, "; the kernel supports up to ", kMaxDim);
 
   InjectNormParams p;
-  at::Tensor h2 = hidden.reshape({-1, D});  // a view when the leading dims collapse
-  if (h2.stride(1) != 1) h2 = h2.contiguous();
-  p.rows = h2.size(0);
+  at::Tensor h2;  // (rows, D) with unit column stride: hidden itself when contiguous (no view to build)
+  if (hidden.is_contiguous()) {
+    p.rows = hidden.numel() / D;
+    p.hidden = hidden.data_ptr();
+    p.hidden_stride = D;
+  } else {
+    h2 = hidden.reshape({-1, D});  // a view when the leading dims collapse
+    if (h2.stride(1) != 1) h2 = h2.contiguous();
+    p.rows = h2.size(0);
+    p.hidden = h2.data_ptr();
+    p.hidden_stride = h2.stride(0);
+  }
   p.dim = D;
-  p.hidden = h2.data_ptr();
-  p.hidden_stride = h2.stride(0);
   p.eps = static_cast<float>(eps);
 
   at::Tensor e2, idx;
@@ -108,15 +115,6 @@ std::tuple<at::Tensor, at::Tensor> inject_norm(const char* op, const at::Tensor&
       p.bias = b.data_ptr();
     }
     HIRES_CHECK(eps >= 0.0, op, "eps", "must be >= 0, got ", eps);
-  }
-
-  // fp32 LayerNorm without injection on the CPU: ATen's kernel measured faster than ours there
-  // (README "CPU paths"); the same formula in fp32 (another summation order), and a row whose
-  // rstd is not finite and positive (|x| > ~1.8e19, a NaN) is redone by ours below.
-  if (hidden.is_cpu() && norm == Norm::kLayer && !embeds && !want_injected &&
-      hidden.scalar_type() == at::kFloat && !cpu_twin_forced()) {
-    auto [y, mean, rstd] = at::native_layer_norm(hidden, {D}, w, b, eps);
-    if (rstd_ok(rstd)) return {y, at::Tensor()};
   }
 
   const auto opts = hidden.options().memory_format(at::MemoryFormat::Contiguous);
@@ -205,6 +203,202 @@ HIRES_BIND_CPU_CUDA(bind_deepstack) {
       .impl("deepstack_inject_layer_norm", &deepstack_inject_layer_norm)
       .impl("rms_norm", &rms_norm)
       .impl("layer_norm", &layer_norm);
+}
+
+
+// ---- autograd on the CPU key -----------------------------------------------------------------------
+// The ops' autograd is registered from Python (python/hires_lmm/ops/deepstack.py,
+// torch.library.register_autograd on the Autograd alias key): every call, gradients or not, then
+// runs Python functions (several us on this CPU, more than a small norm costs). On AutogradCPU
+// the same formulas are these C++ kernels: no gradient needed -> straight to the CPU kernel;
+// otherwise a torch::autograd::Function saving what the Python one saves and calling
+// hires_lmm::norm_backward as it does. CUDA keeps the Python registration.
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+bool needs_grad(std::initializer_list<const at::Tensor*> ts) {
+  if (!c10::GradMode::is_enabled()) return false;
+  for (const at::Tensor* t : ts)
+    if (t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+using NormBwdSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                  const at::Tensor&, const c10::optional<at::Tensor>&,
+                                                                  double, bool, bool);
+using InjectSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using InjectRmsSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                        const at::Tensor&, double);
+using InjectLnSig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                       const at::Tensor&, const c10::optional<at::Tensor>&, double);
+using RmsSig = at::Tensor(const at::Tensor&, const at::Tensor&, double);
+using LnSig = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double);
+
+// (dx, dweight, dbias) of the norm of x (python/hires_lmm/ops/deepstack.py _norm_grads): an
+// undefined grad_out counts as zero; grad_res (the gradient of `injected`) may be undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_grads(AutogradContext* ctx, const at::Tensor& x,
+                                                         const at::Tensor& weight, const at::Tensor& grad_out,
+                                                         const at::Tensor& grad_res) {
+  static const auto op = typed_op<NormBwdSig>("hires_lmm::norm_backward");
+  const at::Tensor go = grad_out.defined() ? grad_out : at::zeros_like(x);
+  const c10::optional<at::Tensor> gr = grad_res.defined() ? c10::optional<at::Tensor>(grad_res) : c10::nullopt;
+  const bool has_bias = ctx->saved_data["has_bias"].toBool();
+  auto [dx, dw, db] = op.call(go, x, weight, gr, ctx->saved_data["eps"].toDouble(),
+                              ctx->saved_data["layer"].toBool(), has_bias);
+  return {dx, dw, has_bias ? db : at::Tensor()};
+}
+
+// d(visual_embeds) = d(injected)[visual_index] in visual_embeds' dtype (HF's `out[mask] + e.to(dtype)`)
+at::Tensor visual_grad(AutogradContext* ctx, const at::Tensor& d_injected, const at::Tensor& index) {
+  if (!ctx->needs_input_grad(1) || !d_injected.defined()) return at::Tensor();
+  const int64_t d = d_injected.size(-1);
+  return d_injected.reshape({-1, d}).index_select(0, index).to(ctx->saved_data["embeds_dtype"].toScalarType());
+}
+
+struct NormFn : public torch::autograd::Function<NormFn> {
+  // rms_norm (bias undefined, layer false) and layer_norm
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, double eps, bool layer) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor y;
+    if (layer) {
+      static const auto op = typed_op<LnSig>("hires_lmm::layer_norm");
+      y = op.call(x, weight, bias, eps);
+    } else {
+      static const auto op = typed_op<RmsSig>("hires_lmm::rms_norm");
+      y = op.call(x, weight, eps);
+    }
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["layer"] = layer;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return {y};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    auto [dx, dw, db] = norm_grads(ctx, s[0], s[1], grads[0], at::Tensor());
+    return {dx, dw, db, at::Tensor(), at::Tensor()};
+  }
+};
+
+struct InjectNormFn : public torch::autograd::Function<InjectNormFn> {
+  // deepstack_inject_rms_norm (bias undefined, layer false) and deepstack_inject_layer_norm
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& embeds,
+                               const at::Tensor& index, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, double eps, bool layer) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor normed, injected;
+    if (layer) {
+      static const auto op = typed_op<InjectLnSig>("hires_lmm::deepstack_inject_layer_norm");
+      std::tie(normed, injected) = op.call(hidden, embeds, index, weight, bias, eps);
+    } else {
+      static const auto op = typed_op<InjectRmsSig>("hires_lmm::deepstack_inject_rms_norm");
+      std::tie(normed, injected) = op.call(hidden, embeds, index, weight, eps);
+    }
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({injected, weight, index});
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["layer"] = layer;
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["embeds_dtype"] = embeds.scalar_type();
+    return {normed, injected};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    auto [dx, dw, db] = norm_grads(ctx, s[0], s[1], grads[0], grads[1]);
+    return {dx, visual_grad(ctx, dx, s[2]), at::Tensor(), dw, db, at::Tensor(), at::Tensor()};
+  }
+};
+
+struct InjectFn : public torch::autograd::Function<InjectFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& embeds,
+                               const at::Tensor& index) {
+    static const auto op = typed_op<InjectSig>("hires_lmm::deepstack_inject");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor out = op.call(hidden, embeds, index);
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({index});
+    ctx->saved_data["embeds_dtype"] = embeds.scalar_type();
+    return {out};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    return {grads[0], visual_grad(ctx, grads[0], s[0]), at::Tensor()};
+  }
+};
+
+at::Tensor rms_norm_autograd_cpu(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (!needs_grad({&x, &weight})) {
+    static const auto op = typed_op<RmsSig>("hires_lmm::rms_norm");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, weight, eps);
+  }
+  return NormFn::apply(x, weight, c10::optional<at::Tensor>(), eps, false)[0];
+}
+
+at::Tensor layer_norm_autograd_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                   const c10::optional<at::Tensor>& bias, double eps) {
+  const at::Tensor b = bias.value_or(at::Tensor());
+  if (!needs_grad({&x, &weight, &b})) {
+    static const auto op = typed_op<LnSig>("hires_lmm::layer_norm");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(x, weight, bias, eps);
+  }
+  return NormFn::apply(x, weight, bias, eps, true)[0];
+}
+
+at::Tensor deepstack_inject_autograd_cpu(const at::Tensor& hidden, const at::Tensor& embeds,
+                                         const at::Tensor& index) {
+  if (!needs_grad({&hidden, &embeds})) {
+    static const auto op = typed_op<InjectSig>("hires_lmm::deepstack_inject");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(hidden, embeds, index);
+  }
+  return InjectFn::apply(hidden, embeds, index)[0];
+}
+
+std::tuple<at::Tensor, at::Tensor> deepstack_inject_rms_norm_autograd_cpu(const at::Tensor& hidden,
+                                                                          const at::Tensor& embeds,
+                                                                          const at::Tensor& index,
+                                                                          const at::Tensor& weight, double eps) {
+  if (!needs_grad({&hidden, &embeds, &weight})) {
+    static const auto op = typed_op<InjectRmsSig>("hires_lmm::deepstack_inject_rms_norm");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(hidden, embeds, index, weight, eps);
+  }
+  const auto r = InjectNormFn::apply(hidden, embeds, index, weight, c10::optional<at::Tensor>(), eps, false);
+  return {r[0], r[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> deepstack_inject_layer_norm_autograd_cpu(
+    const at::Tensor& hidden, const at::Tensor& embeds, const at::Tensor& index, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, double eps) {
+  const at::Tensor b = bias.value_or(at::Tensor());
+  if (!needs_grad({&hidden, &embeds, &weight, &b})) {
+    static const auto op = typed_op<InjectLnSig>("hires_lmm::deepstack_inject_layer_norm");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op.call(hidden, embeds, index, weight, bias, eps);
+  }
+  const auto r = InjectNormFn::apply(hidden, embeds, index, weight, bias, eps, true);
+  return {r[0], r[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hires_lmm, AutogradCPU, m) {
+  m.impl("deepstack_inject", &deepstack_inject_autograd_cpu);
+  m.impl("deepstack_inject_rms_norm", &deepstack_inject_rms_norm_autograd_cpu);
+  m.impl("deepstack_inject_layer_norm", &deepstack_inject_layer_norm_autograd_cpu);
+  m.impl("rms_norm", &rms_norm_autograd_cpu);
+  m.impl("layer_norm", &layer_norm_autograd_cpu);
 }
 
 }  // namespace hires::deepstack

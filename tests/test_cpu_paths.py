@@ -282,3 +282,115 @@ def test_dwconv_nonfinite_on_the_fused_cpu_kernel():
     expect = torch.ones(12, 12, dtype=torch.bool)
     expect[3:, 3:] = False
     assert torch.equal(fin, expect)
+
+
+# ---- the norms' vectorized rows: odd D, hard rows, non-finite rows, chunk edges ------------------
+def _hard_rows(dtype, dim, g):
+    """Rows of (6, dim): N(0, 1); offset 1e4 + N(0, 1) (fp32 / fp16) or 3e4 (bf16); a constant row;
+    tiny values (1e-3 N(0, 1)); a row far larger than the rest (1e3 N(0, 1)); N(0, 1) again."""
+    x = torch.randn(6, dim, generator=g, dtype=torch.float64)
+    x[1] += 3e4 if dtype == torch.bfloat16 else 1e4
+    x[2] = 0.3
+    x[3] *= 1e-3
+    x[4] *= 1e3
+    return x.to(dtype)
+
+
+def _ln64(x, w, b, eps):
+    return torch.nn.functional.layer_norm(x.double(), (x.shape[-1],), w.double(),
+                                          None if b is None else b.double(), eps)
+
+
+def _rms64(x, w, eps):
+    # LlamaRMSNorm's rounding of x * rstd to x's dtype, everything else exact
+    xd = x.double()
+    y = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps)
+    return w.double() * y.to(x.dtype).double()
+
+
+NORM_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [1, 7, 77, 1000, 4096])
+def test_norm_rows_against_fp64(dtype, dim, monkeypatch):
+    """layer_norm (with and without bias) and rms_norm on the default CPU path against the fp64
+    formula (one rounding; RMS with LlamaRMSNorm's rounding of x * rstd), and against the twin: odd
+    and tail-only D, a row far from zero (ATen's 16-bit CPU LayerNorm errs there), a constant row
+    (LayerNorm gives exactly bias), tiny and large rows."""
+    g = torch.Generator().manual_seed(dim)
+    x = _hard_rows(dtype, dim, g)
+    w = (1 + 0.1 * torch.randn(dim, generator=g)).to(dtype)
+    b = (0.1 * torch.randn(dim, generator=g)).to(dtype)
+    tol = NORM_TOL[dtype]
+    got = [ops.layer_norm(x, w, b, 1e-5), ops.layer_norm(x, w, None, 1e-5), ops.rms_norm(x, w, 1e-6)]
+    want = [_ln64(x, w, b, 1e-5), _ln64(x, w, None, 1e-5), _rms64(x, w, 1e-6)]
+    for y, yd in zip(got, want):
+        assert y.dtype == dtype and y.shape == x.shape
+        # one rounding of the fp64 value (RMS: two), plus the fp32 statistics' last bits
+        err = (y.double() - yd).abs() / (yd.abs() + 1)
+        assert err.max().item() <= tol, (err.max().item(), err.amax(-1))
+    if dim > 1:  # the constant row: x - mean is exactly 0, the output exactly bias (D = 1: every row)
+        assert torch.equal(got[0][2], b) and torch.equal(got[1][2], torch.zeros_like(b))
+    monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
+    twin = [ops.layer_norm(x, w, b, 1e-5), ops.layer_norm(x, w, None, 1e-5), ops.rms_norm(x, w, 1e-6)]
+    for y, t in zip(got, twin):
+        rows = [0, 3, 4, 5]  # the twin's mean is not exact on the offset and constant rows
+        torch.testing.assert_close(y[rows].float(), t[rows].float(), atol=2 * tol, rtol=2 * tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norm_nonfinite_rows(dtype):
+    """README "Non-finite values" on the vectorized rows: a NaN / inf in x reaches its row only, as
+    the fp64 formula gives it (LayerNorm: all NaN; RMS with an inf: NaN at the inf, 0 elsewhere); a
+    row whose fp32 statistic overflows (|x| ~ the dtype's max / 4) is redone in fp64 and stays
+    finite and right; a NaN weight reaches its column only."""
+    g = torch.Generator().manual_seed(5)
+    dim = 77
+    x = torch.randn(5, dim, generator=g).to(dtype)
+    x[1, 10] = float("nan")
+    x[2, 76] = float("inf")  # in the scalar tail
+    x[3] = (torch.randn(dim, generator=g, dtype=torch.float64).clamp(-2, 2) * (torch.finfo(dtype).max / 4)).to(dtype)
+    w = (1 + 0.1 * torch.randn(dim, generator=g)).to(dtype)
+    b = (0.1 * torch.randn(dim, generator=g)).to(dtype)
+    for y, yd in ((ops.layer_norm(x, w, b, 1e-5), _ln64(x, w, b, 1e-5)),
+                  (ops.rms_norm(x, w, 1e-6), _rms64(x, w, 1e-6))):
+        assert torch.equal(y.isnan(), yd.isnan()) and torch.equal(y.isinf(), yd.isinf())
+        assert y[1].isnan().all() and y[[0, 3, 4]].isfinite().all()
+        fin = yd.isfinite()
+        err = (y.double()[fin] - yd[fin]).abs() / (yd[fin].abs() + 1)
+        assert err.max().item() <= NORM_TOL[dtype]
+    w2 = w.clone()
+    w2[3] = float("nan")
+    y = ops.layer_norm(x[[0, 4]], w2, b, 1e-5)
+    assert y[:, 3].isnan().all() and y[:, [0, 1, 2, 4]].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inject_norm_chunk_edges(dtype, monkeypatch):
+    """Rows split over two threads (D = 64: 512 rows per grain, 1400 rows): visual rows on both
+    sides of the split and at the ends; the default path against the twin, injected exactly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(11)
+        hidden = torch.randn(2, 700, 64, generator=g).to(dtype)
+        mask = torch.zeros(2, 700, dtype=torch.bool)
+        mask[0, 0] = mask[0, 690:] = mask[1, :12] = mask[1, 345:355] = mask[1, 699] = True
+        idx = ops.visual_index(mask)
+        emb = torch.randn(int(mask.sum()), 64, generator=g).to(torch.bfloat16)
+        w = (1 + 0.1 * torch.randn(64, generator=g)).to(dtype)
+        b = (0.1 * torch.randn(64, generator=g)).to(dtype)
+
+        def run():
+            return (*ops.deepstack_inject_layer_norm(hidden, emb, idx, w, b, 1e-5),
+                    *ops.deepstack_inject_rms_norm(hidden, emb, idx, w, 1e-6))
+        fast = run()
+        monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
+        twin = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(fast[1], twin[1]) and torch.equal(fast[3], twin[3])
+    tol = NORM_TOL[dtype]
+    torch.testing.assert_close(fast[0].float(), twin[0].float(), atol=2 * tol, rtol=2 * tol)
+    torch.testing.assert_close(fast[2].float(), twin[2].float(), atol=2 * tol, rtol=2 * tol)

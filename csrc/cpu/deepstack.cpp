@@ -119,33 +119,67 @@ void run(const InjectNormParams& p, Norm norm) {
 #ifdef HIRES_X86
 // Default CPU path (AVX2): the twin's row algorithm, the same roundings element by element
 // (round_to<T> of the embedding and of the sum, RMS: w * round_to<T>(x * rstd), LayerNorm:
-// ((x - mean) * rstd) * w + b, where the compiler may fuse the last multiply-add), 8 lanes at a
-// time; the fp32 statistics are summed in 32 lanes (another order than the twin: the last bits
-// of rstd may differ). A row whose statistic is not finite takes the twin's fp64 redo.
-// sum of x (square: of (x - shift)^2) in 4 x 8 fp32 lanes
-HIRES_AVX2 float lane_sum(const float* x, int64_t D, float shift, bool square) {
-  const __m256 sh = _mm256_set1_ps(shift);
+// ((x - mean) * rstd) * w + b with the last multiply-add fused), 8 lanes at a time. The norm
+// reads its input row in T (x itself, or the injected row it has just written: exactly the
+// twin's fp32 x, which is a T value), converting 8 elements per load, in three passes over a row
+// that stays in L1 (D <= 16384: <= 32 KiB in 16 bits): the sum (LayerNorm), the sum of squared
+// deviations (exact two-pass variance), the normalization. fp32 statistics summed in 4 x 8 lanes
+// (another order than the twin: the last bits of rstd may differ). A row whose statistic is not
+// finite takes the twin's fp64 redo.
+// sum of x in 4 x 8 fp32 lanes
+template <typename T>
+HIRES_AVX2 float lane_sum(const T* x, int64_t D) {
+  using cpu::load8;
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t c = 0;
   for (; c + 32 <= D; c += 32) {
-    __m256 v0 = _mm256_loadu_ps(x + c), v1 = _mm256_loadu_ps(x + c + 8), v2 = _mm256_loadu_ps(x + c + 16),
-           v3 = _mm256_loadu_ps(x + c + 24);
-    if (square) {
-      v0 = _mm256_sub_ps(v0, sh); v1 = _mm256_sub_ps(v1, sh); v2 = _mm256_sub_ps(v2, sh); v3 = _mm256_sub_ps(v3, sh);
-      a0 = _mm256_fmadd_ps(v0, v0, a0); a1 = _mm256_fmadd_ps(v1, v1, a1);
-      a2 = _mm256_fmadd_ps(v2, v2, a2); a3 = _mm256_fmadd_ps(v3, v3, a3);
-    } else {
-      a0 = _mm256_add_ps(a0, v0); a1 = _mm256_add_ps(a1, v1); a2 = _mm256_add_ps(a2, v2); a3 = _mm256_add_ps(a3, v3);
-    }
+    a0 = _mm256_add_ps(a0, load8(x + c)); a1 = _mm256_add_ps(a1, load8(x + c + 8));
+    a2 = _mm256_add_ps(a2, load8(x + c + 16)); a3 = _mm256_add_ps(a3, load8(x + c + 24));
+  }
+  for (; c + 8 <= D; c += 8) a0 = _mm256_add_ps(a0, load8(x + c));
+  float s = cpu::hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; c < D; ++c) s += static_cast<float>(x[c]);
+  return s;
+}
+
+// d = x - shift: sum of d^2 (returned) and, when sum_d is given, sum of d, in 4 x 8 fp32 lanes
+template <typename T>
+HIRES_AVX2 float lane_sum_sq(const T* x, int64_t D, float shift, float* sum_d) {
+  using cpu::load8;
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, s0 = a0, s1 = a0;
+  int64_t c = 0;
+  for (; c + 32 <= D; c += 32) {
+    const __m256 v0 = _mm256_sub_ps(load8(x + c), sh), v1 = _mm256_sub_ps(load8(x + c + 8), sh),
+                 v2 = _mm256_sub_ps(load8(x + c + 16), sh), v3 = _mm256_sub_ps(load8(x + c + 24), sh);
+    a0 = _mm256_fmadd_ps(v0, v0, a0); a1 = _mm256_fmadd_ps(v1, v1, a1);
+    a2 = _mm256_fmadd_ps(v2, v2, a2); a3 = _mm256_fmadd_ps(v3, v3, a3);
+    if (sum_d != nullptr) { s0 = _mm256_add_ps(s0, _mm256_add_ps(v0, v1)); s1 = _mm256_add_ps(s1, _mm256_add_ps(v2, v3)); }
+  }
+  for (; c + 8 <= D; c += 8) {
+    const __m256 v = _mm256_sub_ps(load8(x + c), sh);
+    a0 = _mm256_fmadd_ps(v, v, a0);
+    if (sum_d != nullptr) s0 = _mm256_add_ps(s0, v);
   }
   float s = cpu::hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; c < D; ++c) s += square ? (x[c] - shift) * (x[c] - shift) : x[c];
+  float sd = cpu::hsum8(_mm256_add_ps(s0, s1));
+  for (; c < D; ++c) {
+    const float v = static_cast<float>(x[c]) - shift;
+    s += v * v;
+    sd += v;
+  }
+  if (sum_d != nullptr) *sum_d = sd;
   return s;
+}
+
+// The first index entry >= row (index sorted).
+int64_t first_visual_at_or_after(const int64_t* index, int64_t n, int64_t row) {
+  return std::lower_bound(index, index + n, row) - index;
 }
 
 template <typename T, typename E>
 HIRES_AVX2 void norm_rows_avx2(const InjectNormParams& p, Norm norm, const float* w, const float* b,
-                               int64_t begin, int64_t end, float* x) {
+                               int64_t begin, int64_t end, T* xbuf) {
   using cpu::load8;
   using cpu::round8;
   using cpu::store8;
@@ -154,49 +188,59 @@ HIRES_AVX2 void norm_rows_avx2(const InjectNormParams& p, Norm norm, const float
   const E* embeds = static_cast<const E*>(p.embeds);
   T* normed = static_cast<T*>(p.normed);
   T* injected = static_cast<T*>(p.injected);
+  // the visual rows of [begin, end) are index[k..] in order: one search per chunk
+  int64_t k = p.num_visual > 0 ? first_visual_at_or_after(p.index, p.num_visual, begin) : 0;
   for (int64_t row = begin; row < end; ++row) {
     const T* h = hidden + row * p.hidden_stride;
-    const int64_t r = p.num_visual > 0 ? find_visual(p.index, p.num_visual, row) : -1;
-    if (injected != nullptr && r < 0) std::memcpy(injected + row * D, h, sizeof(T) * D);  // a text row
-    if (norm == Norm::kNone && r < 0) continue;
-    if (r >= 0) {
-      const E* e = embeds + r * p.embeds_stride;
+    const bool visual = k < p.num_visual && p.index[k] == row;
+    const T* x = h;  // the norm's input row, in T
+    if (visual) {
+      const E* e = embeds + (k++) * p.embeds_stride;
+      T* o = injected != nullptr ? injected + row * D : xbuf;
       int64_t c = 0;
-      for (; c < D8; c += 8)
-        _mm256_storeu_ps(x + c, round8<T>(_mm256_add_ps(load8(h + c), round8<T>(load8(e + c)))));
-      for (; c < D; ++c) x[c] = round_to<T>(static_cast<float>(h[c]) + round_to<T>(static_cast<float>(e[c])));
-      if (injected != nullptr) {
-        T* o = injected + row * D;
-        for (c = 0; c < D8; c += 8) store8(o + c, _mm256_loadu_ps(x + c));
-        for (; c < D; ++c) o[c] = static_cast<T>(x[c]);
-      }
-    } else {
-      int64_t c = 0;
-      for (; c < D8; c += 8) _mm256_storeu_ps(x + c, load8(h + c));
-      for (; c < D; ++c) x[c] = static_cast<float>(h[c]);
+      for (; c < D8; c += 8) store8(o + c, _mm256_add_ps(load8(h + c), round8<T>(load8(e + c))));
+      for (; c < D; ++c) o[c] = static_cast<T>(static_cast<float>(h[c]) + round_to<T>(static_cast<float>(e[c])));
+      x = o;
+    } else if (injected != nullptr) {
+      std::memcpy(injected + row * D, h, sizeof(T) * D);  // a text row
     }
     if (norm == Norm::kNone) continue;
-    // fp32 statistics (two-pass variance for LayerNorm) in 4 x 8 lanes
-    const float shift = norm == Norm::kLayer ? lane_sum(x, D, 0.f, false) / float(D) : 0.f;
-    const float var = lane_sum(x, D, shift, true) / float(D);
+    // fp32 statistics in 4 x 8 lanes. LayerNorm: the mean m0 = sum x / D, then from d = x - m0
+    // (exact near the mean) the corrected two-pass variance (sum d^2 - (sum d)^2 / D) / D and the
+    // mean's remainder delta = sum d / D; the output reads (x - m0) - delta, so the rounding of
+    // the mean to fp32 does not reach rows far from zero (offset 1e4 + N(0, 1) stays exact)
+    float shift = 0.f, delta = 0.f, var;
+    if (norm == Norm::kLayer) {
+      shift = lane_sum(x, D) / float(D);
+      float sd = 0.f;
+      const float ss = lane_sum_sq(x, D, shift, &sd);
+      delta = sd / float(D);
+      var = std::max((ss - sd * delta) / float(D), 0.f);
+      if (!std::isfinite(shift) || !std::isfinite(delta)) var = shift + delta;  // non-finite: the fp64 redo
+    } else {
+      var = lane_sum_sq(x, D, 0.f, nullptr) / float(D);
+    }
     T* o = normed + row * D;
     if (!std::isfinite(var)) {
-      norm_row_f64<T>(x, D, norm, w, b, p.eps, o);
+      std::vector<float> xf(D);
+      for (int64_t c = 0; c < D; ++c) xf[c] = static_cast<float>(x[c]);
+      norm_row_f64<T>(xf.data(), D, norm, w, b, p.eps, o);
       continue;
     }
     const float rstd = 1.f / std::sqrt(var + p.eps);
-    const __m256 rv = _mm256_set1_ps(rstd), sv = _mm256_set1_ps(shift);
+    const __m256 rv = _mm256_set1_ps(rstd), sv = _mm256_set1_ps(shift), dv = _mm256_set1_ps(delta);
     int64_t c = 0;
     if (norm == Norm::kRms) {
       for (; c < D8; c += 8)
-        store8(o + c, _mm256_mul_ps(_mm256_loadu_ps(w + c), round8<T>(_mm256_mul_ps(_mm256_loadu_ps(x + c), rv))));
-      for (; c < D; ++c) o[c] = static_cast<T>(w[c] * round_to<T>(x[c] * rstd));
+        store8(o + c, _mm256_mul_ps(_mm256_loadu_ps(w + c), round8<T>(_mm256_mul_ps(load8(x + c), rv))));
+      for (; c < D; ++c) o[c] = static_cast<T>(w[c] * round_to<T>(static_cast<float>(x[c]) * rstd));
     } else {
       for (; c < D8; c += 8) {
-        const __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + c), sv), rv), _mm256_loadu_ps(w + c));
-        store8(o + c, _mm256_add_ps(y, _mm256_loadu_ps(b + c)));
+        const __m256 y = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(load8(x + c), sv), dv), rv);
+        store8(o + c, _mm256_fmadd_ps(y, _mm256_loadu_ps(w + c), _mm256_loadu_ps(b + c)));
       }
-      for (; c < D; ++c) o[c] = static_cast<T>((x[c] - shift) * rstd * w[c] + b[c]);
+      for (; c < D; ++c)
+        o[c] = static_cast<T>(std::fma(((static_cast<float>(x[c]) - shift) - delta) * rstd, w[c], b[c]));
     }
   }
 }
@@ -210,8 +254,9 @@ void run_fast(const InjectNormParams& p, Norm norm) {
     for (int64_t c = 0; c < D; ++c) b[c] = static_cast<float>(static_cast<const T*>(p.bias)[c]);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(D);
-    norm_rows_avx2<T, E>(p, norm, w.data(), b.data(), begin, end, x.data());
+    // the injected row when it is not an output (no caller today): a scratch row
+    std::vector<T> xbuf(p.injected == nullptr && p.num_visual > 0 ? D : 0);
+    norm_rows_avx2<T, E>(p, norm, w.data(), b.data(), begin, end, xbuf.data());
   });
 }
 
