@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "csrc/cpu/avx2.h"
@@ -126,15 +127,60 @@ void run(const InjectNormParams& p, Norm norm) {
 // deviations (exact two-pass variance), the normalization. fp32 statistics summed in 4 x 8 lanes
 // (another order than the twin: the last bits of rstd may differ). A row whose statistic is not
 // finite takes the twin's fp64 redo.
+constexpr bool kSplit16 = true;  // bf16: the shuffle-free 16-element blocks below
+
+// bf16, 16 elements per 256-bit load split without shuffles (AVX2's bf16 -> fp32 widening is a
+// cross-lane shuffle, one per 8 elements per pass, and the shuffle port was the limit): ev holds
+// the even elements 0, 2, .., 14 (shifted up), od the odd ones 1, 3, .., 15 (masked). The sums do
+// not care about the order; the normalization reads weight and bias in the same even/odd order
+// (permuted once per call) and store16 interleaves the rounded results back without a shuffle.
+HIRES_AVX2 inline void split16(const c10::BFloat16* x, __m256& ev, __m256& od) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  ev = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  od = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int(0xffff0000u))));
+}
+// cpu::bf16_round_bits without its NaN blend: exact for every value these rows produce. A NaN
+// here comes from a bf16 input (x, weight, bias: fp32 bits whose low 16 bits are 0, a payload
+// that arithmetic keeps) or from an invalid operation (the default NaN 0x7fc00000, low bits 0),
+// the statistics being finite on this path; adding at most 0x8000 to low bits 0 cannot carry
+// into the exponent, so a NaN stays a NaN.
+HIRES_AVX2 inline __m256i bf16_round_bits_lo0(__m256 x) {
+  const __m256i b = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  return _mm256_and_si256(r, _mm256_set1_epi32(int(0xffff0000u)));
+}
+HIRES_AVX2 inline __m256 bf16_round_lo0(__m256 x) { return _mm256_castsi256_ps(bf16_round_bits_lo0(x)); }
+HIRES_AVX2 inline void store16(c10::BFloat16* o, __m256 ev, __m256 od) {
+  const __m256i r = _mm256_or_si256(_mm256_srli_epi32(bf16_round_bits_lo0(ev), 16), bf16_round_bits_lo0(od));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), r);
+}
+// v (16 values of a bf16 block, in element order) as split16 orders them: even, then odd
+inline void permute16(const float* v, float* out) {
+  for (int j = 0; j < 8; ++j) {
+    out[j] = v[2 * j];
+    out[8 + j] = v[2 * j + 1];
+  }
+}
+
 // sum of x in 4 x 8 fp32 lanes
 template <typename T>
 HIRES_AVX2 float lane_sum(const T* x, int64_t D) {
   using cpu::load8;
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t c = 0;
-  for (; c + 32 <= D; c += 32) {
-    a0 = _mm256_add_ps(a0, load8(x + c)); a1 = _mm256_add_ps(a1, load8(x + c + 8));
-    a2 = _mm256_add_ps(a2, load8(x + c + 16)); a3 = _mm256_add_ps(a3, load8(x + c + 24));
+  if constexpr (std::is_same_v<T, c10::BFloat16> && kSplit16) {
+    for (; c + 32 <= D; c += 32) {
+      __m256 e0, o0, e1, o1;
+      split16(x + c, e0, o0);
+      split16(x + c + 16, e1, o1);
+      a0 = _mm256_add_ps(a0, e0); a1 = _mm256_add_ps(a1, o0); a2 = _mm256_add_ps(a2, e1); a3 = _mm256_add_ps(a3, o1);
+    }
+  } else {
+    for (; c + 32 <= D; c += 32) {
+      a0 = _mm256_add_ps(a0, load8(x + c)); a1 = _mm256_add_ps(a1, load8(x + c + 8));
+      a2 = _mm256_add_ps(a2, load8(x + c + 16)); a3 = _mm256_add_ps(a3, load8(x + c + 24));
+    }
   }
   for (; c + 8 <= D; c += 8) a0 = _mm256_add_ps(a0, load8(x + c));
   float s = cpu::hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
@@ -150,8 +196,14 @@ HIRES_AVX2 float lane_sum_sq(const T* x, int64_t D, float shift, float* sum_d) {
   __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, s0 = a0, s1 = a0;
   int64_t c = 0;
   for (; c + 32 <= D; c += 32) {
-    const __m256 v0 = _mm256_sub_ps(load8(x + c), sh), v1 = _mm256_sub_ps(load8(x + c + 8), sh),
-                 v2 = _mm256_sub_ps(load8(x + c + 16), sh), v3 = _mm256_sub_ps(load8(x + c + 24), sh);
+    __m256 v0, v1, v2, v3;
+    if constexpr (std::is_same_v<T, c10::BFloat16> && kSplit16) {
+      split16(x + c, v0, v1);
+      split16(x + c + 16, v2, v3);
+    } else {
+      v0 = load8(x + c); v1 = load8(x + c + 8); v2 = load8(x + c + 16); v3 = load8(x + c + 24);
+    }
+    v0 = _mm256_sub_ps(v0, sh); v1 = _mm256_sub_ps(v1, sh); v2 = _mm256_sub_ps(v2, sh); v3 = _mm256_sub_ps(v3, sh);
     a0 = _mm256_fmadd_ps(v0, v0, a0); a1 = _mm256_fmadd_ps(v1, v1, a1);
     a2 = _mm256_fmadd_ps(v2, v2, a2); a3 = _mm256_fmadd_ps(v3, v3, a3);
     if (sum_d != nullptr) { s0 = _mm256_add_ps(s0, _mm256_add_ps(v0, v1)); s1 = _mm256_add_ps(s1, _mm256_add_ps(v2, v3)); }
@@ -179,7 +231,7 @@ int64_t first_visual_at_or_after(const int64_t* index, int64_t n, int64_t row) {
 
 template <typename T, typename E>
 HIRES_AVX2 void norm_rows_avx2(const InjectNormParams& p, Norm norm, const float* w, const float* b,
-                               int64_t begin, int64_t end, T* xbuf) {
+                               const float* wp, const float* bp, int64_t begin, int64_t end, T* xbuf) {
   using cpu::load8;
   using cpu::round8;
   using cpu::store8;
@@ -230,6 +282,27 @@ HIRES_AVX2 void norm_rows_avx2(const InjectNormParams& p, Norm norm, const float
     const float rstd = 1.f / std::sqrt(var + p.eps);
     const __m256 rv = _mm256_set1_ps(rstd), sv = _mm256_set1_ps(shift), dv = _mm256_set1_ps(delta);
     int64_t c = 0;
+    if constexpr (std::is_same_v<T, c10::BFloat16> && kSplit16) {
+      // blocks of 16 in split16's even/odd order (wp, bp: weight and bias permuted alike)
+      const int64_t D16 = D / 16 * 16;
+      if (norm == Norm::kRms) {
+        for (; c < D16; c += 16) {
+          __m256 ev, od;
+          split16(x + c, ev, od);
+          store16(o + c, _mm256_mul_ps(_mm256_loadu_ps(wp + c), bf16_round_lo0(_mm256_mul_ps(ev, rv))),
+                  _mm256_mul_ps(_mm256_loadu_ps(wp + c + 8), bf16_round_lo0(_mm256_mul_ps(od, rv))));
+        }
+      } else {
+        for (; c < D16; c += 16) {
+          __m256 ev, od;
+          split16(x + c, ev, od);
+          const __m256 ye = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(ev, sv), dv), rv);
+          const __m256 yo = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(od, sv), dv), rv);
+          store16(o + c, _mm256_fmadd_ps(ye, _mm256_loadu_ps(wp + c), _mm256_loadu_ps(bp + c)),
+                  _mm256_fmadd_ps(yo, _mm256_loadu_ps(wp + c + 8), _mm256_loadu_ps(bp + c + 8)));
+        }
+      }
+    }
     if (norm == Norm::kRms) {
       for (; c < D8; c += 8)
         store8(o + c, _mm256_mul_ps(_mm256_loadu_ps(w + c), round8<T>(_mm256_mul_ps(load8(x + c), rv))));
@@ -252,11 +325,22 @@ void run_fast(const InjectNormParams& p, Norm norm) {
   for (int64_t c = 0; c < int64_t(w.size()); ++c) w[c] = static_cast<float>(static_cast<const T*>(p.weight)[c]);
   if (p.bias != nullptr)
     for (int64_t c = 0; c < D; ++c) b[c] = static_cast<float>(static_cast<const T*>(p.bias)[c]);
+  // bf16: weight and bias of each 16-element block in split16's order
+  std::vector<float> wp, bp;
+  if (std::is_same_v<T, c10::BFloat16> && kSplit16 && norm != Norm::kNone) {
+    const int64_t D16 = D / 16 * 16;
+    wp.resize(D16);
+    bp.resize(D16);
+    for (int64_t c = 0; c < D16; c += 16) {
+      permute16(w.data() + c, wp.data() + c);
+      permute16(b.data() + c, bp.data() + c);
+    }
+  }
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1));
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     // the injected row when it is not an output (no caller today): a scratch row
     std::vector<T> xbuf(p.injected == nullptr && p.num_visual > 0 ? D : 0);
-    norm_rows_avx2<T, E>(p, norm, w.data(), b.data(), begin, end, xbuf.data());
+    norm_rows_avx2<T, E>(p, norm, w.data(), b.data(), wp.data(), bp.data(), begin, end, xbuf.data());
   });
 }
 
