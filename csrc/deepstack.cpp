@@ -2,7 +2,8 @@
 //   visual_index, deepstack_inject, deepstack_inject_rms_norm, deepstack_inject_layer_norm,
 //   rms_norm, layer_norm
 // One implementation function (inject_norm) serves all six; the kernel is
-// kernels/deepstack/inject_norm.cuh and its CPU twin csrc/cpu/deepstack.cpp.
+// kernels/deepstack/inject_norm.cuh and its CPU twin csrc/cpu/deepstack.cpp. On the CPU the
+// five injection / norm ops also have their autograd here (AutogradCPU, end of file).
 #include <torch/library.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <ATen/ATen.h>

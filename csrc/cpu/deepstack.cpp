@@ -118,19 +118,19 @@ void run(const InjectNormParams& p, Norm norm) {
 }
 
 #ifdef HIRES_X86
-// Default CPU path (AVX2): the twin's row algorithm, the same roundings element by element
+// Default CPU path (AVX2): the twin's row algorithm and roundings element by element
 // (round_to<T> of the embedding and of the sum, RMS: w * round_to<T>(x * rstd), LayerNorm:
-// ((x - mean) * rstd) * w + b with the last multiply-add fused), 8 lanes at a time. The norm
-// reads its input row in T (x itself, or the injected row it has just written: exactly the
-// twin's fp32 x, which is a T value), converting 8 elements per load, in three passes over a row
-// that stays in L1 (D <= 16384: <= 32 KiB in 16 bits): the sum (LayerNorm), the sum of squared
-// deviations (exact two-pass variance), the normalization. fp32 statistics summed in 4 x 8 lanes
-// (another order than the twin: the last bits of rstd may differ). A row whose statistic is not
-// finite takes the twin's fp64 redo.
+// ((x - mean) * rstd) * w + b with the last multiply-add fused), 8 lanes at a time (bf16: 16).
+// The norm reads its input row in T (x itself, or the injected row it has just written: exactly
+// the twin's fp32 x, a T value), converting at each load, in three passes over a row that stays
+// in cache (no fp32 copy of it): the sum, the squared deviations, the normalization. fp32 statistics summed in 4 x 8 lanes; LayerNorm's are the corrected two-pass
+// ones (below), more accurate than the twin's on rows far from zero, otherwise equal up to the
+// summation order (the last bits of rstd). A row whose statistic is not finite takes the twin's
+// fp64 redo. Rows split over at::parallel_for, at least 32768 elements per task.
 constexpr bool kSplit16 = true;  // bf16: the shuffle-free 16-element blocks below
 
 // bf16, 16 elements per 256-bit load split without shuffles (AVX2's bf16 -> fp32 widening is a
-// cross-lane shuffle, one per 8 elements per pass, and the shuffle port was the limit): ev holds
+// shuffle per 8 elements and pass; with it, bf16 rows ran slower than fp32 rows here): ev holds
 // the even elements 0, 2, .., 14 (shifted up), od the odd ones 1, 3, .., 15 (masked). The sums do
 // not care about the order; the normalization reads weight and bias in the same even/odd order
 // (permuted once per call) and store16 interleaves the rounded results back without a shuffle.
