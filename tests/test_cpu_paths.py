@@ -287,12 +287,15 @@ def test_dwconv_nonfinite_on_the_fused_cpu_kernel():
 # ---- the norms' vectorized rows: odd D, hard rows, non-finite rows, chunk edges ------------------
 def _hard_rows(dtype, dim, g):
     """Rows of (6, dim): N(0, 1); offset 1e4 + N(0, 1) (fp32 / fp16) or 3e4 (bf16); a constant row;
-    tiny values (1e-3 N(0, 1)); a row far larger than the rest (1e3 N(0, 1)); N(0, 1) again."""
+    tiny values (1e-3 N(0, 1)); a row far larger than the rest (1e3 N(0, 1)); N(0, 1) with its
+    first 8 elements + 40 (the LayerNorm's one-pass shift is then far from the mean: its second
+    pass)."""
     x = torch.randn(6, dim, generator=g, dtype=torch.float64)
     x[1] += 3e4 if dtype == torch.bfloat16 else 1e4
     x[2] = 0.3
     x[3] *= 1e-3
     x[4] *= 1e3
+    x[5, :8] += 40
     return x.to(dtype)
 
 

@@ -122,11 +122,12 @@ void run(const InjectNormParams& p, Norm norm) {
 // (round_to<T> of the embedding and of the sum, RMS: w * round_to<T>(x * rstd), LayerNorm:
 // ((x - mean) * rstd) * w + b with the last multiply-add fused), 8 lanes at a time (bf16: 16).
 // The norm reads its input row in T (x itself, or the injected row it has just written: exactly
-// the twin's fp32 x, a T value), converting at each load, in three passes over a row that stays
-// in cache (no fp32 copy of it): the sum, the squared deviations, the normalization. fp32 statistics summed in 4 x 8 lanes; LayerNorm's are the corrected two-pass
-// ones (below), more accurate than the twin's on rows far from zero, otherwise equal up to the
-// summation order (the last bits of rstd). A row whose statistic is not finite takes the twin's
-// fp64 redo. Rows split over at::parallel_for, at least 32768 elements per task.
+// the twin's fp32 x, a T value), converting at each load, in two passes over a row that stays in
+// cache (no fp32 copy of it): the statistics, then the normalization. fp32 statistics summed in
+// 4 x 8 lanes; LayerNorm's are shifted-data ones (below), more accurate than the twin's on rows
+// far from zero, otherwise equal up to the summation order (the last bits of rstd). A row whose
+// statistic is not finite takes the twin's fp64 redo. Rows split over at::parallel_for, at least
+// 32768 elements per task.
 constexpr bool kSplit16 = true;  // bf16: the shuffle-free 16-element blocks below
 
 // bf16, 16 elements per 256-bit load split without shuffles (AVX2's bf16 -> fp32 widening is a
@@ -161,31 +162,6 @@ inline void permute16(const float* v, float* out) {
     out[j] = v[2 * j];
     out[8 + j] = v[2 * j + 1];
   }
-}
-
-// sum of x in 4 x 8 fp32 lanes
-template <typename T>
-HIRES_AVX2 float lane_sum(const T* x, int64_t D) {
-  using cpu::load8;
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t c = 0;
-  if constexpr (std::is_same_v<T, c10::BFloat16> && kSplit16) {
-    for (; c + 32 <= D; c += 32) {
-      __m256 e0, o0, e1, o1;
-      split16(x + c, e0, o0);
-      split16(x + c + 16, e1, o1);
-      a0 = _mm256_add_ps(a0, e0); a1 = _mm256_add_ps(a1, o0); a2 = _mm256_add_ps(a2, e1); a3 = _mm256_add_ps(a3, o1);
-    }
-  } else {
-    for (; c + 32 <= D; c += 32) {
-      a0 = _mm256_add_ps(a0, load8(x + c)); a1 = _mm256_add_ps(a1, load8(x + c + 8));
-      a2 = _mm256_add_ps(a2, load8(x + c + 16)); a3 = _mm256_add_ps(a3, load8(x + c + 24));
-    }
-  }
-  for (; c + 8 <= D; c += 8) a0 = _mm256_add_ps(a0, load8(x + c));
-  float s = cpu::hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  for (; c < D; ++c) s += static_cast<float>(x[c]);
-  return s;
 }
 
 // d = x - shift: sum of d^2 (returned) and, when sum_d is given, sum of d, in 4 x 8 fp32 lanes
@@ -257,15 +233,24 @@ HIRES_AVX2 void norm_rows_avx2(const InjectNormParams& p, Norm norm, const float
       std::memcpy(injected + row * D, h, sizeof(T) * D);  // a text row
     }
     if (norm == Norm::kNone) continue;
-    // fp32 statistics in 4 x 8 lanes. LayerNorm: the mean m0 = sum x / D, then from d = x - m0
-    // (exact near the mean) the corrected two-pass variance (sum d^2 - (sum d)^2 / D) / D and the
-    // mean's remainder delta = sum d / D; the output reads (x - m0) - delta, so the rounding of
-    // the mean to fp32 does not reach rows far from zero (offset 1e4 + N(0, 1) stays exact)
+    // fp32 statistics in 4 x 8 lanes. LayerNorm: from d = x - K (K: a shift near the mean) the
+    // shifted-data variance (sum d^2 - (sum d)^2 / D) / D and the mean's remainder
+    // delta = sum d / D, in one pass; the output reads (x - K) - delta, so the rounding of the mean
+    // to fp32 does not reach rows far from zero (offset 1e4 + N(0, 1) stays exact). The pass
+    // loses log2(A) bits, A = sum d^2 / (sum d^2 - (sum d)^2 / D) = 1 + (mean - K)^2 / var: with K
+    // the mean of the first 8 elements A <= 2 is accepted (Gaussian rows: 99.5%); otherwise (or
+    // a non-finite sum) a second pass from K + delta, the corrected two-pass algorithm (A ~ 1).
     float shift = 0.f, delta = 0.f, var;
     if (norm == Norm::kLayer) {
-      shift = lane_sum(x, D) / float(D);
+      const int64_t n0 = std::min<int64_t>(D, 8);
+      for (int64_t c = 0; c < n0; ++c) shift += static_cast<float>(x[c]);
+      shift /= float(n0);
       float sd = 0.f;
-      const float ss = lane_sum_sq(x, D, shift, &sd);
+      float ss = lane_sum_sq(x, D, shift, &sd);
+      if (!(sd * (sd / float(D)) <= 0.5f * ss)) {
+        shift += sd / float(D);
+        ss = lane_sum_sq(x, D, shift, &sd);
+      }
       delta = sd / float(D);
       var = std::max((ss - sd * delta) / float(D), 0.f);
       if (!std::isfinite(shift) || !std::isfinite(delta)) var = shift + delta;  // non-finite: the fp64 redo
