@@ -397,3 +397,51 @@ def test_inject_norm_chunk_edges(dtype, monkeypatch):
     tol = NORM_TOL[dtype]
     torch.testing.assert_close(fast[0].float(), twin[0].float(), atol=2 * tol, rtol=2 * tol)
     torch.testing.assert_close(fast[2].float(), twin[2].float(), atol=2 * tol, rtol=2 * tol)
+
+
+def test_cpu_autograd_partial_grads():
+    """The C++ autograd of the norms on the CPU (AutogradCPU): a gradient through one output of
+    two (the other undefined), gradients wanted for some inputs only, and no graph under no_grad;
+    against the reference's autograd (fp32)."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(3, 5, 67, generator=g)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[0, 1] = mask[2, 3:] = True
+    idx = ops.visual_index(mask)
+    e = torch.randn(int(mask.sum()), 67, generator=g).bfloat16()
+    w = 1 + 0.1 * torch.randn(67, generator=g)
+    b = 0.1 * torch.randn(67, generator=g)
+
+    def grads(lib, which, wanted):
+        leaves = [t.detach().clone().requires_grad_(k in wanted) for k, t in zip("hewb", (h, e, w, b))]
+        hh, ee, ww, bb = leaves
+        outs = {"ln": lambda: (lib.layer_norm(hh, ww, bb, 1e-5),),
+                "rms": lambda: (lib.rms_norm(hh, ww, 1e-6),),
+                "inject": lambda: (lib.deepstack_inject(hh, ee, idx),),
+                "inject_ln": lambda: lib.deepstack_inject_layer_norm(hh, ee, idx, ww, bb, 1e-5),
+                "inject_rms": lambda: lib.deepstack_inject_rms_norm(hh, ee, idx, ww, 1e-6)}[which[0]]()
+        loss = sum((o.float() * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum()
+                   for i, o in enumerate(outs) if i in which[1])
+        if not loss.requires_grad:  # the reference: no wanted input reaches this output
+            return [None] * 4
+        loss.backward()
+        return [t.grad for t in leaves]
+
+    for which in [("ln", (0,)), ("rms", (0,)), ("inject", (0,)), ("inject_ln", (0,)), ("inject_ln", (1,)),
+                  ("inject_rms", (0,)), ("inject_rms", (0, 1))]:
+        uses = {"ln": "hwb", "rms": "hw", "inject": "he", "inject_ln": "hewb", "inject_rms": "hew"}[which[0]]
+        for wanted in ("hewb", "w", "e", "hb"):
+            if not set(wanted) & set(uses):
+                continue
+            got, want = grads(ops, which, wanted), grads(reference, which, wanted)
+            for k, a, r in zip("hewb", got, want):
+                if r is None:  # not reached from the loss; the kernel's formula may give zeros
+                    assert a is None or not a.any(), (which, wanted, k)
+                else:
+                    assert a.dtype == r.dtype
+                    torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4, msg=f"{which} {wanted} d{k}")
+    hr = h.clone().requires_grad_()
+    with torch.no_grad():
+        assert ops.layer_norm(hr, w, b, 1e-5).grad_fn is None
+        assert all(o.grad_fn is None for o in ops.deepstack_inject_rms_norm(hr, e, idx, w, 1e-6))
+    assert ops.layer_norm(h, w, b, 1e-5).grad_fn is None
