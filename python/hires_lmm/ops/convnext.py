@@ -9,7 +9,7 @@ import torch
 
 from .. import reference as _ref
 from .._backend import use_reference
-from ._register import check_fake_devices, op, register_reference_backward
+from ._register import check_fake_devices, op
 
 __all__ = ["dwconv_layernorm", "convnext_block", "convnext_mlp"]
 
@@ -171,30 +171,150 @@ def _block_setup(ctx, inputs, output):
     ctx.eps = inputs[10]
 
 
-def _block_forward_composed(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias,
-                            fc2_weight, fc2_bias, gamma, eps):
-    F = torch.nn.functional
-    h = op("dwconv_layernorm")(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)  # x's dtype, as the kernel
-    h = F.linear(h.float(), fc1_weight.float(), None if fc1_bias is None else fc1_bias.float())
-    h = F.gelu(h)
-    h = F.linear(h, fc2_weight.float(), None if fc2_bias is None else fc2_bias.float())
-    if gamma is not None:
-        h = gamma.float() * h
-    return x.float() + h
+# Rows per chunk of the MLP backward: the fp32 (rows, F) temporaries (u, GELU(u), its gradient)
+# stay near 16 MB whatever M is; one chunk at the benchmark's shapes.
+_MLP_BWD_ELEMS = 1 << 22
+
+
+def _mlp_backward(go, a, w1, b1, w2, b2, gamma, need, round_dtype=None):
+    """Gradients of out = res + gamma * (G(a W1^T + b1) W2^T + b2), G = erf-GELU, with respect to
+    a and the parameters, in fp32 (the fp32 formula's derivative; no autograd graph).
+
+    go (M, C) fp32: d out. a (M, C): the values fc1 read (any float dtype). w1 (F, C), b1 (F,) or
+    None, w2 (C, F), b2 (C,) or None, gamma (C,) or None. need: which of (a, w1, b1, w2, b2, gamma)
+    to return (others None). round_dtype: the GELU output is rounded to it before fc2 (the forward
+    of convnext_mlp for fp16/bf16; its derivative is taken as 1) else kept fp32. Recomputes
+    u = a W1^T + b1 (one GEMM) in row chunks; with dv = go * gamma:
+        dW2 = dv^T G(u)   db2 = sum_m dv   dgamma = sum_m go * (G(u) W2^T + b2)
+            = rowsum((go^T G(u)) * W2) + b2 * sum_m go        (no second fc2 GEMM)
+        du = (go (gamma W2)) * G'(u)   dW1 = du^T a   db1 = sum_m du   da = du W1
+    Returns fp32 (da, dW1, db1, dW2, db2, dgamma)."""
+    need_a, need_w1, need_b1, need_w2, need_b2, need_g = need
+    need_g = need_g and gamma is not None
+    M, C = a.shape
+    Fh = w1.shape[0]
+    f32 = torch.float32
+    w1f, w2f = w1.to(f32), w2.to(f32)
+    b1f = None if b1 is None else b1.to(f32)
+    gf = None if gamma is None else gamma.to(f32)
+    need_gu = need_w2 or need_g                       # G(u) for go^T G(u)
+    need_du = need_a or need_w1 or (need_b1 and b1 is not None)
+    da = dw1 = db1 = gtg = None
+    if need_du:
+        w2g = w2f if gf is None else w2f * gf[:, None]   # (C, F): dg = go @ (gamma W2)
+        if need_a:
+            da = torch.empty((M, C), dtype=f32, device=go.device)
+    if need_gu or need_du:
+        rows = max(1, _MLP_BWD_ELEMS // max(Fh, 1))
+        for r0 in range(0, M, rows):
+            r1 = min(M, r0 + rows)
+            first = r0 == 0
+            ac = a[r0:r1].to(f32)
+            goc = go[r0:r1]
+            u = torch.mm(ac, w1f.t()) if b1f is None else torch.addmm(b1f, ac, w1f.t())
+            if need_gu:
+                gu = torch.nn.functional.gelu(u)
+                if round_dtype is not None:
+                    gu = gu.to(round_dtype).to(f32)
+                gtg = torch.mm(goc.t(), gu) if first else gtg.addmm_(goc.t(), gu)
+                del gu
+            if need_du:
+                du = torch.ops.aten.gelu_backward(torch.mm(goc, w2g), u)
+                if need_b1 and b1 is not None:
+                    s = du.sum(0)
+                    db1 = s if first else db1.add_(s)
+                if need_w1:
+                    dw1 = torch.mm(du.t(), ac) if first else dw1.addmm_(du.t(), ac)
+                if need_a:
+                    torch.mm(du, w1f, out=da[r0:r1])
+    gsum = go.sum(0) if (need_b2 and b2 is not None) or (need_g and b2 is not None) else None
+    dw2 = db2 = dgamma = None
+    if need_w2:
+        dw2 = gtg if gf is None else gtg * gf[:, None]
+    if need_b2 and b2 is not None:
+        db2 = gsum if gf is None else gsum * gf
+    if need_g:
+        dgamma = (gtg * w2f).sum(1)
+        if b2 is not None:
+            dgamma = dgamma + gsum * b2.to(f32)
+    return da, dw1, db1, dw2, db2, dgamma
 
 
 def _block_backward(ctx, grad):
-    saved = list(ctx.saved_tensors)
+    """Direct backward of convnext_block (no autograd graph): recompute the conv output
+    y = dwconv(x) once in fp32 (ATen conv2d), h = LayerNorm(y) (fp32, rounded to x's dtype as the
+    forward's kernel output that fc1 reads), then _mlp_backward on h (fc1 recomputed; fp32 GEMMs,
+    GELU and layer-scale derivatives), the LayerNorm backward on the same y by norm_backward and
+    the conv's by dwconv_backward; dx = grad + the conv path's dx. Transient memory: y, h (M C fp32),
+    the fp32 (rows, 4C) chunks of _mlp_backward (about 16 MB each), the gradients."""
+    x, dw_weight, dw_bias, ln_weight, ln_bias, w1, b1, w2, b2, gamma = ctx.saved_tensors
     need = ctx.needs_input_grad
-    diff = [i for i, t in enumerate(saved) if t is not None and need[i]]
-    with torch.enable_grad():
-        for i in diff:
-            saved[i] = saved[i].detach().requires_grad_(True)
-        out = _block_forward_composed(*saved, ctx.eps)
-        got = torch.autograd.grad(out, [saved[i] for i in diff], grad.float(), allow_unused=True)
     result = [None] * 11
-    for i, g in zip(diff, got):
-        result[i] = torch.zeros_like(saved[i]) if g is None else g.to(saved[i].dtype)
+    if not any(need[i] for i in range(10)):
+        return tuple(result)
+    B, H, W, C = x.shape
+    M = B * H * W
+    f32 = torch.float32
+    if x.numel() == 0:
+        zeros = [torch.zeros_like(t) if t is not None and need[i] else None
+                 for i, t in enumerate(ctx.saved_tensors)]
+        zeros[0] = grad.to(x.dtype) if need[0] else None
+        return tuple(zeros) + (None,)
+    go = grad.reshape(M, C).to(f32)
+    need_conv = any(need[i] for i in range(5))
+    # y: the depthwise conv in fp32, NHWC (oneDNN keeps channels-last: the permute is a view)
+    k = dw_weight.shape[-1]
+    y = torch.nn.functional.conv2d(x.to(f32).permute(0, 3, 1, 2), dw_weight.to(f32),
+                                   None if dw_bias is None else dw_bias.to(f32),
+                                   padding=k // 2, groups=C).permute(0, 2, 3, 1).contiguous()
+    lnw = ln_weight.to(f32)
+    h = torch.nn.functional.layer_norm(y, (C,), lnw, None if ln_bias is None else ln_bias.to(f32),
+                                       ctx.eps)
+    if x.dtype != f32:
+        h = h.to(x.dtype)                        # the forward kernel's output, as fc1 reads it
+    dh, dw1, db1, dw2, db2, dgamma = _mlp_backward(
+        go, h.reshape(M, C), w1, b1, w2, b2, gamma,
+        (need_conv, need[5], need[6], need[7], need[8], need[9]))
+    for i, g in zip(range(5, 10), (dw1, db1, dw2, db2, dgamma)):
+        if g is not None:
+            result[i] = g.to(ctx.saved_tensors[i].dtype)
+    if need_conv:
+        dy, dlnw, dlnb = op("norm_backward")(dh.view(B, H, W, C), y, lnw, None, ctx.eps, True,
+                                             ln_bias is not None)
+        gx, gw, gb = op("dwconv_backward")(dy, x, dw_weight, dw_bias is not None)
+        if need[0]:
+            result[0] = gx.add_(grad.to(x.dtype))
+        result[1] = gw if need[1] else None
+        result[2] = gb if need[2] and dw_bias is not None else None
+        result[3] = dlnw.to(ln_weight.dtype) if need[3] else None
+        result[4] = dlnb.to(ln_bias.dtype) if need[4] and ln_bias is not None else None
+    return tuple(result)
+
+
+def _mlp_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])           # x and the parameters (not the residual)
+    ctx.res_dtype = inputs[6].dtype
+
+
+def _mlp_op_backward(ctx, grad):
+    """convnext_mlp's backward: _mlp_backward (fc1 recomputed, fp32, the GELU output rounded to
+    x's dtype for fp16/bf16 as the forward) and d residual = grad."""
+    x, w1, b1, w2, b2, gamma = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    C = x.shape[-1]
+    M = x.numel() // C
+    result = [None] * 7
+    if need[6]:
+        result[6] = grad.to(ctx.res_dtype)
+    if not any(need[i] for i in range(6)):
+        return tuple(result)
+    go = grad.reshape(M, C).to(torch.float32)
+    got = _mlp_backward(go, x.reshape(M, C), w1, b1, w2, b2, gamma, tuple(need[:6]),
+                        None if x.dtype == torch.float32 else x.dtype)
+    for i, g in enumerate(got):
+        if g is not None:
+            t = ctx.saved_tensors[i]
+            result[i] = g.to(t.dtype).reshape(t.shape)
     return tuple(result)
 
 
@@ -202,4 +322,5 @@ torch.library.register_autograd("hires_lmm::dwconv_layernorm", _dwln_backward,
                                 setup_context=_dwln_setup)
 torch.library.register_autograd("hires_lmm::convnext_block", _block_backward,
                                 setup_context=_block_setup)
-register_reference_backward("convnext_mlp", _ref.convnext_mlp)
+torch.library.register_autograd("hires_lmm::convnext_mlp", _mlp_op_backward,
+                                setup_context=_mlp_setup)
