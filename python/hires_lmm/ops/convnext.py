@@ -13,6 +13,22 @@ from ._register import check_fake_devices, op
 
 __all__ = ["dwconv_layernorm", "convnext_block", "convnext_mlp"]
 
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+_any_requires_grad = torch._C._any_requires_grad
+
+
+def _call(name, *args):
+    """torch.ops.hires_lmm.<name>.default(*args). When no argument needs a gradient (or grad mode
+    is off) the call goes straight below the autograd key: the ops' autograd kernels are Python
+    functions (torch.library.register_autograd) that would only redispatch, about 6 us per call
+    on this CPU (measured; 5-10% of convnext_mlp at the benchmark's small shapes). Under
+    torch.compile the plain call (the tracer sees the op's autograd)."""
+    f = op(name).default
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(*args)):
+        return f(*args)
+    with _below_autograd():
+        return f(*args)
+
 
 def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps: float = 1e-6):
     """LayerNorm over C of the depthwise 7x7 conv (zero padding 3) of x.
@@ -26,7 +42,7 @@ def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps: float = 1e-
     parameters."""
     if use_reference():
         return _ref.dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
-    return op("dwconv_layernorm")(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
+    return _call("dwconv_layernorm", x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
 
 
 def convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight,
@@ -40,12 +56,16 @@ def convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bi
     C = 384), else CUTLASS GEMMs with fused epilogues when C, F are multiples of 8, else fp32 GEMMs.
     On CPU the pointwise half is convnext_mlp's default CPU path (oneDNN GEMMs in x's dtype; see
     its docstring for where it rounds).
-    Backward: recomputes the block as dwconv_layernorm (its backward kernels) then ATen GEMMs,
-    GELU and layer scale in fp32. Saved for backward: x and the parameters."""
+    Backward (direct, fp32 math, the fp32 reference's derivative; any device: ATen ops and our
+    kernels): the conv output y recomputed once in fp32 (ATen conv2d), h = LayerNorm(y) rounded
+    to x's dtype (what fc1 read), fc1 recomputed in row chunks, then the GEMM, erf-GELU and layer
+    scale gradients (see _mlp_backward), norm_backward on the same y and dwconv_backward.
+    Saved for backward: x and the parameters only; transient during backward: y and h (M x C fp32)
+    and fp32 (rows, F) chunks of about 16 MB each."""
     if use_reference():
         return _ref.convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias,
                                    fc2_weight, fc2_bias, gamma, eps)
-    return op("convnext_block")(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias,
+    return _call("convnext_block", x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias,
                                 fc2_weight, fc2_bias, gamma, eps)
 
 
@@ -77,11 +97,12 @@ def convnext_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
     four roundings; max error below eager's). A non-finite output element (a NaN/inf input, or P
     overflowing fp16 where gamma * P does not), HIRES_LMM_CPU_ONEDNN_MLP=0, or a torch / CPU
     without the oneDNN operator or dtype: fp32 ATen GEMMs with exactly the rounding above (H only).
-    HIRES_LMM_CPU_TWIN=1: the kernel's twin (exact, as the fp32 path). Backward: the reference,
-    differentiated."""
+    HIRES_LMM_CPU_TWIN=1: the kernel's twin (exact, as the fp32 path). Backward (direct, fp32,
+    the reference's derivative; fc1 recomputed in row chunks, see _mlp_backward): saved x and the
+    parameters (not the residual: its gradient is grad)."""
     if use_reference():
         return _ref.convnext_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
-    return op("convnext_mlp")(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
+    return _call("convnext_mlp", x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
 
 
 # ---- fake kernels (shapes only; torch.compile and meta tensors) ----------------------------
@@ -137,9 +158,9 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual):
 #      twin csrc/cpu/dwconv_bwd.cpp): dx by the transposed depthwise conv, dw_weight / dw_bias by
 #      a deterministic two-stage fp32 reduction over chunks of image rows.
 #   Saved: x, dw_weight, dw_bias, ln_weight, ln_bias (nothing N x C beyond x).
-# convnext_block's backward recomputes the block as an autograd composition: ops.dwconv_layernorm
-# (whose backward is the above) then ATen GEMMs (fc1/fc2 weight and bias gradients), the erf-GELU
-# derivative and the layer scale, in fp32 as the reference. Saved: x and the parameters.
+# convnext_block's backward (_block_backward) is direct: y = dwconv(x) once in fp32 (ATen conv2d),
+# h = LayerNorm(y), fc1 recomputed, the MLP gradients in fp32 (_mlp_backward, shared with
+# convnext_mlp), then the two steps above on the same y. Saved: x and the parameters.
 
 
 def _dwln_setup(ctx, inputs, output):
