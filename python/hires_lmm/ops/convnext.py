@@ -15,6 +15,7 @@ __all__ = ["dwconv_layernorm", "convnext_block", "convnext_mlp"]
 
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 _any_requires_grad = torch._C._any_requires_grad
+_OVERLOADS = {}
 
 
 def _call(name, *args):
@@ -23,7 +24,9 @@ def _call(name, *args):
     functions (torch.library.register_autograd) that would only redispatch, about 6 us per call
     on this CPU (measured; 5-10% of convnext_mlp at the benchmark's small shapes). Under
     torch.compile the plain call (the tracer sees the op's autograd)."""
-    f = op(name).default
+    f = _OVERLOADS.get(name)
+    if f is None:
+        f = _OVERLOADS[name] = op(name).default
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(*args)):
         return f(*args)
     with _below_autograd():
