@@ -24,13 +24,14 @@ def _call(name, *args):
     functions (torch.library.register_autograd) that would only redispatch, about 6 us per call
     on this CPU (measured; 5-10% of convnext_mlp at the benchmark's small shapes). Under
     torch.compile the plain call (the tracer sees the op's autograd)."""
-    f = _OVERLOADS.get(name)
-    if f is None:
-        f = _OVERLOADS[name] = op(name).default
+    ent = _OVERLOADS.get(name)
+    if ent is None:   # the overload and its C++ callable (OpOverload.__call__: one more frame)
+        ov = op(name).default
+        ent = _OVERLOADS[name] = (ov, getattr(ov, "_op", ov))
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(*args)):
-        return f(*args)
+        return ent[0](*args)
     with _below_autograd():
-        return f(*args)
+        return ent[1](*args)
 
 
 def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps: float = 1e-6):
