@@ -196,6 +196,12 @@ def _block_setup(ctx, inputs, output):
     ctx.eps = inputs[10]
 
 
+def _as(t, dtype):
+    """t in dtype (t itself when it already is, or None: no dispatcher call for the no-op casts of
+    the backwards, ~1-2 us each at the small shapes)."""
+    return t if t is None or t.dtype is dtype else t.to(dtype)
+
+
 # Rows per chunk of the MLP backward: the fp32 (rows, F) temporaries (u, GELU(u), its gradient)
 # stay near 16 MB whatever M is; one chunk at the benchmark's shapes.
 _MLP_BWD_ELEMS = 1 << 22
@@ -219,9 +225,8 @@ def _mlp_backward(go, a, w1, b1, w2, b2, gamma, need, round_dtype=None):
     M, C = a.shape
     Fh = w1.shape[0]
     f32 = torch.float32
-    w1f, w2f = w1.to(f32), w2.to(f32)
-    b1f = None if b1 is None else b1.to(f32)
-    gf = None if gamma is None else gamma.to(f32)
+    w1f, w2f = _as(w1, f32), _as(w2, f32)
+    b1f, gf = _as(b1, f32), _as(gamma, f32)
     need_gu = need_w2 or need_g                       # G(u) for go^T G(u)
     need_du = need_a or need_w1 or (need_b1 and b1 is not None)
     da = dw1 = db1 = gtg = None
@@ -234,7 +239,7 @@ def _mlp_backward(go, a, w1, b1, w2, b2, gamma, need, round_dtype=None):
         for r0 in range(0, M, rows):
             r1 = min(M, r0 + rows)
             first = r0 == 0
-            ac = a[r0:r1].to(f32)
+            ac = _as(a[r0:r1], f32)
             goc = go[r0:r1]
             u = torch.mm(ac, w1f.t()) if b1f is None else torch.addmm(b1f, ac, w1f.t())
             if need_gu:
@@ -261,7 +266,7 @@ def _mlp_backward(go, a, w1, b1, w2, b2, gamma, need, round_dtype=None):
     if need_g:
         dgamma = (gtg * w2f).sum(1)
         if b2 is not None:
-            dgamma = dgamma + gsum * b2.to(f32)
+            dgamma = dgamma + gsum * _as(b2, f32)
     return da, dw1, db1, dw2, db2, dgamma
 
 
@@ -285,15 +290,15 @@ def _block_backward(ctx, grad):
                  for i, t in enumerate(ctx.saved_tensors)]
         zeros[0] = grad.to(x.dtype) if need[0] else None
         return tuple(zeros) + (None,)
-    go = grad.reshape(M, C).to(f32)
+    go = _as(grad.reshape(M, C), f32)
     need_conv = any(need[i] for i in range(5))
     # y: the depthwise conv in fp32, NHWC (oneDNN keeps channels-last: the permute is a view)
     k = dw_weight.shape[-1]
-    y = torch.nn.functional.conv2d(x.to(f32).permute(0, 3, 1, 2), dw_weight.to(f32),
-                                   None if dw_bias is None else dw_bias.to(f32),
+    y = torch.nn.functional.conv2d(_as(x, f32).permute(0, 3, 1, 2), _as(dw_weight, f32),
+                                   _as(dw_bias, f32),
                                    padding=k // 2, groups=C).permute(0, 2, 3, 1).contiguous()
-    lnw = ln_weight.to(f32)
-    h = torch.nn.functional.layer_norm(y, (C,), lnw, None if ln_bias is None else ln_bias.to(f32),
+    lnw = _as(ln_weight, f32)
+    h = torch.nn.functional.layer_norm(y, (C,), lnw, _as(ln_bias, f32),
                                        ctx.eps)
     if x.dtype != f32:
         h = h.to(x.dtype)                        # the forward kernel's output, as fc1 reads it
@@ -302,17 +307,17 @@ def _block_backward(ctx, grad):
         (need_conv, need[5], need[6], need[7], need[8], need[9]))
     for i, g in zip(range(5, 10), (dw1, db1, dw2, db2, dgamma)):
         if g is not None:
-            result[i] = g.to(ctx.saved_tensors[i].dtype)
+            result[i] = _as(g, ctx.saved_tensors[i].dtype)
     if need_conv:
         dy, dlnw, dlnb = op("norm_backward")(dh.view(B, H, W, C), y, lnw, None, ctx.eps, True,
                                              ln_bias is not None)
         gx, gw, gb = op("dwconv_backward")(dy, x, dw_weight, dw_bias is not None)
         if need[0]:
-            result[0] = gx.add_(grad.to(x.dtype))
+            result[0] = gx.add_(_as(grad, x.dtype))
         result[1] = gw if need[1] else None
         result[2] = gb if need[2] and dw_bias is not None else None
-        result[3] = dlnw.to(ln_weight.dtype) if need[3] else None
-        result[4] = dlnb.to(ln_bias.dtype) if need[4] and ln_bias is not None else None
+        result[3] = _as(dlnw, ln_weight.dtype) if need[3] else None
+        result[4] = _as(dlnb, ln_bias.dtype) if need[4] and ln_bias is not None else None
     return tuple(result)
 
 
@@ -330,16 +335,16 @@ def _mlp_op_backward(ctx, grad):
     M = x.numel() // C
     result = [None] * 7
     if need[6]:
-        result[6] = grad.to(ctx.res_dtype)
+        result[6] = _as(grad, ctx.res_dtype)
     if not any(need[i] for i in range(6)):
         return tuple(result)
-    go = grad.reshape(M, C).to(torch.float32)
+    go = _as(grad.reshape(M, C), torch.float32)
     got = _mlp_backward(go, x.reshape(M, C), w1, b1, w2, b2, gamma, tuple(need[:6]),
                         None if x.dtype == torch.float32 else x.dtype)
     for i, g in enumerate(got):
         if g is not None:
             t = ctx.saved_tensors[i]
-            result[i] = g.to(t.dtype).reshape(t.shape)
+            result[i] = _as(g, t.dtype).reshape(t.shape)
     return tuple(result)
 
 
