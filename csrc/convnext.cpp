@@ -174,8 +174,11 @@ at::Tensor dwconv_layernorm(const at::Tensor& x, const at::Tensor& dw_weight,
   return dwconv_ln_impl(x, dw_weight, dw_bias, ln_weight, ln_bias, eps);
 }
 
+// t in fp32 (t itself when it already is: no dispatcher call)
+at::Tensor f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
 at::Tensor to_f32(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->to(at::kFloat) : at::Tensor();
+  return t.has_value() ? f32(*t) : at::Tensor();
 }
 
 // The pointwise half of the block without the CUTLASS kernels: h (M,C) of T (the fused kernel's
@@ -187,10 +190,18 @@ void pointwise_composite(const at::Tensor& h, const at::Tensor& x2, const at::Te
                          const c10::optional<at::Tensor>& gamma, at::Tensor& out2) {
   const int64_t M = h.size(0), F = fc1_weight.size(0);
   const bool lowp = h.scalar_type() != at::kFloat;
-  const at::Tensor w1t = fc1_weight.to(at::kFloat).t();  // (C, F)
-  const at::Tensor w2t = fc2_weight.to(at::kFloat).t();  // (F, C)
+  const at::Tensor w1t = f32(fc1_weight).t();  // (C, F)
+  const at::Tensor w2t = f32(fc2_weight).t();  // (F, C)
   const at::Tensor b1 = to_f32(fc1_bias), b2 = to_f32(fc2_bias), g = to_f32(gamma);
   const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(F, 1));
+  if (!lowp && M <= chunk) {  // fp32 in one chunk: four ATen calls (the small shapes' per-call cost)
+    at::Tensor u = b1.defined() ? at::addmm(b1, h, w1t) : at::mm(h, w1t);
+    at::gelu_(u);
+    const at::Tensor v = b2.defined() ? at::addmm(b2, u, w2t) : at::mm(u, w2t);
+    if (g.defined()) at::addcmul_out(out2, x2, g, v);
+    else at::add_out(out2, x2, v);
+    return;
+  }
   for (int64_t r0 = 0; r0 < M; r0 += chunk) {
     const int64_t r1 = std::min(M, r0 + chunk);
     const at::Tensor a = h.slice(0, r0, r1).to(at::kFloat);
@@ -335,7 +346,7 @@ at::Tensor convnext_mlp(const at::Tensor& x, const at::Tensor& fc1_weight,
     const at::Tensor y = mlp_cpu_onednn(x2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, r2);
     if (y.defined()) return y.view(xc.sizes());
   }
-  pointwise_composite(x2, r2.to(at::kFloat), fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, out2);
+  pointwise_composite(x2, f32(r2), fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, out2);
   return out;
 }
 
@@ -432,7 +443,7 @@ at::Tensor convnext_block(const at::Tensor& x, const at::Tensor& dw_weight,
     const at::Tensor y = mlp_cpu_onednn(h2, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, x2);
     if (y.defined()) return y.view(xc.sizes());
   }
-  pointwise_composite(h2, x2.to(at::kFloat), fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, out2);
+  pointwise_composite(h2, f32(x2), fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, out2);
   return out;
 }
 

@@ -9,9 +9,29 @@ import torch
 
 from .. import reference as _ref
 from .._backend import use_reference
-from ._register import check_fake_devices, op, register_reference_backward
+from ._register import check_fake_devices, op
 
 __all__ = ["dwconv_layernorm", "convnext_block", "convnext_mlp"]
+
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+_any_requires_grad = torch._C._any_requires_grad
+_OVERLOADS = {}
+
+
+def _call(name, *args):
+    """torch.ops.hires_lmm.<name>.default(*args). When no argument needs a gradient (or grad mode
+    is off) the call goes straight below the autograd key: the ops' autograd kernels are Python
+    functions (torch.library.register_autograd) that would only redispatch, about 6 us per call
+    on this CPU (measured; 5-10% of convnext_mlp at the benchmark's small shapes). Under
+    torch.compile the plain call (the tracer sees the op's autograd)."""
+    ent = _OVERLOADS.get(name)
+    if ent is None:   # the overload and its C++ callable (OpOverload.__call__: one more frame)
+        ov = op(name).default
+        ent = _OVERLOADS[name] = (ov, getattr(ov, "_op", ov))
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(*args)):
+        return ent[0](*args)
+    with _below_autograd():
+        return ent[1](*args)
 
 
 def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps: float = 1e-6):
@@ -26,7 +46,7 @@ def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps: float = 1e-
     parameters."""
     if use_reference():
         return _ref.dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
-    return op("dwconv_layernorm")(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
+    return _call("dwconv_layernorm", x, dw_weight, dw_bias, ln_weight, ln_bias, eps)
 
 
 def convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias, fc2_weight,
@@ -40,12 +60,16 @@ def convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bi
     C = 384), else CUTLASS GEMMs with fused epilogues when C, F are multiples of 8, else fp32 GEMMs.
     On CPU the pointwise half is convnext_mlp's default CPU path (oneDNN GEMMs in x's dtype; see
     its docstring for where it rounds).
-    Backward: recomputes the block as dwconv_layernorm (its backward kernels) then ATen GEMMs,
-    GELU and layer scale in fp32. Saved for backward: x and the parameters."""
+    Backward (direct, fp32 math, the fp32 reference's derivative; any device: ATen ops and our
+    kernels): the conv output y recomputed once in fp32 (ATen conv2d), h = LayerNorm(y) rounded
+    to x's dtype (what fc1 read), fc1 recomputed in row chunks, then the GEMM, erf-GELU and layer
+    scale gradients (see _mlp_backward), norm_backward on the same y and dwconv_backward.
+    Saved for backward: x and the parameters only; transient during backward: y and h (M x C fp32)
+    and fp32 (rows, F) chunks of about 16 MB each."""
     if use_reference():
         return _ref.convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias,
                                    fc2_weight, fc2_bias, gamma, eps)
-    return op("convnext_block")(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias,
+    return _call("convnext_block", x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias,
                                 fc2_weight, fc2_bias, gamma, eps)
 
 
@@ -77,11 +101,12 @@ def convnext_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
     four roundings; max error below eager's). A non-finite output element (a NaN/inf input, or P
     overflowing fp16 where gamma * P does not), HIRES_LMM_CPU_ONEDNN_MLP=0, or a torch / CPU
     without the oneDNN operator or dtype: fp32 ATen GEMMs with exactly the rounding above (H only).
-    HIRES_LMM_CPU_TWIN=1: the kernel's twin (exact, as the fp32 path). Backward: the reference,
-    differentiated."""
+    HIRES_LMM_CPU_TWIN=1: the kernel's twin (exact, as the fp32 path). Backward (direct, fp32,
+    the reference's derivative; fc1 recomputed in row chunks, see _mlp_backward): saved x and the
+    parameters (not the residual: its gradient is grad)."""
     if use_reference():
         return _ref.convnext_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
-    return op("convnext_mlp")(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
+    return _call("convnext_mlp", x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
 
 
 # ---- fake kernels (shapes only; torch.compile and meta tensors) ----------------------------
@@ -137,9 +162,9 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual):
 #      twin csrc/cpu/dwconv_bwd.cpp): dx by the transposed depthwise conv, dw_weight / dw_bias by
 #      a deterministic two-stage fp32 reduction over chunks of image rows.
 #   Saved: x, dw_weight, dw_bias, ln_weight, ln_bias (nothing N x C beyond x).
-# convnext_block's backward recomputes the block as an autograd composition: ops.dwconv_layernorm
-# (whose backward is the above) then ATen GEMMs (fc1/fc2 weight and bias gradients), the erf-GELU
-# derivative and the layer scale, in fp32 as the reference. Saved: x and the parameters.
+# convnext_block's backward (_block_backward) is direct: y = dwconv(x) once in fp32 (ATen conv2d),
+# h = LayerNorm(y), fc1 recomputed, the MLP gradients in fp32 (_mlp_backward, shared with
+# convnext_mlp), then the two steps above on the same y. Saved: x and the parameters.
 
 
 def _dwln_setup(ctx, inputs, output):
@@ -171,30 +196,155 @@ def _block_setup(ctx, inputs, output):
     ctx.eps = inputs[10]
 
 
-def _block_forward_composed(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias,
-                            fc2_weight, fc2_bias, gamma, eps):
-    F = torch.nn.functional
-    h = op("dwconv_layernorm")(x, dw_weight, dw_bias, ln_weight, ln_bias, eps)  # x's dtype, as the kernel
-    h = F.linear(h.float(), fc1_weight.float(), None if fc1_bias is None else fc1_bias.float())
-    h = F.gelu(h)
-    h = F.linear(h, fc2_weight.float(), None if fc2_bias is None else fc2_bias.float())
-    if gamma is not None:
-        h = gamma.float() * h
-    return x.float() + h
+def _as(t, dtype):
+    """t in dtype (t itself when it already is, or None: no dispatcher call for the no-op casts of
+    the backwards, ~1-2 us each at the small shapes)."""
+    return t if t is None or t.dtype is dtype else t.to(dtype)
+
+
+# Rows per chunk of the MLP backward: the fp32 (rows, F) temporaries (u, GELU(u), its gradient)
+# stay near 16 MB whatever M is; one chunk at the benchmark's shapes.
+_MLP_BWD_ELEMS = 1 << 22
+
+
+def _mlp_backward(go, a, w1, b1, w2, b2, gamma, need, round_dtype=None):
+    """Gradients of out = res + gamma * (G(a W1^T + b1) W2^T + b2), G = erf-GELU, with respect to
+    a and the parameters, in fp32 (the fp32 formula's derivative; no autograd graph).
+
+    go (M, C) fp32: d out. a (M, C): the values fc1 read (any float dtype). w1 (F, C), b1 (F,) or
+    None, w2 (C, F), b2 (C,) or None, gamma (C,) or None. need: which of (a, w1, b1, w2, b2, gamma)
+    to return (others None). round_dtype: the GELU output is rounded to it before fc2 (the forward
+    of convnext_mlp for fp16/bf16; its derivative is taken as 1) else kept fp32. Recomputes
+    u = a W1^T + b1 (one GEMM) in row chunks; with dv = go * gamma:
+        dW2 = dv^T G(u)   db2 = sum_m dv   dgamma = sum_m go * (G(u) W2^T + b2)
+            = rowsum((go^T G(u)) * W2) + b2 * sum_m go        (no second fc2 GEMM)
+        du = (go (gamma W2)) * G'(u)   dW1 = du^T a   db1 = sum_m du   da = du W1
+    Returns fp32 (da, dW1, db1, dW2, db2, dgamma)."""
+    need_a, need_w1, need_b1, need_w2, need_b2, need_g = need
+    need_g = need_g and gamma is not None
+    M, C = a.shape
+    Fh = w1.shape[0]
+    f32 = torch.float32
+    w1f, w2f = _as(w1, f32), _as(w2, f32)
+    b1f, gf = _as(b1, f32), _as(gamma, f32)
+    need_gu = need_w2 or need_g                       # G(u) for go^T G(u)
+    need_du = need_a or need_w1 or (need_b1 and b1 is not None)
+    da = dw1 = db1 = gtg = None
+    if need_du:
+        w2g = w2f if gf is None else w2f * gf[:, None]   # (C, F): dg = go @ (gamma W2)
+        if need_a:
+            da = torch.empty((M, C), dtype=f32, device=go.device)
+    if need_gu or need_du:
+        rows = max(1, _MLP_BWD_ELEMS // max(Fh, 1))
+        for r0 in range(0, M, rows):
+            r1 = min(M, r0 + rows)
+            first = r0 == 0
+            ac = _as(a[r0:r1], f32)
+            goc = go[r0:r1]
+            u = torch.mm(ac, w1f.t()) if b1f is None else torch.addmm(b1f, ac, w1f.t())
+            if need_gu:
+                gu = torch.nn.functional.gelu(u)
+                if round_dtype is not None:
+                    gu = gu.to(round_dtype).to(f32)
+                gtg = torch.mm(goc.t(), gu) if first else gtg.addmm_(goc.t(), gu)
+                del gu
+            if need_du:
+                du = torch.ops.aten.gelu_backward(torch.mm(goc, w2g), u)
+                if need_b1 and b1 is not None:
+                    s = du.sum(0)
+                    db1 = s if first else db1.add_(s)
+                if need_w1:
+                    dw1 = torch.mm(du.t(), ac) if first else dw1.addmm_(du.t(), ac)
+                if need_a:
+                    torch.mm(du, w1f, out=da[r0:r1])
+    gsum = go.sum(0) if (need_b2 and b2 is not None) or (need_g and b2 is not None) else None
+    dw2 = db2 = dgamma = None
+    if need_w2:
+        dw2 = gtg if gf is None else gtg * gf[:, None]
+    if need_b2 and b2 is not None:
+        db2 = gsum if gf is None else gsum * gf
+    if need_g:
+        dgamma = (gtg * w2f).sum(1)
+        if b2 is not None:
+            dgamma = dgamma + gsum * _as(b2, f32)
+    return da, dw1, db1, dw2, db2, dgamma
 
 
 def _block_backward(ctx, grad):
-    saved = list(ctx.saved_tensors)
+    """Direct backward of convnext_block (no autograd graph): recompute the conv output
+    y = dwconv(x) once in fp32 (ATen conv2d), h = LayerNorm(y) (fp32, rounded to x's dtype as the
+    forward's kernel output that fc1 reads), then _mlp_backward on h (fc1 recomputed; fp32 GEMMs,
+    GELU and layer-scale derivatives), the LayerNorm backward on the same y by norm_backward and
+    the conv's by dwconv_backward; dx = grad + the conv path's dx. Transient memory: y, h (M C fp32),
+    the fp32 (rows, 4C) chunks of _mlp_backward (about 16 MB each), the gradients."""
+    x, dw_weight, dw_bias, ln_weight, ln_bias, w1, b1, w2, b2, gamma = ctx.saved_tensors
     need = ctx.needs_input_grad
-    diff = [i for i, t in enumerate(saved) if t is not None and need[i]]
-    with torch.enable_grad():
-        for i in diff:
-            saved[i] = saved[i].detach().requires_grad_(True)
-        out = _block_forward_composed(*saved, ctx.eps)
-        got = torch.autograd.grad(out, [saved[i] for i in diff], grad.float(), allow_unused=True)
     result = [None] * 11
-    for i, g in zip(diff, got):
-        result[i] = torch.zeros_like(saved[i]) if g is None else g.to(saved[i].dtype)
+    if not any(need[i] for i in range(10)):
+        return tuple(result)
+    B, H, W, C = x.shape
+    M = B * H * W
+    f32 = torch.float32
+    if x.numel() == 0:
+        zeros = [torch.zeros_like(t) if t is not None and need[i] else None
+                 for i, t in enumerate(ctx.saved_tensors)]
+        zeros[0] = grad.to(x.dtype) if need[0] else None
+        return tuple(zeros) + (None,)
+    go = _as(grad.reshape(M, C), f32)
+    need_conv = any(need[i] for i in range(5))
+    # y: the depthwise conv in fp32, NHWC (oneDNN keeps channels-last: the permute is a view)
+    k = dw_weight.shape[-1]
+    y = torch.nn.functional.conv2d(_as(x, f32).permute(0, 3, 1, 2), _as(dw_weight, f32),
+                                   _as(dw_bias, f32),
+                                   padding=k // 2, groups=C).permute(0, 2, 3, 1).contiguous()
+    lnw = _as(ln_weight, f32)
+    h = torch.nn.functional.layer_norm(y, (C,), lnw, _as(ln_bias, f32),
+                                       ctx.eps)
+    if x.dtype != f32:
+        h = h.to(x.dtype)                        # the forward kernel's output, as fc1 reads it
+    dh, dw1, db1, dw2, db2, dgamma = _mlp_backward(
+        go, h.reshape(M, C), w1, b1, w2, b2, gamma,
+        (need_conv, need[5], need[6], need[7], need[8], need[9]))
+    for i, g in zip(range(5, 10), (dw1, db1, dw2, db2, dgamma)):
+        if g is not None:
+            result[i] = _as(g, ctx.saved_tensors[i].dtype)
+    if need_conv:
+        dy, dlnw, dlnb = op("norm_backward")(dh.view(B, H, W, C), y, lnw, None, ctx.eps, True,
+                                             ln_bias is not None)
+        gx, gw, gb = op("dwconv_backward")(dy, x, dw_weight, dw_bias is not None)
+        if need[0]:
+            result[0] = gx.add_(_as(grad, x.dtype))
+        result[1] = gw if need[1] else None
+        result[2] = gb if need[2] and dw_bias is not None else None
+        result[3] = _as(dlnw, ln_weight.dtype) if need[3] else None
+        result[4] = _as(dlnb, ln_bias.dtype) if need[4] and ln_bias is not None else None
+    return tuple(result)
+
+
+def _mlp_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])           # x and the parameters (not the residual)
+    ctx.res_dtype = inputs[6].dtype
+
+
+def _mlp_op_backward(ctx, grad):
+    """convnext_mlp's backward: _mlp_backward (fc1 recomputed, fp32, the GELU output rounded to
+    x's dtype for fp16/bf16 as the forward) and d residual = grad."""
+    x, w1, b1, w2, b2, gamma = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    C = x.shape[-1]
+    M = x.numel() // C
+    result = [None] * 7
+    if need[6]:
+        result[6] = _as(grad, ctx.res_dtype)
+    if not any(need[i] for i in range(6)):
+        return tuple(result)
+    go = _as(grad.reshape(M, C), torch.float32)
+    got = _mlp_backward(go, x.reshape(M, C), w1, b1, w2, b2, gamma, tuple(need[:6]),
+                        None if x.dtype == torch.float32 else x.dtype)
+    for i, g in enumerate(got):
+        if g is not None:
+            t = ctx.saved_tensors[i]
+            result[i] = _as(g, t.dtype).reshape(t.shape)
     return tuple(result)
 
 
@@ -202,4 +352,5 @@ torch.library.register_autograd("hires_lmm::dwconv_layernorm", _dwln_backward,
                                 setup_context=_dwln_setup)
 torch.library.register_autograd("hires_lmm::convnext_block", _block_backward,
                                 setup_context=_block_setup)
-register_reference_backward("convnext_mlp", _ref.convnext_mlp)
+torch.library.register_autograd("hires_lmm::convnext_mlp", _mlp_op_backward,
+                                setup_context=_mlp_setup)

@@ -1,0 +1,197 @@
+"""Direct backwards of convnext_block and convnext_mlp (python/hires_lmm/ops/convnext.py,
+_block_backward / _mlp_backward: no autograd re-run) against fp64 autograd of the references at
+odd sizes, every dtype, with and without biases / layer scale; against transformers'
+ConvNextLayer autograd; partial requires_grad, row chunks, empty input (default CPU path)."""
+import pytest
+import torch
+
+from hires_lmm import ops, reference as ref
+import hires_lmm.ops.convnext as cn
+
+from conftest import DEVICES
+from test_convnext_ops import block_args, make_params, make_x
+
+pytestmark = pytest.mark.filterwarnings("ignore:Input #.*requires gradient and is not a double")
+
+DT = [torch.float32, torch.bfloat16, torch.float16]
+# floor of the relative error (max abs error / max abs gold) for each dtype: a few ulps
+FLOOR = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+NAMES = ["x", "dw_weight", "dw_bias", "ln_weight", "ln_bias", "fc1_weight", "fc1_bias",
+         "fc2_weight", "fc2_bias", "gamma"]
+
+
+def _grads(fn, leaves, dy, want):
+    """Gradients of <fn(*leaves), dy> for the leaves whose index is in `want` (others constant)."""
+    ls = [None if t is None else t.detach().clone().requires_grad_(i in want)
+          for i, t in enumerate(leaves)]
+    fn(*ls).backward(dy.to(ls[0].dtype))
+    return [None if t is None or i not in want else t.grad for i, t in enumerate(ls)]
+
+
+def _check(got, lowp, gold, dtype, what):
+    """Each gradient: our error (vs the fp64 gold) within 2x the error of PyTorch autograd through
+    the reference run in the same dtype, plus a small floor; dtypes and shapes those of the input."""
+    for name, a, b, g in zip(NAMES, got, lowp, gold):
+        if g is None:
+            assert a is None, f"{what} d{name}: expected no gradient"
+            continue
+        assert a is not None and a.dtype == dtype and a.shape == g.shape, f"{what} d{name}"
+        scale = g.abs().max().item() + 1e-12
+        err = (a.double() - g).abs().max().item() / scale
+        err_ref = (b.double() - g).abs().max().item() / scale
+        assert err <= 2 * err_ref + FLOOR[dtype], \
+            f"{what} d{name}: error {err:.3g} vs reference autograd {err_ref:.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("shape", [(2, 5, 7, 24), (1, 9, 5, 40), (1, 3, 1, 13)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("bias,gamma", [(True, True), (False, False), (True, False)])
+def test_block_grads_vs_fp64(device, dtype, shape, bias, gamma):
+    C = shape[-1]
+    p = make_params(C, 4 * C, dtype, device, bias=bias, gamma=gamma, seed=2)
+    leaves = [make_x(shape, dtype, device, seed=3), *block_args(p)]
+    dy = make_x(shape, dtype, device, seed=4)
+    want = set(range(10))
+    got = _grads(lambda *a: ops.convnext_block(*a, 1e-6), leaves, dy, want)
+    lowp = _grads(lambda *a: ref.convnext_block(*a, 1e-6), leaves, dy, want)
+    gold = _grads(lambda *a: ref.convnext_block(*a, 1e-6),
+                  [None if t is None else t.double() for t in leaves], dy.double(), want)
+    _check(got, lowp, gold, dtype, f"block {dtype} {shape}")
+
+
+@pytest.mark.parametrize("want", [{0}, {5, 7}, {9}, {1, 3}, {6, 8}], ids=str)
+def test_block_partial_requires_grad(want):
+    """Only some inputs need a gradient: the others get none, and those asked for equal the
+    gradients of a full backward (the skipped GEMMs / kernels do not feed them)."""
+    p = make_params(24, 96, torch.float32, "cpu", seed=5)
+    leaves = [make_x((1, 7, 5, 24), torch.float32, "cpu", seed=6), *block_args(p)]
+    dy = make_x((1, 7, 5, 24), torch.float32, "cpu", seed=7)
+    got = _grads(lambda *a: ops.convnext_block(*a, 1e-6), leaves, dy, want)
+    full = _grads(lambda *a: ops.convnext_block(*a, 1e-6), leaves, dy, set(range(10)))
+    for i in range(10):
+        if i in want:
+            torch.testing.assert_close(got[i], full[i], rtol=1e-6, atol=1e-6)
+        else:
+            assert got[i] is None
+
+
+@pytest.mark.parametrize("gamma", [True, False])
+def test_block_grads_vs_hf_layer(gamma):
+    """transformers' ConvNextLayer (NCHW, eager autograd, fp32) and convnext_block give the same
+    gradients for the input and every parameter, odd H, W and C."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.convnext.modeling_convnext import ConvNextLayer
+    C, H, W = 20, 9, 7
+    cfg = transformers.ConvNextConfig(hidden_act="gelu", layer_scale_init_value=1.0 if gamma else 0.0)
+    layer = ConvNextLayer(cfg, C).train()
+    p = make_params(C, 4 * C, torch.float32, "cpu", gamma=gamma, seed=8)
+    mods = {"dw": layer.dwconv, "ln": layer.layernorm, "fc1": layer.pwconv1, "fc2": layer.pwconv2}
+    with torch.no_grad():
+        for k, m in mods.items():
+            w = p[f"{k}_weight"]
+            m.weight.copy_(w if k != "dw" else w.reshape(m.weight.shape))
+            m.bias.copy_(p[f"{k}_bias"])
+        if gamma:
+            layer.layer_scale_parameter.copy_(p["gamma"])
+    x = make_x((2, H, W, C), torch.float32, "cpu", seed=9)
+    dy = make_x((2, H, W, C), torch.float32, "cpu", seed=10)
+    xh = x.permute(0, 3, 1, 2).clone().requires_grad_(True)
+    layer(xh).backward(dy.permute(0, 3, 1, 2))
+    got = _grads(lambda *a: ops.convnext_block(*a, 1e-6), [x, *block_args(p)], dy, set(range(10)))
+    hf = [xh.grad.permute(0, 2, 3, 1), layer.dwconv.weight.grad, layer.dwconv.bias.grad,
+          layer.layernorm.weight.grad, layer.layernorm.bias.grad, layer.pwconv1.weight.grad,
+          layer.pwconv1.bias.grad, layer.pwconv2.weight.grad, layer.pwconv2.bias.grad,
+          layer.layer_scale_parameter.grad if gamma else None]
+    for name, a, b in zip(NAMES, got, hf):
+        if b is None:
+            assert a is None
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item(), msg=name)
+
+
+def test_block_empty_batch():
+    p = make_params(16, 64, torch.float32, "cpu")
+    x = torch.zeros((0, 5, 3, 16), requires_grad=True)
+    ps = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+    ops.convnext_block(x, *block_args(ps), 1e-6).sum().backward()
+    assert x.grad.shape == x.shape
+    assert all(v.grad is not None and not v.grad.any() for v in ps.values())
+
+
+# ---- convnext_mlp ------------------------------------------------------------------------------
+def _mlp_leaves(lead, C, Fh, dtype, bias, gamma, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(dtype)
+
+    return [r(*lead, C), r(Fh, C, scale=C ** -0.5), r(Fh, scale=0.2) if bias else None,
+            r(C, Fh, scale=Fh ** -0.5), r(C, scale=0.2) if bias else None,
+            r(C, scale=0.5) if gamma else None, r(*lead, C)]
+
+
+MLP_NAMES = ["x", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "gamma", "residual"]
+
+
+@pytest.mark.parametrize("dtype", DT)
+@pytest.mark.parametrize("lead,C,Fh", [((2, 3, 5), 24, 96), ((7,), 13, 40), ((1, 4, 3), 40, 160)],
+                         ids=str)
+@pytest.mark.parametrize("bias,gamma", [(True, True), (False, False), (False, True)])
+def test_mlp_grads_vs_fp64(dtype, lead, C, Fh, bias, gamma):
+    leaves = _mlp_leaves(lead, C, Fh, dtype, bias, gamma)
+    dy = _mlp_leaves(lead, C, Fh, dtype, False, False, seed=1)[0]
+    want = set(range(7))
+    got = _grads(ops.convnext_mlp, leaves, dy, want)
+    lowp = _grads(ref.convnext_mlp, leaves, dy, want)
+    # gold: fp64 autograd of the reference's formula, the GELU output rounded where its forward
+    # rounds it (fp16/bf16; the rounding's derivative taken as 1, as the reference's autograd)
+    gold = _grads(lambda *a: _ref_mlp_rounded(dtype, *a),
+                  [None if t is None else t.double() for t in leaves], dy.double(), want)
+    for name, a, b, g in zip(MLP_NAMES, got, lowp, gold):
+        if g is None:
+            assert a is None, name
+            continue
+        assert a.dtype == dtype and a.shape == g.shape, name
+        scale = g.abs().max().item() + 1e-12
+        err = (a.double() - g).abs().max().item() / scale
+        err_ref = (b.double() - g).abs().max().item() / scale
+        assert err <= 2 * err_ref + FLOOR[dtype], f"d{name}: error {err:.3g} vs reference {err_ref:.3g}"
+
+
+def _ref_mlp_rounded(dtype, x, w1, b1, w2, b2, gamma, res):
+    F = torch.nn.functional
+    h = F.gelu(F.linear(x, w1, b1))
+    if dtype != torch.float32:
+        h = h + (h.to(dtype).double() - h).detach()     # forward rounded, derivative 1
+    h = F.linear(h, w2, b2)
+    return res + (h if gamma is None else gamma * h)
+
+
+@pytest.mark.parametrize("want", [{0}, {1, 3}, {5}, {6}, {2, 4}], ids=str)
+def test_mlp_partial_requires_grad(want):
+    leaves = _mlp_leaves((3, 5), 24, 96, torch.float32, True, True, seed=2)
+    dy = _mlp_leaves((3, 5), 24, 96, torch.float32, False, False, seed=3)[0]
+    got = _grads(ops.convnext_mlp, leaves, dy, want)
+    full = _grads(ops.convnext_mlp, leaves, dy, set(range(7)))
+    for i in range(7):
+        if i in want:
+            torch.testing.assert_close(got[i], full[i], rtol=1e-6, atol=1e-6)
+        else:
+            assert got[i] is None
+
+
+def test_row_chunks(monkeypatch):
+    """The backward's row chunks (one chunk at small M) accumulate to the same gradients."""
+    leaves = _mlp_leaves((5, 7), 16, 64, torch.float32, True, True, seed=4)
+    dy = _mlp_leaves((5, 7), 16, 64, torch.float32, False, False, seed=5)[0]
+    one = _grads(ops.convnext_mlp, leaves, dy, set(range(7)))
+    p = make_params(16, 64, torch.float32, "cpu", seed=6)
+    bl = [make_x((1, 5, 7, 16), torch.float32, "cpu", seed=7), *block_args(p)]
+    blk = _grads(lambda *a: ops.convnext_block(*a, 1e-6), bl, dy.reshape(1, 5, 7, 16), set(range(10)))
+    monkeypatch.setattr(cn, "_MLP_BWD_ELEMS", 64 * 4)   # 4 rows per chunk, the last one partial
+    many = _grads(ops.convnext_mlp, leaves, dy, set(range(7)))
+    blk2 = _grads(lambda *a: ops.convnext_block(*a, 1e-6), bl, dy.reshape(1, 5, 7, 16), set(range(10)))
+    for a, b in zip(one + blk, many + blk2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
