@@ -528,6 +528,9 @@ void row_ranges(const SmallQArgs& a, int64_t b, RowRanges& rr) {
   }
 }
 
+// Multiply-adds of a decode call below which it runs on the calling thread.
+constexpr int64_t kMinParallelWork = int64_t(1) << 16;
+
 // Keys per chunk when a work item's keys are split (decode with fewer kv heads than threads).
 constexpr int64_t kMinKeysPerChunk = 128;
 
@@ -679,6 +682,12 @@ bool attention_cpu_small_q(const SmallQArgs& a, at::ScalarType dtype) {
     unit0[b + 1] = unit0[b] + a.Hkv * chunks[b];
   }
   const int64_t units = unit0[a.B];
+  // one thread below ~64K multiply-adds of q k and p v in all (a parallel region's fork / join
+  // would cost about as much as the work)
+  int64_t work = 0;
+  for (int64_t b = 0; b < a.B; ++b)
+    work += ranges[b].J1 >= ranges[b].J0 ? (ranges[b].J1 - ranges[b].J0 + 1) * a.Hkv * R * D * 2 : 0;
+  const int64_t grain = work < kMinParallelWork ? units : 1;
   // split items: their chunks' partials (m, l: R each; acc: R x D), merged by the chunk that
   // finishes last (an acq_rel counter per item orders the others' writes before the merge)
   const bool split = units > a.B * a.Hkv;
@@ -692,7 +701,7 @@ bool attention_cpu_small_q(const SmallQArgs& a, at::ScalarType dtype) {
   }
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> buf, own(size_t(R * (D + 2)));
       for (int64_t u = begin; u < end && ok.load(std::memory_order_relaxed); ++u) {
         const int64_t b = int64_t(std::upper_bound(unit0.begin(), unit0.end(), u) - unit0.begin()) - 1;
