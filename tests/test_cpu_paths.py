@@ -6,10 +6,14 @@ non-finite scores or outputs), dwconv_layernorm through its fused AVX2/FMA CPU k
 and LayerNorm in fp32 where that kernel does not apply).
 Here HIRES_LMM_CPU_TWIN is unset: these calls take the default path."""
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import hires_lmm
 from hires_lmm import ops, reference
 import test_convnext_ops as tcv
 import test_flash_attn as tfa
@@ -158,6 +162,16 @@ def test_kvcache_decode_kernel_matches_twin(dtype, monkeypatch):
     assert torch.isfinite(o1).all()
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(o1.float(), o2.float(), atol=tol, rtol=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info(),
+                    reason="the check reads an ELF file; torch without OpenMP has no OpenMP pool to share")
+def test_extension_links_openmp():
+    """at::parallel_for is header code: an extension compiled without OpenMP runs every range on the
+    calling thread (so no CPU kernel here would use a second thread). The build links OpenMP."""
+    so = Path(hires_lmm._C.__file__)
+    out = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True, check=True).stdout
+    assert "libgomp" in out or "libomp" in out or "libiomp" in out, out
 
 
 @pytest.fixture
