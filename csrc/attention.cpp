@@ -120,17 +120,6 @@ double resolve_scale(const c10::optional<double>& softmax_scale, int64_t D) {
   return softmax_scale.has_value() ? *softmax_scale : 1.0 / std::sqrt(double(D));
 }
 
-bool use_kernel(const at::Tensor& q) {
-  if (attn_math_forced()) return false;
-  if (q.is_cpu()) return true;
-#ifdef HIRES_LMM_WITH_CUDA
-  return (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
-         flash_fwd_supported_head_dim(q.size(-1));
-#else
-  return false;
-#endif
-}
-
 // Masking and score options of one call (flash-attn's window_size and softcap; windows already
 // clamped by `resolve_window`, causal folded in as right = 0 by the kernels and here alike).
 struct AttnOptions {
@@ -358,7 +347,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_func(const at::Tensor& q_in, const
   check_qkv(op, q_in, k_in, v_in, 4);
   AttnOptions opt = resolve_options(op, resolve_scale(softmax_scale, q_in.size(-1)), causal, window_size_left,
                                     window_size_right, softcap, q_in.size(1), k_in.size(1));
-  if (!use_kernel(q_in)) return attention_math_lse(q_in, k_in, v_in, at::Tensor(), at::Tensor(), opt);
+  if (!use_kernel(q_in, AttnPass::kForward)) return attention_math_lse(q_in, k_in, v_in, at::Tensor(), at::Tensor(), opt);
   if (q_in.is_cpu() && !cpu_twin_forced()) {  // default CPU path (csrc/cpu/attention_fast.h)
     if (q_in.numel() > 0 && k_in.size(1) > 0 &&
         small_q_shape_ok(q_in.size(1), k_in.size(1), q_in.size(2), k_in.size(2), opt.softcap)) {
@@ -498,7 +487,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_func(
   const AttnOptions opt = resolve_options(op, resolve_scale(softmax_scale, q_in.size(-1)), causal,
                                           window_size_left, window_size_right, softcap, total_q, total_k);
   const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
-  if (!use_kernel(q_in)) return attention_math_lse(q_in, k_in, v_in, cq, ck, opt);
+  if (!use_kernel(q_in, AttnPass::kForward)) return attention_math_lse(q_in, k_in, v_in, cq, ck, opt);
   if (q_in.is_cpu() && !cpu_twin_forced()) {
     auto fast = varlen_cpu_fast(q_in, k_in, v_in, cq, ck, opt);
     if (fast.has_value()) return *fast;
@@ -913,7 +902,7 @@ at::Tensor flash_attn_with_kvcache(const at::Tensor& q_in, at::Tensor& k_cache, 
     if (used.defined()) used = (used + snew).clamp(0, s_cache);  // clamp: value checks off
   }
   const double scale = resolve_scale(softmax_scale, q_in.size(-1));
-  if (!use_kernel(q_in)) return kvcache_math(q_in, k_cache, v_cache, used, scale, causal);
+  if (!use_kernel(q_in, AttnPass::kForward)) return kvcache_math(q_in, k_cache, v_cache, used, scale, causal);
 
   if (q_in.is_cpu() && !cpu_twin_forced()) {
     if (q_in.numel() > 0 && s_cache > 0 &&

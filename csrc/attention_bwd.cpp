@@ -109,17 +109,6 @@ at::Tensor ready(const at::Tensor& t) {
   return c;
 }
 
-bool use_bwd_kernel(const at::Tensor& q) {
-  if (attn_math_forced()) return false;
-  if (q.is_cpu()) return true;
-#ifdef HIRES_LMM_WITH_CUDA
-  return (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16) &&
-         flash_bwd_supported_head_dim(q.size(-1));
-#else
-  return false;
-#endif
-}
-
 // ATen math (any device/dtype/head dim), O(S^2) memory: the same formulas as the kernel on the
 // whole S x S matrix: P = exp(S - lse) on visible keys, dV = P^T dO, dP = dO V^T,
 // dS = P (dP - D) (softcap: * (1 - tanh^2)), dQ = scale dS K, dK = scale dS^T Q; GQA sums dK/dV
@@ -229,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_bwd(
   check_bwd_args(op, dout_in, q_in, k_in, v_in, out_in, lse_in, 4);
   const BwdOptions opt = resolve(op, softmax_scale, q_in.size(-1), causal, window_size_left, window_size_right,
                                  softcap, q_in.size(1), k_in.size(1));
-  if (!use_bwd_kernel(q_in))
+  if (!use_kernel(q_in, AttnPass::kBackward))
     return attention_bwd_math(dout_in, q_in, k_in, v_in, out_in, lse_in, at::Tensor(), at::Tensor(), opt);
   if (q_in.is_cpu() && !cpu_twin_forced()) {  // default CPU path: ATen's flash backward
     auto fast = attention_cpu_fast_bwd(dout_in, q_in, k_in, v_in, out_in, lse_in, opt.scale, opt.left, opt.right,
@@ -318,7 +307,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_attn_varlen_bwd(
   const BwdOptions opt = resolve(op, softmax_scale, q_in.size(-1), causal, window_size_left, window_size_right,
                                  softcap, total_q, total_k);
   const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
-  if (!use_bwd_kernel(q_in)) return attention_bwd_math(dout_in, q_in, k_in, v_in, out_in, lse_in, cq, ck, opt);
+  if (!use_kernel(q_in, AttnPass::kBackward)) return attention_bwd_math(dout_in, q_in, k_in, v_in, out_in, lse_in, cq, ck, opt);
   if (q_in.is_cpu() && !cpu_twin_forced()) {
     auto fast = varlen_cpu_fast_bwd(dout_in, q_in, k_in, v_in, out_in, lse_in, cq, ck, opt);
     if (fast.has_value()) return *fast;

@@ -8,6 +8,11 @@
 
 #include "kernels/attention/flash_params.h"
 
+#ifdef HIRES_LMM_WITH_CUDA
+#include "csrc/cuda/flash_attn.h"
+#include "csrc/cuda/flash_attn_bwd.h"
+#endif
+
 namespace hires::attention {
 
 // HIRES_LMM_ATTN_MATH=1 forces the ATen math path of the forward and backward on any device (read
@@ -15,6 +20,25 @@ namespace hires::attention {
 inline bool attn_math_forced() {
   const char* math = std::getenv("HIRES_LMM_ATTN_MATH");
   return math != nullptr && std::strcmp(math, "1") == 0;
+}
+
+// Which pass asks use_kernel (the forward and backward CUDA kernels cover different head dims).
+enum class AttnPass { kForward, kBackward };
+
+// Whether a call runs the kernels (CUDA: the tensor-core kernel; CPU: the default CPU path or the
+// twin) rather than the ATen math path: never under HIRES_LMM_ATTN_MATH=1; always on the CPU; on
+// CUDA fp16/bf16 with a head dim the pass's kernel supports.
+inline bool use_kernel(const at::Tensor& q, AttnPass pass) {
+  if (attn_math_forced()) return false;
+  if (q.is_cpu()) return true;
+#ifdef HIRES_LMM_WITH_CUDA
+  if (q.scalar_type() != at::kHalf && q.scalar_type() != at::kBFloat16) return false;
+  return pass == AttnPass::kForward ? flash_fwd_supported_head_dim(q.size(-1))
+                                    : flash_bwd_supported_head_dim(q.size(-1));
+#else
+  (void)pass;
+  return false;
+#endif
 }
 
 // q/k/v/o: (B, S, H, D) dense or (total, H, D) varlen, last dim contiguous.

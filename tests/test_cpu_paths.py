@@ -6,10 +6,14 @@ non-finite scores or outputs), dwconv_layernorm through its fused AVX2/FMA CPU k
 and LayerNorm in fp32 where that kernel does not apply).
 Here HIRES_LMM_CPU_TWIN is unset: these calls take the default path."""
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import hires_lmm
 from hires_lmm import ops, reference
 import test_convnext_ops as tcv
 import test_flash_attn as tfa
@@ -158,6 +162,89 @@ def test_kvcache_decode_kernel_matches_twin(dtype, monkeypatch):
     assert torch.isfinite(o1).all()
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(o1.float(), o2.float(), atol=tol, rtol=0)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info(),
+                    reason="the check reads an ELF file; torch without OpenMP has no OpenMP pool to share")
+def test_extension_links_openmp():
+    """at::parallel_for is header code: an extension compiled without OpenMP runs every range on the
+    calling thread (so no CPU kernel here would use a second thread). The build links OpenMP."""
+    so = Path(hires_lmm._C.__file__)
+    out = subprocess.run(["readelf", "-d", str(so)], capture_output=True, text=True, check=True).stdout
+    assert "libgomp" in out or "libomp" in out or "libiomp" in out, out
+
+
+@pytest.fixture
+def threads():
+    """Sets the intra-op thread count for one test (the decode kernel's key split depends on it)."""
+    old = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("nthreads", [2, 5])
+@pytest.mark.parametrize("sq,sk,hq,hkv,d,causal,window", [
+    (1, 513, 4, 1, 64, False, (-1, -1)),   # MQA decode: keys split in 2 / 4 chunks
+    (3, 300, 6, 2, 96, True, (-1, -1)),    # GQA 3, causal rows; 2 threads: no split (2 kv heads)
+    (2, 700, 2, 1, 33, False, (400, 0)),   # window: keys before 298 seen by no row, 2-3 chunks after
+    (4, 260, 2, 1, 128, True, (-1, -1)),   # chunk length 130 (W = 260, 2 chunks)
+])
+def test_small_q_key_split_matches_twin(sq, sk, hq, hkv, d, causal, window, nthreads, dtype, threads,
+                                        monkeypatch):
+    """The decode kernel with its keys split over threads (fewer kv heads than threads: chunks of
+    >= 128 keys, merged by log-sum-exp) against the twin (o, lse), and against the unsplit kernel
+    (1 thread); a NaN in a v row reaches exactly the twin's rows; an inf in q goes to the twin."""
+    g = torch.Generator().manual_seed(sq * 1000 + sk + d)
+    q = torch.randn(1, sq, hq, d, generator=g).to(dtype)
+    k = torch.randn(1, sk, hkv, d, generator=g).to(dtype)
+    v = torch.randn(1, sk, hkv, d, generator=g).to(dtype)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+
+    def run(twin, n):
+        threads(n)
+        if twin:
+            monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
+        try:
+            return ops.flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True)[:2]
+        finally:
+            monkeypatch.delenv("HIRES_LMM_CPU_TWIN", raising=False)
+
+    for poison in (None, "v", "q"):
+        if poison == "v":
+            v[0, sk - 5, 0, 2] = float("nan")  # the last chunk: seen by every row (window right 0)
+        if poison == "q":
+            q[0, 0, 0, 1] = float("inf")
+        o1, l1 = run(False, nthreads)
+        o2, l2 = run(True, nthreads)
+        assert torch.equal(o1.isnan(), o2.isnan())
+        assert poison is None or o1.isnan().any()
+        torch.testing.assert_close(o1.float().nan_to_num(), o2.float().nan_to_num(), atol=tol, rtol=0)
+        torch.testing.assert_close(l1, l2, atol=1e-4, rtol=1e-5, equal_nan=True)
+        if poison is None:  # split vs unsplit: the same sums in another order
+            o0, l0 = run(False, 1)
+            torch.testing.assert_close(o1.float(), o0.float(), atol=tol, rtol=0)
+            torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kvcache_key_split_batch_invariant(dtype, threads):
+    """MQA decode at 4 threads over ragged lengths (0, 1 and 2-4 key chunks): each sequence's output
+    equals its output alone, bitwise (1, 2 or 4 key chunks from one sequence's own length), and the fp64
+    reference."""
+    threads(4)
+    lens = [0, 255, 256, 700]
+    q, kc, vc, k, v, cs = tkv._make(4, 1, 710, 4, 1, 64, lens, 1, dtype, "cpu", seed=21)
+    parts = [(q[b:b + 1].clone(), kc[b:b + 1].clone(), vc[b:b + 1].clone(), k[b:b + 1], v[b:b + 1],
+              cs[b:b + 1]) for b in range(4)]
+    ref = reference.flash_attn_with_kvcache(q.double(), kc.double(), vc.double(), k.double(), v.double(),
+                                            cs, None, True)
+    with torch.no_grad():
+        out = ops.flash_attn_with_kvcache(q, kc, vc, k, v, cs)
+        for b, args in enumerate(parts):
+            torch.testing.assert_close(out[b:b + 1], ops.flash_attn_with_kvcache(*args), atol=0, rtol=0)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
 
 
 # ---- norms and DeepStack injection (AVX2 default path; fp32 layer_norm through ATen) -------------

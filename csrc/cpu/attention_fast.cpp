@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -502,35 +503,69 @@ HIRES_AVX2 float exp_sum(float* s, int64_t n, float m) {
   return l;
 }
 
-// One work item: batch b, kv head hk; its R = Sq * g query rows (row r = query i * g + head gi,
-// q head hk * g + gi). Scores S = scale q k^T over each row's visible keys (kept in `sbuf`),
-// softmax in fp32 with the natural-log lse, then o = P V. Returns false on a non-finite visible
-// score or a non-finite output (the caller then runs the twin for the whole call).
-template <typename T>
-HIRES_AVX2 bool small_q_item(const SmallQArgs& a, int64_t b, int64_t hk, std::vector<float>& buf) {
-  const int64_t g = a.Hq / a.Hkv, R = a.Sq * g, D = a.D;
+// Visible key range [lo, hi] of each of the R = Sq * g query rows of batch element b (row r =
+// query i * g + head gi; bottom-right aligned); [J0, J1] spans them (J1 < J0: no row sees a key).
+struct RowRanges {
+  std::vector<int64_t> lo, hi;
+  int64_t J0 = 0, J1 = -1;
+};
+
+void row_ranges(const SmallQArgs& a, int64_t b, RowRanges& rr) {
+  const int64_t g = a.Hq / a.Hkv, R = a.Sq * g;
   const int64_t L = a.lens != nullptr ? a.lens[b] : a.Sk;
+  rr.lo.resize(R);
+  rr.hi.resize(R);
+  rr.J0 = L;
+  rr.J1 = -1;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t c = r / g + L - a.Sq;  // the key aligned with query i
+    rr.lo[r] = std::max<int64_t>(0, a.window_left >= 0 ? c - a.window_left : 0);
+    rr.hi[r] = std::min<int64_t>(L - 1, a.window_right >= 0 ? c + a.window_right : L - 1);
+    if (rr.lo[r] <= rr.hi[r]) {
+      rr.J0 = std::min(rr.J0, rr.lo[r]);
+      rr.J1 = std::max(rr.J1, rr.hi[r]);
+    }
+  }
+}
+
+// Multiply-adds of a decode call below which it runs on the calling thread.
+constexpr int64_t kMinParallelWork = int64_t(1) << 16;
+
+// Keys per chunk when a work item's keys are split (decode with fewer kv heads than threads).
+constexpr int64_t kMinKeysPerChunk = 128;
+
+// Chunks of one batch element's key span [J0, J1] (W keys): 1, or with fewer kv heads than threads
+// up to ceil(threads / Hkv), each >= kMinKeysPerChunk keys. From one sequence's own sizes, never
+// the batch's: a sequence's result does not depend on what it is batched with.
+int64_t key_chunks(int64_t W, int64_t Hkv, int64_t threads) {
+  if (threads <= Hkv || W < 2 * kMinKeysPerChunk) return 1;
+  return std::max<int64_t>(1, std::min((threads + Hkv - 1) / Hkv, W / kMinKeysPerChunk));
+}
+
+// One chunk [c0, c1] of the keys of work item (batch b, kv head hk), for its R query rows (q head
+// hk * g + gi): scores S = scale q k^T over each row's visible keys inside the chunk (kept in
+// `buf`), then the unnormalised partial softmax: m[r] = max, l[r] = sum exp(s - m) (fp32; l = 0 and
+// m = -inf for a row that sees no key of the chunk) and acc[r, :] = sum exp(s - m) v (R x D).
+// Returns false on a non-finite visible score (the caller then runs the twin for the whole call).
+template <typename T>
+HIRES_AVX2 bool small_q_chunk(const SmallQArgs& a, int64_t b, int64_t hk, const RowRanges& rr, int64_t c0,
+                              int64_t c1, std::vector<float>& buf, float* m_out, float* l_out, float* acc) {
+  const int64_t g = a.Hq / a.Hkv, R = a.Sq * g, D = a.D;
   const T* q = static_cast<const T*>(a.q);
   const T* k = static_cast<const T*>(a.k);
   const T* v = static_cast<const T*>(a.v);
-  T* o = static_cast<T*>(a.o);
-  // visible key range [lo, hi] of each row (bottom-right aligned)
-  int64_t J0 = L, J1 = -1;
-  std::vector<int64_t> lo(R), hi(R);
+  const int64_t W = c1 >= c0 ? c1 - c0 + 1 : 0;
+  buf.resize(size_t(R * D + R * W));
+  float* qf = buf.data();   // (R, D) q rows in fp32
+  float* sc = qf + R * D;   // (R, W) scores, then exp(s - m)
+  // the rows' visible ranges clipped to the chunk (empty: lo > hi)
+  std::vector<int64_t> lo_v(R), hi_v(R);
+  int64_t* lo = lo_v.data();
+  int64_t* hi = hi_v.data();
   for (int64_t r = 0; r < R; ++r) {
-    const int64_t c = r / g + L - a.Sq;  // the key aligned with query i
-    lo[r] = std::max<int64_t>(0, a.window_left >= 0 ? c - a.window_left : 0);
-    hi[r] = std::min<int64_t>(L - 1, a.window_right >= 0 ? c + a.window_right : L - 1);
-    if (lo[r] <= hi[r]) {
-      J0 = std::min(J0, lo[r]);
-      J1 = std::max(J1, hi[r]);
-    }
+    lo[r] = std::max(rr.lo[r], c0);
+    hi[r] = std::min(rr.hi[r], c1);
   }
-  const int64_t W = J1 >= J0 ? J1 - J0 + 1 : 0;
-  buf.resize(size_t(R * D * 2 + R * W));
-  float* qf = buf.data();    // (R, D) q rows in fp32
-  float* acc = qf + R * D;   // (R, D) P V sums
-  float* sc = acc + R * D;   // (R, W) scores, then exp(s - m)
   for (int64_t r = 0; r < R; ++r) {
     const int64_t i = r / g, h = hk * g + r % g;
     to_f32_row(q + b * a.q_s[0] + i * a.q_s[1] + h * a.q_s[2], qf + r * D, D);
@@ -549,7 +584,7 @@ HIRES_AVX2 bool small_q_item(const SmallQArgs& a, int64_t b, int64_t hk, std::ve
     }
   };
   for_groups([&](int64_t r0, int64_t n) {
-    float* out = sc + r0 * W + (lo[r0] - J0);
+    float* out = sc + r0 * W + (lo[r0] - c0);
     const float* qg = qf + r0 * D;
     switch (n) {
       case 4: scores_group<4>(qg, D, kb, a.k_s[1], lo[r0], hi[r0], scale, out, W); break;
@@ -558,25 +593,22 @@ HIRES_AVX2 bool small_q_item(const SmallQArgs& a, int64_t b, int64_t hk, std::ve
       default: scores_group<1>(qg, D, kb, a.k_s[1], lo[r0], hi[r0], scale, out, W); break;
     }
   });
-  std::vector<float> inv_l(R, 0.f);
   for (int64_t r = 0; r < R; ++r) {
-    const int64_t i = r / g, h = hk * g + r % g;
-    float* lse = a.lse != nullptr ? a.lse + b * a.lse_s[0] + h * a.lse_s[1] + i * a.lse_s[2] : nullptr;
-    if (lo[r] > hi[r]) {  // a row that sees no key: o = 0, lse = -inf
-      if (lse != nullptr) *lse = -std::numeric_limits<float>::infinity();
+    if (lo[r] > hi[r]) {  // no visible key in this chunk
+      m_out[r] = -std::numeric_limits<float>::infinity();
+      l_out[r] = 0.f;
       continue;
     }
-    float* s = sc + r * W + (lo[r] - J0);
+    float* s = sc + r * W + (lo[r] - c0);
     const int64_t n = hi[r] - lo[r] + 1;
     float m;
     if (!max_finite(s, n, &m)) return false;  // NaN / inf scores: the twin's rules
-    const float l = exp_sum(s, n, m);  // >= 1 (the max contributes exp(0))
-    inv_l[r] = 1.f / l;
-    if (lse != nullptr) *lse = m + std::log(l);
+    m_out[r] = m;
+    l_out[r] = exp_sum(s, n, m);  // >= 1 (the max contributes exp(0))
   }
   std::fill(acc, acc + R * D, 0.f);
   for_groups([&](int64_t r0, int64_t n) {
-    const float* pg = sc + r0 * W + (lo[r0] - J0);
+    const float* pg = sc + r0 * W + (lo[r0] - c0);
     float* out = acc + r0 * D;
     switch (n) {
       case 4: pv_group<4>(pg, W, vb, a.v_s[1], lo[r0], hi[r0], D, out); break;
@@ -585,13 +617,45 @@ HIRES_AVX2 bool small_q_item(const SmallQArgs& a, int64_t b, int64_t hk, std::ve
       default: pv_group<1>(pg, W, vb, a.v_s[1], lo[r0], hi[r0], D, out); break;
     }
   });
+  return true;
+}
+
+// o and lse of work item (b, hk) from its n chunks' partials (chunk c: m + c * R, l + c * R,
+// acc + c * R * D): M = max_c m_c, l = sum_c l_c exp(m_c - M), o = sum_c acc_c exp(m_c - M) / l,
+// lse = M + log l (n = 1: o = acc / l exactly); a row that sees no key gets o = 0, lse = -inf.
+// Returns false on a non-finite output (a NaN / inf in a visible v row, or an overflow).
+template <typename T>
+HIRES_AVX2 bool small_q_finish(const SmallQArgs& a, int64_t b, int64_t hk, int64_t n, const float* m,
+                               const float* l, const float* acc) {
+  const int64_t g = a.Hq / a.Hkv, R = a.Sq * g, D = a.D;
+  T* o = static_cast<T*>(a.o);
   bool ok = true;
+  std::vector<float> w(static_cast<size_t>(n));
   for (int64_t r = 0; r < R; ++r) {
     const int64_t i = r / g, h = hk * g + r % g;
+    float M = -std::numeric_limits<float>::infinity(), sum = 0.f;
+    for (int64_t c = 0; c < n; ++c)
+      if (l[c * R + r] > 0.f) M = std::max(M, m[c * R + r]);
+    if (n == 1) {
+      sum = l[r];
+      w[0] = 1.f;
+    } else {
+      for (int64_t c = 0; c < n; ++c) {
+        w[c] = l[c * R + r] > 0.f ? std::exp(m[c * R + r] - M) : 0.f;
+        sum += l[c * R + r] * w[c];
+      }
+    }
+    float* lse = a.lse != nullptr ? a.lse + b * a.lse_s[0] + h * a.lse_s[1] + i * a.lse_s[2] : nullptr;
+    if (lse != nullptr) *lse = sum > 0.f ? M + std::log(sum) : -std::numeric_limits<float>::infinity();
+    const float inv_l = sum > 0.f ? 1.f / sum : 0.f;  // a row that sees no key: o = 0
     T* orow = o + b * a.o_s[0] + i * a.o_s[1] + h * a.o_s[2];
-    const float* ar = acc + r * D;
     for (int64_t d = 0; d < D; ++d) {
-      const float val = ar[d] * inv_l[r];
+      float t = acc[r * D + d];
+      if (n > 1) {
+        t *= w[0];
+        for (int64_t c = 1; c < n; ++c) t += acc[(c * R + r) * D + d] * w[c];
+      }
+      const float val = t * inv_l;
       ok &= std::isfinite(val);
       orow[d] = static_cast<T>(val);
     }
@@ -606,13 +670,64 @@ bool attention_cpu_small_q(const SmallQArgs& a, at::ScalarType dtype) {
 #ifdef HIRES_X86
   if (!cpu_has_avx2()) return false;
   std::atomic<bool> ok{true};
-  const int64_t items = a.B * a.Hkv;
+  const int64_t g = a.Hq / a.Hkv, R = a.Sq * g, D = a.D;
+  const int64_t threads = at::get_num_threads();
+  // rows' visible ranges per batch element and its key chunks; work units (b, hk, chunk)
+  std::vector<RowRanges> ranges(size_t(a.B));
+  std::vector<int64_t> chunks(size_t(a.B)), unit0(size_t(a.B) + 1, 0);
+  for (int64_t b = 0; b < a.B; ++b) {
+    row_ranges(a, b, ranges[b]);
+    const int64_t W = ranges[b].J1 >= ranges[b].J0 ? ranges[b].J1 - ranges[b].J0 + 1 : 0;
+    chunks[b] = key_chunks(W, a.Hkv, threads);
+    unit0[b + 1] = unit0[b] + a.Hkv * chunks[b];
+  }
+  const int64_t units = unit0[a.B];
+  // one thread below ~64K multiply-adds of q k and p v in all (a parallel region's fork / join
+  // would cost about as much as the work)
+  int64_t work = 0;
+  for (int64_t b = 0; b < a.B; ++b)
+    work += ranges[b].J1 >= ranges[b].J0 ? (ranges[b].J1 - ranges[b].J0 + 1) * a.Hkv * R * D * 2 : 0;
+  const int64_t grain = work < kMinParallelWork ? units : 1;
+  // split items: their chunks' partials (m, l: R each; acc: R x D), merged by the chunk that
+  // finishes last (an acq_rel counter per item orders the others' writes before the merge)
+  const bool split = units > a.B * a.Hkv;
+  std::vector<float> part;
+  std::vector<int64_t> part0;
+  std::unique_ptr<std::atomic<int64_t>[]> done;
+  if (split) {
+    part.resize(size_t(units * R * (D + 2)));
+    done.reset(new std::atomic<int64_t>[size_t(a.B * a.Hkv)]);
+    for (int64_t i = 0; i < a.B * a.Hkv; ++i) done[i].store(0, std::memory_order_relaxed);
+  }
   auto run = [&](auto tag) {
     using T = decltype(tag);
-    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> buf;
-      for (int64_t it = begin; it < end && ok.load(std::memory_order_relaxed); ++it)
-        if (!small_q_item<T>(a, it / a.Hkv, it % a.Hkv, buf)) ok = false;
+    at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf, own(size_t(R * (D + 2)));
+      for (int64_t u = begin; u < end && ok.load(std::memory_order_relaxed); ++u) {
+        const int64_t b = int64_t(std::upper_bound(unit0.begin(), unit0.end(), u) - unit0.begin()) - 1;
+        const int64_t n = chunks[b], hk = (u - unit0[b]) / n, c = (u - unit0[b]) % n;
+        const RowRanges& rr = ranges[b];
+        if (n == 1) {  // the whole item: straight to o / lse
+          float* m = own.data();
+          if (!small_q_chunk<T>(a, b, hk, rr, rr.J0, rr.J1, buf, m, m + R, m + 2 * R) ||
+              !small_q_finish<T>(a, b, hk, 1, m, m + R, m + 2 * R))
+            ok = false;
+          continue;
+        }
+        // chunk c of the item's span: keys [J0 + c * len, min(J1, J0 + (c + 1) * len - 1)]
+        const int64_t W = rr.J1 - rr.J0 + 1, len = (W + n - 1) / n;
+        const int64_t c0 = rr.J0 + c * len, c1 = std::min(rr.J1, c0 + len - 1);
+        const int64_t first = unit0[b] + hk * n;  // this item's first unit
+        float* base = part.data() + first * R * (D + 2);  // m (n x R), l (n x R), acc (n x R x D)
+        if (!small_q_chunk<T>(a, b, hk, rr, c0, c1, buf, base + c * R, base + n * R + c * R,
+                              base + 2 * n * R + c * R * D)) {
+          ok = false;
+          continue;
+        }
+        if (done[b * a.Hkv + hk].fetch_add(1, std::memory_order_acq_rel) == n - 1 &&
+            !small_q_finish<T>(a, b, hk, n, base, base + n * R, base + 2 * n * R))
+          ok = false;
+      }
     });
   };
   switch (dtype) {
