@@ -227,6 +227,36 @@ def test_small_q_key_split_matches_twin(sq, sk, hq, hkv, d, causal, window, nthr
             torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("poison", ["none", "k_nan", "q_nan", "v_nan", "overflow"])
+def test_prefill_finiteness_pass_in_parallel(poison, dtype, threads, monkeypatch):
+    """The ATen path's one pass over q, k and v (>= 256K elements: split over 2 threads, the poisoned
+    element in the last segment of its tensor) decides as the twin: o and lse against the twin."""
+    threads(2)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 601, 4, 64, generator=g).to(dtype)
+    k = torch.randn(1, 601, 2, 64, generator=g).to(dtype)
+    v = torch.randn(1, 601, 2, 64, generator=g).to(dtype)
+    if poison == "k_nan":
+        k[0, 590, 1, 63] = float("nan")  # rows >= 590 of q heads 2, 3 see it
+    elif poison == "q_nan":
+        q[0, 599, 3, 5] = float("nan")
+    elif poison == "v_nan":
+        v[0, 550, 0, 7] = float("nan")  # causal: rows >= 550 see it
+    elif poison == "overflow":  # finite inputs, scores beyond fp32 for every row that sees key 600
+        k[0, 600] = 3e18 if dtype != torch.float16 else 6e4
+        q = q * (3e18 if dtype != torch.float16 else 6e4)
+    o1, l1, _ = ops.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
+    o2, l2, _ = ops.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert torch.equal(o1.isnan(), o2.isnan()) and torch.equal(o1.isinf(), o2.isinf())
+    assert poison in ("none", "overflow") or o1.isnan().any()
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    fin = torch.isfinite(o2)
+    torch.testing.assert_close(o1[fin].float(), o2[fin].float(), atol=tol, rtol=0)
+    torch.testing.assert_close(l1, l2, atol=1e-4, rtol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kvcache_key_split_batch_invariant(dtype, threads):
     """MQA decode at 4 threads over ragged lengths (0, 1 and 2-4 key chunks): each sequence's output

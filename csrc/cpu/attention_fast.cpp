@@ -187,6 +187,34 @@ float sum_sq(const at::Tensor& t) {
   return s;
 }
 
+// sum_sq of n contiguous tensors of one dtype in one pass: their elements in segments of 16K, one
+// parallel region over all the segments when they hold >= 256K elements in all (fewer: the calling
+// thread). Partials are added in segment order (the result does not depend on the thread count).
+void sum_sq_many(const at::Tensor* const* ts, int n, float* out) {
+  constexpr int64_t kSeg = int64_t(1) << 14, kParallelMin = int64_t(1) << 18;
+  std::vector<int64_t> seg0(size_t(n) + 1, 0);
+  int64_t total = 0;
+  for (int i = 0; i < n; ++i) {
+    seg0[i + 1] = seg0[i] + (ts[i]->numel() + kSeg - 1) / kSeg;
+    total += ts[i]->numel();
+  }
+  const int64_t segs = seg0[n];
+  std::vector<float> part(size_t(segs), 0.f);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ts[0]->scalar_type(), "sum_sq_many", [&] {
+    at::parallel_for(0, segs, total >= kParallelMin ? 1 : segs, [&](int64_t b, int64_t e) {
+      for (int64_t sg = b; sg < e; ++sg) {
+        const int i = int(std::upper_bound(seg0.begin(), seg0.end(), sg) - seg0.begin()) - 1;
+        const int64_t off = (sg - seg0[i]) * kSeg;
+        part[sg] = sum_sq_contiguous(ts[i]->const_data_ptr<scalar_t>() + off, std::min(kSeg, ts[i]->numel() - off));
+      }
+    });
+  });
+  for (int i = 0; i < n; ++i) {
+    out[i] = 0.f;
+    for (int64_t sg = seg0[i]; sg < seg0[i + 1]; ++sg) out[i] += part[sg];
+  }
+}
+
 }  // namespace
 
 bool& cpu_fast_taken() {
@@ -262,8 +290,20 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> attention_cpu_fast(
   // Every score finite: |scale q_i.k_j| <= |scale| sqrt(sum q^2 sum k^2) (Cauchy-Schwarz) < 1e37 rules
   // out an inf / NaN in q or k, a non-finite scale and any fp32 overflow of a score (ATen's kernel
   // can return a finite lse for a row with a +inf score).
-  const double bound = std::abs(scale) * std::sqrt(double(sum_sq(q)) * double(sum_sq(k)));
+  // (v's sum of squares, for the output check below, in the same pass when all three are contiguous)
+  const bool v_read_in_place = v.is_contiguous() || tokens_in_place(v);
+  float sq[3];
+  if (q.is_contiguous() && k.is_contiguous() && v.is_contiguous()) {
+    const at::Tensor* ts[3] = {&q, &k, &v};
+    sum_sq_many(ts, 3, sq);
+  } else {
+    sq[0] = sum_sq(q);
+    sq[1] = sum_sq(k);
+    sq[2] = -1.f;  // v: after the kernel, only if the bound holds
+  }
+  const double bound = std::abs(scale) * std::sqrt(double(sq[0]) * double(sq[1]));
   if (!(bound < 1e37)) return c10::nullopt;
+  if (sq[2] < 0.f && v_read_in_place) sq[2] = sum_sq(v);
   (void)Hq; (void)Hkv;  // GQA: the ATen kernel maps query head h to kv head h / (Hq / Hkv) itself
   const bool plain_causal = fast_plain_causal(Sq, Sk, window_left, window_right);
   const c10::optional<at::Tensor> mask = fast_mask(Sq, Sk, window_left, window_right, q.scalar_type());
@@ -298,8 +338,7 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> attention_cpu_fast(
   // With finite scores and lse, o can only be non-finite through v: each row accumulates at most Sk
   // terms exp(s - m) v_j with weights <= 1, so sum v^2 < inf (every |v_j| < 2e19) keeps the fp32
   // accumulator and o finite; that pass reads v (1 / g of o's size under GQA). Otherwise o is checked.
-  const bool v_read_in_place = v.is_contiguous() || tokens_in_place(v);
-  if (!(v_read_in_place && std::isfinite(sum_sq(v))) && !all_finite(o)) return c10::nullopt;
+  if (!(v_read_in_place && std::isfinite(sq[2])) && !all_finite(o)) return c10::nullopt;
   cpu_fast_taken() = true;
   return std::make_tuple(o, lse);
 }
