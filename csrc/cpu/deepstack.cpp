@@ -127,8 +127,10 @@ void run(const InjectNormParams& p, Norm norm) {
 // 4 x 8 lanes; LayerNorm's are shifted-data ones (below), more accurate than the twin's on rows
 // far from zero, otherwise equal up to the summation order (the last bits of rstd). A row whose
 // statistic is not finite takes the twin's fp64 redo. Rows split over at::parallel_for, at least
-// 16384 elements per task (4-7 us of work at the rates measured here; ATen's
-// LayerNorm splits from two rows on).
+// kMinTaskElems elements per task: with the extension built with OpenMP, a second thread at 32K
+// elements (8 x 4096) made a LayerNorm slower than one thread here (20-31 us vs 14-21), at 128K it
+// paid (48 -> 34 us).
+constexpr int64_t kMinTaskElems = int64_t(1) << 16;
 constexpr bool kSplit16 = true;  // bf16: the shuffle-free 16-element blocks below
 
 // bf16, 16 elements per 256-bit load split without shuffles (AVX2's bf16 -> fp32 widening is a
@@ -322,7 +324,7 @@ void run_fast(const InjectNormParams& p, Norm norm) {
       permute16(b.data() + c, bp.data() + c);
     }
   }
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  const int64_t grain = std::max<int64_t>(1, kMinTaskElems / std::max<int64_t>(D, 1));
   at::parallel_for(0, p.rows, grain, [&](int64_t begin, int64_t end) {
     // the injected row when it is not an output (no caller today): a scratch row
     std::vector<T> xbuf(p.injected == nullptr && p.num_visual > 0 ? D : 0);
