@@ -400,3 +400,28 @@ def test_huge_rows_use_fp64_statistics(device, layer):
     assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
     torch.testing.assert_close(dx.cpu().double(), xd.grad, rtol=1e-4, atol=0)
     torch.testing.assert_close(dw.cpu().double(), wd.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layer", [True, False])
+@pytest.mark.parametrize("D", [1, 7, 8, 77, 192, 1000])
+def test_cpu_avx2_rows_match_portable(dtype, layer, D, monkeypatch):
+    """The CPU's AVX2 rows (default path) compute the portable rows' arithmetic lane for lane: dx,
+    dweight and dbias bitwise equal to HIRES_LMM_CPU_TWIN=1's, with and without the extra
+    gradient, an overflowing row (fp64 statistics) and a NaN row included."""
+    g = torch.Generator().manual_seed(D)
+    rows = 37
+    x = (torch.randn(rows, D, generator=g) * 3 + 0.5).to(dtype)
+    x[5] = 1e4 if dtype == torch.float16 else 3e19        # sum of squares overflows fp32
+    x[9, D // 2] = float("nan")
+    dy = torch.randn(rows, D, generator=g).to(dtype)
+    dres = torch.randn(rows, D, generator=g).to(dtype)
+    w = (torch.randn(D, generator=g) * 0.5 + 1).to(dtype)
+    for di in (None, dres):
+        monkeypatch.delenv("HIRES_LMM_CPU_TWIN", raising=False)
+        fast = torch.ops.hires_lmm.norm_backward(dy, x, w, di, 1e-5, layer, True)
+        monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
+        twin = torch.ops.hires_lmm.norm_backward(dy, x, w, di, 1e-5, layer, True)
+        for a, b in zip(fast, twin):
+            assert torch.equal(a.isnan(), b.isnan())
+            assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))

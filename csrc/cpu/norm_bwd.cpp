@@ -1,5 +1,16 @@
 #include "csrc/cpu/norm_bwd.h"
 
+// No contraction of a * b + c into one FMA in this file: the AVX2 rows (FMA in their target) must
+// round as the portable rows do, and a LayerNorm of width 1 must give dx = 0 exactly (g w - mean(g w)).
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#include "csrc/cpu/avx2.h"
+#include "csrc/cpu/cpu_path.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -24,6 +35,130 @@ inline float sum8(int64_t D, F f) {
   return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
 }
 
+
+#ifdef HIRES_X86
+using cpu::load8;
+using cpu::round8;
+using cpu::store8;
+
+// 8 fp32 lane partials (lane j: elements j, j + 8, ...) plus the tail added to lanes 0.., combined
+// in sum8's order: the same value as sum8 of the same terms.
+HIRES_AVX2 inline float combine8(__m256 acc, const float* tail, int64_t r) {
+  alignas(32) float a[8];
+  _mm256_store_ps(a, acc);
+  for (int64_t j = 0; j < r; ++j) a[j] += tail[j];
+  return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+}
+
+// One row of stage 1 with AVX2, the portable row's arithmetic lane for lane (mul and add, no FMA,
+// sums in sum8's order), reading x, dy (and dres) in T: the same results as the portable path.
+template <typename T, bool kLayer, bool kRes>
+HIRES_AVX2 void row_avx2(const T* xn, const T* gn, const T* rn, const float* w, T* dxn, float* pw,
+                         float* pb, int64_t D, float inv_d, float eps) {
+  const int64_t D8 = D / 8 * 8, r = D - D8;
+  float tail[8];
+  float mu = 0.f;
+  if (kLayer) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t c = 0; c < D8; c += 8) acc = _mm256_add_ps(acc, load8(xn + c));
+    for (int64_t j = 0; j < r; ++j) tail[j] = static_cast<float>(xn[D8 + j]);
+    mu = combine8(acc, tail, r) * inv_d;
+  }
+  __m256 mv = _mm256_set1_ps(mu);
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t c = 0; c < D8; c += 8) {
+    const __m256 d = _mm256_sub_ps(load8(xn + c), mv);
+    acc = _mm256_add_ps(acc, _mm256_mul_ps(d, d));
+  }
+  for (int64_t j = 0; j < r; ++j) {
+    const float d = static_cast<float>(xn[D8 + j]) - mu;
+    tail[j] = d * d;
+  }
+  const float ss = combine8(acc, tail, r);
+  float rstd;
+  if (std::isfinite(ss)) {
+    rstd = 1.f / std::sqrt(ss * inv_d + eps);
+  } else {  // fp32 overflow or a non-finite x: statistics in fp64, as the forward
+    double mud = 0.0, ssd = 0.0;
+    if (kLayer) {
+      for (int64_t c = 0; c < D; ++c) mud += double(static_cast<float>(xn[c]));
+      mud /= double(D);
+    }
+    for (int64_t c = 0; c < D; ++c) {
+      const double d = double(static_cast<float>(xn[c])) - mud;
+      ssd += d * d;
+    }
+    mu = float(mud);
+    rstd = float(1.0 / std::sqrt(ssd / double(D) + double(eps)));
+    mv = _mm256_set1_ps(mu);
+  }
+  const __m256 rv = _mm256_set1_ps(rstd);
+  __m256 ag = _mm256_setzero_ps(), agy = _mm256_setzero_ps();
+  for (int64_t c = 0; c < D8; c += 8) {
+    const __m256 gw = _mm256_mul_ps(load8(gn + c), _mm256_loadu_ps(w + c));
+    if (kLayer) ag = _mm256_add_ps(ag, gw);
+    agy = _mm256_add_ps(agy, _mm256_mul_ps(gw, _mm256_mul_ps(_mm256_sub_ps(load8(xn + c), mv), rv)));
+  }
+  float sg = 0.f;
+  if (kLayer) {
+    for (int64_t j = 0; j < r; ++j) tail[j] = static_cast<float>(gn[D8 + j]) * w[D8 + j];
+    sg = combine8(ag, tail, r);
+  }
+  for (int64_t j = 0; j < r; ++j) {
+    const int64_t c = D8 + j;
+    tail[j] = static_cast<float>(gn[c]) * w[c] * ((static_cast<float>(xn[c]) - mu) * rstd);
+  }
+  const float sgy = combine8(agy, tail, r);
+  const float mg = kLayer ? sg * inv_d : 0.f;
+  const float mgy = sgy * inv_d;
+  const __m256 mgv = _mm256_set1_ps(mg), mgyv = _mm256_set1_ps(mgy);
+  int64_t c = 0;
+  for (; c < D8; c += 8) {
+    const __m256 g = load8(gn + c);
+    const __m256 y = _mm256_mul_ps(_mm256_sub_ps(load8(xn + c), mv), rv);
+    __m256 v = _mm256_mul_ps(rv, _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(g, _mm256_loadu_ps(w + c)), mgv),
+                                               _mm256_mul_ps(y, mgyv)));
+    if (kRes) v = _mm256_add_ps(v, load8(rn + c));
+    store8(dxn + c, v);
+    _mm256_storeu_ps(pw + c, _mm256_add_ps(_mm256_loadu_ps(pw + c), _mm256_mul_ps(g, kLayer ? y : round8<T>(y))));
+    _mm256_storeu_ps(pb + c, _mm256_add_ps(_mm256_loadu_ps(pb + c), g));
+  }
+  for (; c < D; ++c) {
+    const float g = static_cast<float>(gn[c]);
+    const float y = (static_cast<float>(xn[c]) - mu) * rstd;
+    float v = rstd * (g * w[c] - mg - y * mgy);
+    if (kRes) v += static_cast<float>(rn[c]);
+    dxn[c] = static_cast<T>(v);
+    pw[c] += g * (kLayer ? y : round_to<T>(y));
+    pb[c] += g;
+  }
+}
+
+template <typename T>
+bool stage1_avx2(const NormBwdParams& p, const float* w) {
+  if (!cpu::cpu_has_avx2() || cpu_twin_forced()) return false;  // HIRES_LMM_CPU_TWIN=1: portable rows
+  const int64_t D = p.dim;
+  const T* dy = static_cast<const T*>(p.dy);
+  const T* xs = static_cast<const T*>(p.x);
+  const T* dres = static_cast<const T*>(p.dres);
+  T* dx = static_cast<T*>(p.dx);
+  const float inv_d = 1.f / float(D);
+  const auto row = p.layer ? (dres ? &row_avx2<T, true, true> : &row_avx2<T, true, false>)
+                           : (dres ? &row_avx2<T, false, true> : &row_avx2<T, false, false>);
+  at::parallel_for(0, p.chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t b = cb; b < ce; ++b) {
+      float* pw = p.partial + b * 2 * D;
+      float* pb = pw + D;
+      std::fill(pw, pw + 2 * D, 0.f);
+      const int64_t r1 = std::min(p.rows, (b + 1) * p.rows_per_chunk);
+      for (int64_t n = b * p.rows_per_chunk; n < r1; ++n)
+        row(xs + n * D, dy + n * D, dres ? dres + n * D : nullptr, w, dx + n * D, pw, pb, D, inv_d, p.eps);
+    }
+  });
+  return true;
+}
+#endif
+
 template <typename T>
 void run(const NormBwdParams& p) {
   const int64_t D = p.dim;
@@ -35,8 +170,14 @@ void run(const NormBwdParams& p) {
   std::vector<float> w(D);
   for (int64_t c = 0; c < D; ++c) w[c] = static_cast<float>(wt[c]);
   const float inv_d = 1.f / float(D);
-  // stage 1: one chunk of rows per task, its partial sums in its own workspace row
-  at::parallel_for(0, p.chunks, 1, [&](int64_t cb, int64_t ce) {
+  // stage 1: one chunk of rows per task, its partial sums in its own workspace row (AVX2 rows
+  // where the CPU has it: the same arithmetic, see row_avx2)
+#ifdef HIRES_X86
+  const bool done = stage1_avx2<T>(p, w.data());
+#else
+  const bool done = false;
+#endif
+  if (!done) at::parallel_for(0, p.chunks, 1, [&](int64_t cb, int64_t ce) {
     std::vector<float> x(D), g(D);
     for (int64_t b = cb; b < ce; ++b) {
       float* pw = p.partial + b * 2 * D;
