@@ -22,17 +22,28 @@ namespace {
 
 template <typename T> inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
 
-// sum_{c < D} f(c) in 8 interleaved fp32 partial sums, added in a fixed order: the compiler
-// vectorizes it (a single running sum is one dependent add per element: 4 such row sums were most
-// of this kernel's time), and the result depends on D only, not on threads or the machine.
+// Row statistics as sums of kP = 32 interleaved fp32 partials: p[j] sums the elements c = j mod 32
+// of the full 32-element blocks, then the last D mod 32 elements are added to p[0], p[1], ..., and
+// fold32 adds the 32 partials in a fixed tree. A single running sum is one dependent add per
+// element (4 such row sums were most of this kernel's time); 32 partials are 4 independent 8-lane
+// accumulators in the AVX2 rows. The order depends on D only (not on threads or the machine), and
+// the portable and AVX2 rows follow it exactly, so they agree bitwise.
+constexpr int64_t kP = 32;
+
+inline float fold32(const float* p) {
+  float q[8];
+  for (int j = 0; j < 8; ++j) q[j] = (p[j] + p[j + 8]) + (p[j + 16] + p[j + 24]);
+  return ((q[0] + q[4]) + (q[1] + q[5])) + ((q[2] + q[6]) + (q[3] + q[7]));
+}
+
 template <typename F>
-inline float sum8(int64_t D, F f) {
-  float a[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t c = 0;
-  for (; c + 8 <= D; c += 8)
-    for (int j = 0; j < 8; ++j) a[j] += f(c + j);
-  for (int j = 0; c < D; ++c, ++j) a[j] += f(c);
-  return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+inline float sum32(int64_t D, F f) {
+  float p[kP] = {};
+  const int64_t D32 = D / kP * kP;
+  for (int64_t c = 0; c < D32; c += kP)
+    for (int64_t j = 0; j < kP; ++j) p[j] += f(c + j);
+  for (int64_t c = D32; c < D; ++c) p[c - D32] += f(c);
+  return fold32(p);
 }
 
 
@@ -41,40 +52,43 @@ using cpu::load8;
 using cpu::round8;
 using cpu::store8;
 
-// 8 fp32 lane partials (lane j: elements j, j + 8, ...) plus the tail added to lanes 0.., combined
-// in sum8's order: the same value as sum8 of the same terms.
-HIRES_AVX2 inline float combine8(__m256 acc, const float* tail, int64_t r) {
-  alignas(32) float a[8];
-  _mm256_store_ps(a, acc);
-  for (int64_t j = 0; j < r; ++j) a[j] += tail[j];
-  return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]));
+// The 4 accumulators of the full 32-element blocks into p[0..31] (accumulator k: p[8k .. 8k + 7]).
+HIRES_AVX2 inline void store32(const __m256 (&a)[4], float* p) {
+  for (int k = 0; k < 4; ++k) _mm256_storeu_ps(p + 8 * k, a[k]);
 }
 
 // One row of stage 1 with AVX2, the portable row's arithmetic lane for lane (mul and add, no FMA,
-// sums in sum8's order), reading x, dy (and dres) in T: the same results as the portable path.
+// sums in sum32's order), reading x, dy (and dres) in T: the same results as the portable path.
 template <typename T, bool kLayer, bool kRes>
 HIRES_AVX2 void row_avx2(const T* xn, const T* gn, const T* rn, const float* w, T* dxn, float* pw,
                          float* pb, int64_t D, float inv_d, float eps) {
-  const int64_t D8 = D / 8 * 8, r = D - D8;
-  float tail[8];
+  const int64_t D8 = D / 8 * 8, D32 = D / kP * kP;
+  const __m256 z = _mm256_setzero_ps();
+  float p[kP];
   float mu = 0.f;
   if (kLayer) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t c = 0; c < D8; c += 8) acc = _mm256_add_ps(acc, load8(xn + c));
-    for (int64_t j = 0; j < r; ++j) tail[j] = static_cast<float>(xn[D8 + j]);
-    mu = combine8(acc, tail, r) * inv_d;
+    __m256 a[4] = {z, z, z, z};
+    for (int64_t c = 0; c < D32; c += kP)
+      for (int k = 0; k < 4; ++k) a[k] = _mm256_add_ps(a[k], load8(xn + c + 8 * k));
+    store32(a, p);
+    for (int64_t c = D32; c < D; ++c) p[c - D32] += static_cast<float>(xn[c]);
+    mu = fold32(p) * inv_d;
   }
   __m256 mv = _mm256_set1_ps(mu);
-  __m256 acc = _mm256_setzero_ps();
-  for (int64_t c = 0; c < D8; c += 8) {
-    const __m256 d = _mm256_sub_ps(load8(xn + c), mv);
-    acc = _mm256_add_ps(acc, _mm256_mul_ps(d, d));
+  {
+    __m256 a[4] = {z, z, z, z};
+    for (int64_t c = 0; c < D32; c += kP)
+      for (int k = 0; k < 4; ++k) {
+        const __m256 d = _mm256_sub_ps(load8(xn + c + 8 * k), mv);
+        a[k] = _mm256_add_ps(a[k], _mm256_mul_ps(d, d));
+      }
+    store32(a, p);
   }
-  for (int64_t j = 0; j < r; ++j) {
-    const float d = static_cast<float>(xn[D8 + j]) - mu;
-    tail[j] = d * d;
+  for (int64_t c = D32; c < D; ++c) {
+    const float d = static_cast<float>(xn[c]) - mu;
+    p[c - D32] += d * d;
   }
-  const float ss = combine8(acc, tail, r);
+  const float ss = fold32(p);
   float rstd;
   if (std::isfinite(ss)) {
     rstd = 1.f / std::sqrt(ss * inv_d + eps);
@@ -93,22 +107,27 @@ HIRES_AVX2 void row_avx2(const T* xn, const T* gn, const T* rn, const float* w, 
     mv = _mm256_set1_ps(mu);
   }
   const __m256 rv = _mm256_set1_ps(rstd);
-  __m256 ag = _mm256_setzero_ps(), agy = _mm256_setzero_ps();
-  for (int64_t c = 0; c < D8; c += 8) {
-    const __m256 gw = _mm256_mul_ps(load8(gn + c), _mm256_loadu_ps(w + c));
-    if (kLayer) ag = _mm256_add_ps(ag, gw);
-    agy = _mm256_add_ps(agy, _mm256_mul_ps(gw, _mm256_mul_ps(_mm256_sub_ps(load8(xn + c), mv), rv)));
+  float q[kP];
+  {
+    __m256 ag[4] = {z, z, z, z}, agy[4] = {z, z, z, z};
+    for (int64_t c = 0; c < D32; c += kP)
+      for (int k = 0; k < 4; ++k) {
+        const int64_t e = c + 8 * k;
+        const __m256 gw = _mm256_mul_ps(load8(gn + e), _mm256_loadu_ps(w + e));
+        if (kLayer) ag[k] = _mm256_add_ps(ag[k], gw);
+        agy[k] = _mm256_add_ps(agy[k], _mm256_mul_ps(gw, _mm256_mul_ps(_mm256_sub_ps(load8(xn + e), mv), rv)));
+      }
+    store32(ag, p);
+    store32(agy, q);
   }
   float sg = 0.f;
   if (kLayer) {
-    for (int64_t j = 0; j < r; ++j) tail[j] = static_cast<float>(gn[D8 + j]) * w[D8 + j];
-    sg = combine8(ag, tail, r);
+    for (int64_t c = D32; c < D; ++c) p[c - D32] += static_cast<float>(gn[c]) * w[c];
+    sg = fold32(p);
   }
-  for (int64_t j = 0; j < r; ++j) {
-    const int64_t c = D8 + j;
-    tail[j] = static_cast<float>(gn[c]) * w[c] * ((static_cast<float>(xn[c]) - mu) * rstd);
-  }
-  const float sgy = combine8(agy, tail, r);
+  for (int64_t c = D32; c < D; ++c)
+    q[c - D32] += static_cast<float>(gn[c]) * w[c] * ((static_cast<float>(xn[c]) - mu) * rstd);
+  const float sgy = fold32(q);
   const float mg = kLayer ? sg * inv_d : 0.f;
   const float mgy = sgy * inv_d;
   const __m256 mgv = _mm256_set1_ps(mg), mgyv = _mm256_set1_ps(mgy);
@@ -192,8 +211,8 @@ void run(const NormBwdParams& p) {
         const float* xr = x.data();
         const float* gr = g.data();
         const float* wr = w.data();
-        float mu = p.layer ? sum8(D, [&](int64_t c) { return xr[c]; }) * inv_d : 0.f;
-        const float ss = sum8(D, [&](int64_t c) { return (xr[c] - mu) * (xr[c] - mu); });
+        float mu = p.layer ? sum32(D, [&](int64_t c) { return xr[c]; }) * inv_d : 0.f;
+        const float ss = sum32(D, [&](int64_t c) { return (xr[c] - mu) * (xr[c] - mu); });
         float rstd;
         if (std::isfinite(ss)) {
           rstd = 1.f / std::sqrt(ss * inv_d + p.eps);
@@ -207,8 +226,8 @@ void run(const NormBwdParams& p) {
           mu = float(mud);
           rstd = float(1.0 / std::sqrt(ssd / double(D) + double(p.eps)));
         }
-        const float sg = p.layer ? sum8(D, [&](int64_t c) { return gr[c] * wr[c]; }) : 0.f;
-        const float sgy = sum8(D, [&](int64_t c) { return gr[c] * wr[c] * ((xr[c] - mu) * rstd); });
+        const float sg = p.layer ? sum32(D, [&](int64_t c) { return gr[c] * wr[c]; }) : 0.f;
+        const float sgy = sum32(D, [&](int64_t c) { return gr[c] * wr[c] * ((xr[c] - mu) * rstd); });
         const float mg = p.layer ? sg * inv_d : 0.f;
         const float mgy = sgy * inv_d;
         // the element loop, its branches hoisted and its pointers unaliased so that it vectorizes
