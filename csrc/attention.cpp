@@ -569,6 +569,25 @@ c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
+// The attention options of a forward, kept for its backward (both autograd functions below).
+void save_options(AutogradContext* ctx, c10::optional<double> scale, bool causal, int64_t left,
+                  int64_t right, double softcap) {
+  ctx->saved_data["scale"] = scale;
+  ctx->saved_data["causal"] = causal;
+  ctx->saved_data["left"] = left;
+  ctx->saved_data["right"] = right;
+  ctx->saved_data["softcap"] = softcap;
+}
+
+// (dq, dk, dv) into out[0..2] where q, k, v need a gradient.
+variable_list qkv_grads(AutogradContext* ctx, variable_list out,
+                        const std::tuple<at::Tensor, at::Tensor, at::Tensor>& g) {
+  if (ctx->needs_input_grad(0)) out[0] = std::get<0>(g);
+  if (ctx->needs_input_grad(1)) out[1] = std::get<1>(g);
+  if (ctx->needs_input_grad(2)) out[2] = std::get<2>(g);
+  return out;
+}
+
 struct FlashAttnFn : public torch::autograd::Function<FlashAttnFn> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
                                const at::Tensor& v, c10::optional<double> scale, bool causal, int64_t left,
@@ -582,11 +601,7 @@ struct FlashAttnFn : public torch::autograd::Function<FlashAttnFn> {
     ctx->saved_data["cpu_fast"] = cpu_fast_taken();
     ctx->set_materialize_grads(false);  // no zeros for lse's (never used) gradient
     ctx->save_for_backward({q, k, v, o, lse});
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["left"] = left;
-    ctx->saved_data["right"] = right;
-    ctx->saved_data["softcap"] = softcap;
+    save_options(ctx, scale, causal, left, right, softcap);
     ctx->mark_non_differentiable({lse});
     return {o, lse};
   }
@@ -606,19 +621,9 @@ struct FlashAttnFn : public torch::autograd::Function<FlashAttnFn> {
                                               right, softcap, s[0].size(1), s[1].size(1));
       auto fast = attention_cpu_fast_bwd(go, s[0], s[1], s[2], s[3], s[4], opt.scale, opt.window_left,
                                          opt.window_right, opt.softcap, /*forward_checked=*/true);
-      if (fast.has_value()) {
-        auto [dq, dk, dv] = *fast;
-        if (ctx->needs_input_grad(0)) out[0] = dq;
-        if (ctx->needs_input_grad(1)) out[1] = dk;
-        if (ctx->needs_input_grad(2)) out[2] = dv;
-        return out;
-      }
+      if (fast.has_value()) return qkv_grads(ctx, std::move(out), *fast);
     }
-    auto [dq, dk, dv] = op.call(go, s[0], s[1], s[2], s[3], s[4], scale, causal, left, right, softcap);
-    if (ctx->needs_input_grad(0)) out[0] = dq;
-    if (ctx->needs_input_grad(1)) out[1] = dk;
-    if (ctx->needs_input_grad(2)) out[2] = dv;
-    return out;
+    return qkv_grads(ctx, std::move(out), op.call(go, s[0], s[1], s[2], s[3], s[4], scale, causal, left, right, softcap));
   }
 };
 
@@ -633,11 +638,7 @@ struct FlashAttnVarlenFn : public torch::autograd::Function<FlashAttnVarlenFn> {
     ctx->save_for_backward({q, k, v, cu_q, cu_k, o, lse});
     ctx->saved_data["max_q"] = max_q;
     ctx->saved_data["max_k"] = max_k;
-    ctx->saved_data["scale"] = scale;
-    ctx->saved_data["causal"] = causal;
-    ctx->saved_data["left"] = left;
-    ctx->saved_data["right"] = right;
-    ctx->saved_data["softcap"] = softcap;
+    save_options(ctx, scale, causal, left, right, softcap);
     ctx->mark_non_differentiable({lse});
     return {o, lse};
   }
@@ -648,15 +649,12 @@ struct FlashAttnVarlenFn : public torch::autograd::Function<FlashAttnVarlenFn> {
     if (!go.defined() || !(ctx->needs_input_grad(0) || ctx->needs_input_grad(1) || ctx->needs_input_grad(2)))
       return out;
     const auto s = ctx->get_saved_variables();
-    auto [dq, dk, dv] = op.call(go, s[0], s[1], s[2], s[5], s[6], s[3], s[4],
-                                ctx->saved_data["max_q"].toSymInt(), ctx->saved_data["max_k"].toSymInt(),
-                                ctx->saved_data["scale"].toOptional<double>(), ctx->saved_data["causal"].toBool(),
-                                ctx->saved_data["left"].toInt(), ctx->saved_data["right"].toInt(),
-                                ctx->saved_data["softcap"].toDouble());
-    if (ctx->needs_input_grad(0)) out[0] = dq;
-    if (ctx->needs_input_grad(1)) out[1] = dk;
-    if (ctx->needs_input_grad(2)) out[2] = dv;
-    return out;
+    return qkv_grads(ctx, std::move(out),
+                     op.call(go, s[0], s[1], s[2], s[5], s[6], s[3], s[4],
+                             ctx->saved_data["max_q"].toSymInt(), ctx->saved_data["max_k"].toSymInt(),
+                             ctx->saved_data["scale"].toOptional<double>(), ctx->saved_data["causal"].toBool(),
+                             ctx->saved_data["left"].toInt(), ctx->saved_data["right"].toInt(),
+                             ctx->saved_data["softcap"].toDouble()));
   }
 };
 

@@ -31,6 +31,16 @@ def _plain(dropout_p, window_size, softcap, alibi_slopes) -> bool:
             and type(softcap) in _NUM and softcap == 0)
 
 
+def _options(op_name, dropout_p, window_size, softcap, alibi_slopes):
+    """(left, right, softcap) of a call, checked; the common plain call (no dropout, window,
+    softcap or ALiBi) takes the short path (a few type checks on the hot path)."""
+    if _plain(dropout_p, window_size, softcap, alibi_slopes):
+        return -1, -1, 0.0
+    _ref_attn._check_unsupported(op_name, dropout_p, alibi_slopes)
+    left, right = _ref_attn._window_pair(op_name, window_size)
+    return left, right, _ref_attn._check_softcap(op_name, softcap)
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal: bool = False,
                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic: bool = False,
                     return_attn_probs: bool = False):
@@ -56,13 +66,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal: bool = F
     where the forward's ATen path applies (fp16/bf16 computed in fp32), else the twin of the CUDA
     kernel (any dtype, D <= 512; README "CPU paths"); CUDA: sm_80 kernel for fp16/bf16, D in {64, 128} (compiled, never run
     on a GPU yet), ATen O(S^2) math otherwise."""
-    if _plain(dropout_p, window_size, softcap, alibi_slopes):
-        left = right = -1
-        softcap = 0.0
-    else:
-        _ref_attn._check_unsupported("flash_attn_func", dropout_p, alibi_slopes)
-        left, right = _ref_attn._window_pair("flash_attn_func", window_size)
-        softcap = _ref_attn._check_softcap("flash_attn_func", softcap)
+    left, right, softcap = _options("flash_attn_func", dropout_p, window_size, softcap, alibi_slopes)
     if use_reference():
         out, lse = _ref_attn._flash_attn_fwd(q, k, v, softmax_scale, causal, left, right, softcap)
     else:
@@ -83,13 +87,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     copy on CUDA (hires_lmm.set_value_checks(False) skips them). Backward as flash_attn_func's
     (hires_lmm::flash_attn_varlen_bwd; saves q, k, v, cu_seqlens, o, softmax_lse); tokens past
     cu_seqlens_q[-1] / cu_seqlens_k[-1] get zero gradients."""
-    if _plain(dropout_p, window_size, softcap, alibi_slopes):
-        left = right = -1
-        softcap = 0.0
-    else:
-        _ref_attn._check_unsupported("flash_attn_varlen_func", dropout_p, alibi_slopes)
-        left, right = _ref_attn._window_pair("flash_attn_varlen_func", window_size)
-        softcap = _ref_attn._check_softcap("flash_attn_varlen_func", softcap)
+    left, right, softcap = _options("flash_attn_varlen_func", dropout_p, window_size, softcap, alibi_slopes)
     if use_reference():
         out, lse = _ref_attn._flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                     max_seqlen_k, softmax_scale, causal, left, right, softcap)
