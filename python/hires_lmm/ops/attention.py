@@ -5,7 +5,7 @@ from ..reference import attention as _ref_attn
 
 import torch
 
-from ._register import check_fake_devices, op
+from ._register import check_fake_devices, op, overload
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 
@@ -14,14 +14,7 @@ __all__ = ["flash_attn_func", "flash_attn_varlen_func"]
 # cost matters for decode-sized work.
 _NUM = (float, int)  # not bool: flash-attn's dropout_p / softcap are numbers
 _NO_WINDOW = (-1, -1)  # exactly (int, int): other forms take the full checks
-_OPS = {}
-
-
-def _op(name):
-    fn = _OPS.get(name)
-    if fn is None:
-        fn = _OPS[name] = op(name).default
-    return fn
+_op = overload  # torch.ops.hires_lmm.<name>.default, looked up once
 
 
 def _plain(dropout_p, window_size, softcap, alibi_slopes) -> bool:

@@ -9,13 +9,12 @@ import torch
 
 from .. import reference as _ref
 from .._backend import use_reference
-from ._register import check_fake_devices, op
+from ._register import check_fake_devices, op, overload
 
 __all__ = ["dwconv_layernorm", "convnext_block", "convnext_mlp"]
 
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 _any_requires_grad = torch._C._any_requires_grad
-_OVERLOADS = {}
 
 
 def _call(name, *args):
@@ -24,14 +23,11 @@ def _call(name, *args):
     functions (torch.library.register_autograd) that would only redispatch, about 6 us per call
     on this CPU (measured; 5-10% of convnext_mlp at the benchmark's small shapes). Under
     torch.compile the plain call (the tracer sees the op's autograd)."""
-    ent = _OVERLOADS.get(name)
-    if ent is None:   # the overload and its C++ callable (OpOverload.__call__: one more frame)
-        ov = op(name).default
-        ent = _OVERLOADS[name] = (ov, getattr(ov, "_op", ov))
+    ov = overload(name)
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(*args)):
-        return ent[0](*args)
+        return ov(*args)
     with _below_autograd():
-        return ent[1](*args)
+        return getattr(ov, "_op", ov)(*args)   # the C++ callable (OpOverload.__call__: one more frame)
 
 
 def dwconv_layernorm(x, dw_weight, dw_bias, ln_weight, ln_bias, eps: float = 1e-6):

@@ -10,21 +10,12 @@ import torch
 
 from .. import reference as _ref
 from .._backend import use_reference
-from ._register import check_fake_devices, op
+from ._register import check_fake_devices, op, overload
 
 __all__ = ["visual_index", "deepstack_inject", "deepstack_inject_rms_norm",
            "deepstack_inject_layer_norm", "rms_norm", "layer_norm"]
 
-_OVERLOADS = {}
-
-
-def _op(name: str):
-    """torch.ops.hires_lmm.<name>.default, looked up once: the per-call getattr chain and the
-    overload packet cost ~0.5 us, a tenth of a small norm's call on the CPU."""
-    f = _OVERLOADS.get(name)
-    if f is None:
-        f = _OVERLOADS[name] = op(name).default
-    return f
+_op = overload
 
 
 def visual_index(visual_pos_masks: torch.Tensor) -> torch.Tensor:
