@@ -1,7 +1,5 @@
 """Shared registration helpers for hires_lmm.ops: fake kernels and the autograd formula that
 recomputes an op with its PyTorch reference (used until an op has a backward kernel)."""
-import functools
-
 import torch
 
 _LIB = "hires_lmm"
@@ -12,11 +10,17 @@ def op(name: str):
     return getattr(getattr(torch.ops, _LIB), name)
 
 
-@functools.lru_cache(maxsize=None)
+_OVERLOADS = {}
+
+
 def overload(name: str):
     """torch.ops.hires_lmm.<name>.default, looked up once: the per-call getattr chain and the
-    overload packet cost ~0.5 us, a tenth of a small op's call on the CPU (the ops' hot path)."""
-    return op(name).default
+    overload packet cost ~0.5 us, a tenth of a small op's call on the CPU (the ops' hot path).
+    A plain dict, not functools.lru_cache: Dynamo warns on every traced call of a cached function."""
+    f = _OVERLOADS.get(name)
+    if f is None:
+        f = _OVERLOADS[name] = op(name).default
+    return f
 
 
 def check_fake_devices(op_name: str, **tensors) -> None:
