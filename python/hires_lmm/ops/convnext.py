@@ -56,12 +56,12 @@ def convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bi
     C = 384), else CUTLASS GEMMs with fused epilogues when C, F are multiples of 8, else fp32 GEMMs.
     On CPU the pointwise half is convnext_mlp's default CPU path (oneDNN GEMMs in x's dtype; see
     its docstring for where it rounds).
-    Backward (direct, fp32 math, the fp32 reference's derivative; any device: ATen ops and our
-    kernels): the conv output y recomputed once in fp32 (ATen conv2d), h = LayerNorm(y) rounded
-    to x's dtype (what fc1 read), fc1 recomputed in row chunks, then the GEMM, erf-GELU and layer
-    scale gradients (see _mlp_backward), norm_backward on the same y and dwconv_backward.
-    Saved for backward: x and the parameters only; transient during backward: y and h (M x C fp32)
-    and fp32 (rows, F) chunks of about 16 MB each."""
+    Backward (direct; any device: ATen ops and our kernels): the conv output y recomputed once in
+    fp32 (ATen conv2d), h = LayerNorm(y) rounded to x's dtype (what fc1 read), fc1 recomputed in
+    row chunks, then the GEMM, erf-GELU and layer scale gradients (see _mlp_backward: fp32 GEMMs
+    for fp32, GEMMs in x's dtype with eager autograd's roundings for fp16/bf16), norm_backward on
+    the same y and dwconv_backward (fp32). Saved for backward: x and the parameters only;
+    transient during backward: y and h (M x C fp32) and (rows, F) chunks of about 16 MB."""
     if use_reference():
         return _ref.convnext_block(x, dw_weight, dw_bias, ln_weight, ln_bias, fc1_weight, fc1_bias,
                                    fc2_weight, fc2_bias, gamma, eps)
@@ -97,9 +97,10 @@ def convnext_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
     four roundings; max error below eager's). A non-finite output element (a NaN/inf input, or P
     overflowing fp16 where gamma * P does not), HIRES_LMM_CPU_ONEDNN_MLP=0, or a torch / CPU
     without the oneDNN operator or dtype: fp32 ATen GEMMs with exactly the rounding above (H only).
-    HIRES_LMM_CPU_TWIN=1: the kernel's twin (exact, as the fp32 path). Backward (direct, fp32,
-    the reference's derivative; fc1 recomputed in row chunks, see _mlp_backward): saved x and the
-    parameters (not the residual: its gradient is grad)."""
+    HIRES_LMM_CPU_TWIN=1: the kernel's twin (exact, as the fp32 path). Backward (direct; fc1
+    recomputed in row chunks, see _mlp_backward: fp32 GEMMs for fp32, GEMMs in x's dtype with
+    eager autograd's roundings for fp16/bf16): saved x and the parameters (not the residual: its
+    gradient is grad)."""
     if use_reference():
         return _ref.convnext_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
     return _call("convnext_mlp", x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual)
@@ -159,8 +160,8 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, gamma, residual):
 #      a deterministic two-stage fp32 reduction over chunks of image rows.
 #   Saved: x, dw_weight, dw_bias, ln_weight, ln_bias (nothing N x C beyond x).
 # convnext_block's backward (_block_backward) is direct: y = dwconv(x) once in fp32 (ATen conv2d),
-# h = LayerNorm(y), fc1 recomputed, the MLP gradients in fp32 (_mlp_backward, shared with
-# convnext_mlp), then the two steps above on the same y. Saved: x and the parameters.
+# h = LayerNorm(y), fc1 recomputed, the MLP gradients (_mlp_backward, shared with convnext_mlp),
+# then the two steps above on the same y. Saved: x and the parameters.
 
 
 def _dwln_setup(ctx, inputs, output):
@@ -198,69 +199,84 @@ def _as(t, dtype):
     return t if t is None or t.dtype is dtype else t.to(dtype)
 
 
-# Rows per chunk of the MLP backward: the fp32 (rows, F) temporaries (u, GELU(u), its gradient)
-# stay near 16 MB whatever M is; one chunk at the benchmark's shapes.
+# Rows per chunk of the MLP backward: the (rows, F) temporaries (u, GELU(u), its gradient) stay
+# near 16 MB in fp32 whatever M is; one chunk at the benchmark's shapes.
 _MLP_BWD_ELEMS = 1 << 22
 
 
 def _mlp_backward(go, a, w1, b1, w2, b2, gamma, need, round_dtype=None):
     """Gradients of out = res + gamma * (G(a W1^T + b1) W2^T + b2), G = erf-GELU, with respect to
-    a and the parameters, in fp32 (the fp32 formula's derivative; no autograd graph).
+    a and the parameters (no autograd graph).
 
-    go (M, C) fp32: d out. a (M, C): the values fc1 read (any float dtype). w1 (F, C), b1 (F,) or
-    None, w2 (C, F), b2 (C,) or None, gamma (C,) or None. need: which of (a, w1, b1, w2, b2, gamma)
-    to return (others None). round_dtype: the GELU output is rounded to it before fc2 (the forward
-    of convnext_mlp for fp16/bf16; its derivative is taken as 1) else kept fp32. Recomputes
-    u = a W1^T + b1 (one GEMM) in row chunks; with dv = go * gamma:
+    go (M, C): d out, any float dtype. a (M, C): the values fc1 read. w1 (F, C), b1 (F,) or None,
+    w2 (C, F), b2 (C,) or None, gamma (C,) or None. need: which of (a, w1, b1, w2, b2, gamma) to
+    return (others None). round_dtype: a's dtype when fp16/bf16 (the forward rounds the GELU
+    output to it; the rounding's derivative is taken as 1), else None: the fp32 formula's
+    derivative, every GEMM in fp32.
+    With round_dtype t the GEMMs run in t as eager autograd's do (fp32 accumulation, AMX / tensor
+    cores): the operands u = a W1^T + b1 and every GEMM output are rounded to t once, and so are
+    dv = go * gamma and du = dh * G'(u) (the roundings eager autograd makes); the reductions
+    (db1, db2, dgamma, the row-chunk sums) in fp32. fp32 GEMMs on bf16 data cost ~5x on this CPU
+    (2304 x 192 x 768: 2.3 ms vs 0.47) and far more on a GPU.
+    Recomputes u (one GEMM) in row chunks; with dv = go * gamma:
         dW2 = dv^T G(u)   db2 = sum_m dv   dgamma = sum_m go * (G(u) W2^T + b2)
             = rowsum((go^T G(u)) * W2) + b2 * sum_m go        (no second fc2 GEMM)
-        du = (go (gamma W2)) * G'(u)   dW1 = du^T a   db1 = sum_m du   da = du W1
-    Returns fp32 (da, dW1, db1, dW2, db2, dgamma)."""
+        du = (dv W2) * G'(u)   dW1 = du^T a   db1 = sum_m du   da = du W1
+    Returns fp32 (da, dW1, db1, dW2, db2, dgamma) (da in t with round_dtype t)."""
     need_a, need_w1, need_b1, need_w2, need_b2, need_g = need
     need_g = need_g and gamma is not None
     M, C = a.shape
     Fh = w1.shape[0]
     f32 = torch.float32
-    w1f, w2f = _as(w1, f32), _as(w2, f32)
-    b1f, gf = _as(b1, f32), _as(gamma, f32)
+    t = round_dtype if round_dtype in (torch.float16, torch.bfloat16) else f32
+    lowp = t is not f32
+    w1t, w2t = _as(w1, t), _as(w2, t)                 # GEMM operands
+    b1t = _as(b1, t)
+    gf = _as(gamma, f32)
+    go32 = _as(go, f32)
     need_gu = need_w2 or need_g                       # G(u) for go^T G(u)
     need_du = need_a or need_w1 or (need_b1 and b1 is not None)
     da = dw1 = db1 = gtg = None
     if need_du:
-        w2g = w2f if gf is None else w2f * gf[:, None]   # (C, F): dg = go @ (gamma W2)
+        if lowp:                                      # dv = round(go * gamma), then dv W2 in t
+            dv = _as(go, t) if gf is None else (go32 * gf).to(t)
+            w2g = w2t
+        else:                                         # fp32: go (gamma W2), one fp32 product
+            dv = go32
+            w2g = w2t if gf is None else w2t * gf[:, None]
         if need_a:
-            da = torch.empty((M, C), dtype=f32, device=go.device)
+            da = torch.empty((M, C), dtype=t, device=go.device)
     if need_gu or need_du:
+        got = _as(go, t)
         rows = max(1, _MLP_BWD_ELEMS // max(Fh, 1))
         for r0 in range(0, M, rows):
             r1 = min(M, r0 + rows)
             first = r0 == 0
-            ac = _as(a[r0:r1], f32)
-            goc = go[r0:r1]
-            u = torch.mm(ac, w1f.t()) if b1f is None else torch.addmm(b1f, ac, w1f.t())
-            if need_gu:
+            ac = _as(a[r0:r1], t)
+            u = torch.mm(ac, w1t.t()) if b1t is None else torch.addmm(b1t, ac, w1t.t())
+            if need_gu:                               # (lowp: ATen's GELU rounds once to t)
                 gu = torch.nn.functional.gelu(u)
-                if round_dtype is not None:
-                    gu = gu.to(round_dtype).to(f32)
-                gtg = torch.mm(goc.t(), gu) if first else gtg.addmm_(goc.t(), gu)
+                s = torch.mm(got[r0:r1].t(), gu)
+                gtg = _as(s, f32) if first else gtg.add_(s)
                 del gu
             if need_du:
-                du = torch.ops.aten.gelu_backward(torch.mm(goc, w2g), u)
+                du = torch.ops.aten.gelu_backward(torch.mm(dv[r0:r1], w2g), u)
                 if need_b1 and b1 is not None:
-                    s = du.sum(0)
-                    db1 = s if first else db1.add_(s)
+                    s = du.sum(0)                     # (fp32 accumulation; dtype=f32 would copy du)
+                    db1 = _as(s, f32) if first else db1.add_(s)
                 if need_w1:
-                    dw1 = torch.mm(du.t(), ac) if first else dw1.addmm_(du.t(), ac)
+                    s = torch.mm(du.t(), ac)
+                    dw1 = _as(s, f32) if first else dw1.add_(s)
                 if need_a:
-                    torch.mm(du, w1f, out=da[r0:r1])
-    gsum = go.sum(0) if (need_b2 and b2 is not None) or (need_g and b2 is not None) else None
+                    torch.mm(du, w1t, out=da[r0:r1])
+    gsum = go32.sum(0) if (need_b2 and b2 is not None) or (need_g and b2 is not None) else None
     dw2 = db2 = dgamma = None
     if need_w2:
         dw2 = gtg if gf is None else gtg * gf[:, None]
     if need_b2 and b2 is not None:
         db2 = gsum if gf is None else gsum * gf
     if need_g:
-        dgamma = (gtg * w2f).sum(1)
+        dgamma = (gtg * _as(w2, f32)).sum(1)
         if b2 is not None:
             dgamma = dgamma + gsum * _as(b2, f32)
     return da, dw1, db1, dw2, db2, dgamma
@@ -269,7 +285,7 @@ def _mlp_backward(go, a, w1, b1, w2, b2, gamma, need, round_dtype=None):
 def _block_backward(ctx, grad):
     """Direct backward of convnext_block (no autograd graph): recompute the conv output
     y = dwconv(x) once in fp32 (ATen conv2d), h = LayerNorm(y) (fp32, rounded to x's dtype as the
-    forward's kernel output that fc1 reads), then _mlp_backward on h (fc1 recomputed; fp32 GEMMs,
+    forward's kernel output that fc1 reads), then _mlp_backward on h (fc1 recomputed; GEMMs,
     GELU and layer-scale derivatives), the LayerNorm backward on the same y by norm_backward and
     the conv's by dwconv_backward; dx = grad + the conv path's dx. Transient memory: y, h (M C fp32),
     the fp32 (rows, 4C) chunks of _mlp_backward (about 16 MB each), the gradients."""
@@ -286,7 +302,6 @@ def _block_backward(ctx, grad):
                  for i, t in enumerate(ctx.saved_tensors)]
         zeros[0] = grad.to(x.dtype) if need[0] else None
         return tuple(zeros) + (None,)
-    go = _as(grad.reshape(M, C), f32)
     need_conv = any(need[i] for i in range(5))
     # y: the depthwise conv in fp32, NHWC (oneDNN keeps channels-last: the permute is a view)
     k = dw_weight.shape[-1]
@@ -299,13 +314,13 @@ def _block_backward(ctx, grad):
     if x.dtype != f32:
         h = h.to(x.dtype)                        # the forward kernel's output, as fc1 reads it
     dh, dw1, db1, dw2, db2, dgamma = _mlp_backward(
-        go, h.reshape(M, C), w1, b1, w2, b2, gamma,
-        (need_conv, need[5], need[6], need[7], need[8], need[9]))
+        grad.reshape(M, C), h.reshape(M, C), w1, b1, w2, b2, gamma,
+        (need_conv, need[5], need[6], need[7], need[8], need[9]), x.dtype)
     for i, g in zip(range(5, 10), (dw1, db1, dw2, db2, dgamma)):
         if g is not None:
             result[i] = _as(g, ctx.saved_tensors[i].dtype)
     if need_conv:
-        dy, dlnw, dlnb = op("norm_backward")(dh.view(B, H, W, C), y, lnw, None, ctx.eps, True,
+        dy, dlnw, dlnb = op("norm_backward")(_as(dh, f32).view(B, H, W, C), y, lnw, None, ctx.eps, True,
                                              ln_bias is not None)
         gx, gw, gb = op("dwconv_backward")(dy, x, dw_weight, dw_bias is not None)
         if need[0]:
@@ -323,8 +338,8 @@ def _mlp_setup(ctx, inputs, output):
 
 
 def _mlp_op_backward(ctx, grad):
-    """convnext_mlp's backward: _mlp_backward (fc1 recomputed, fp32, the GELU output rounded to
-    x's dtype for fp16/bf16 as the forward) and d residual = grad."""
+    """convnext_mlp's backward: _mlp_backward (fc1 recomputed; the GELU output rounded to x's
+    dtype for fp16/bf16 as the forward) and d residual = grad."""
     x, w1, b1, w2, b2, gamma = ctx.saved_tensors
     need = ctx.needs_input_grad
     C = x.shape[-1]
@@ -334,9 +349,8 @@ def _mlp_op_backward(ctx, grad):
         result[6] = _as(grad, ctx.res_dtype)
     if not any(need[i] for i in range(6)):
         return tuple(result)
-    go = _as(grad.reshape(M, C), torch.float32)
-    got = _mlp_backward(go, x.reshape(M, C), w1, b1, w2, b2, gamma, tuple(need[:6]),
-                        None if x.dtype == torch.float32 else x.dtype)
+    got = _mlp_backward(grad.reshape(M, C), x.reshape(M, C), w1, b1, w2, b2, gamma,
+                        tuple(need[:6]), x.dtype)
     for i, g in enumerate(got):
         if g is not None:
             t = ctx.saved_tensors[i]
