@@ -3,6 +3,7 @@
 // Order on one stream, no sync: dot(dO, O) -> main kernel (dK, dV, atomics into dq_accum) ->
 // dq convert. p.dq_accum must be zeroed by the caller.
 #include "csrc/cuda/flash_attn_bwd.h"
+#include "csrc/cuda/func_attr.h"
 #include "kernels/attention/flash_bwd.cuh"
 
 namespace hires::attention {
@@ -26,8 +27,8 @@ std::string launch(const FlashBwdParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return std::string("dot(dO, O): ") + cudaGetErrorString(err);
   if (n_blocks > 0) {
     auto kernel = bwd::flash_bwd_kernel<T, D>;
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tile::kSmemBytes);
-    if (err != cudaSuccess) return std::string("cudaFuncSetAttribute: ") + cudaGetErrorString(err);
+    const std::string attr = cuda_util::ensure_dynamic_smem<bwd::flash_bwd_kernel<T, D>>(int(Tile::kSmemBytes));
+    if (!attr.empty()) return attr;
     const dim3 grid(unsigned(n_blocks), unsigned(p.heads_kv), unsigned(p.batch));
     kernel<<<grid, Tile::kThreads, Tile::kSmemBytes, stream>>>(p);
     err = cudaGetLastError();
