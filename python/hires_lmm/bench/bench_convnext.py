@@ -206,6 +206,22 @@ def cases(device: str, quick: bool) -> list:
                         p32["fc2_bias"], p32["gamma"], x.float())),
                     tol=TOL[dtype]["block"]))
 
+                # fwd + bwd of the MLP alone against eager autograd (ours recomputes fc1 and the
+                # GELU in the backward, which eager saves)
+                mg = {k: pg[k] for k in ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "gamma")}
+                hg = h_in.detach().clone().requires_grad_(True)
+                mlp_g = (mg["fc1_weight"], mg["fc1_bias"], mg["fc2_weight"], mg["fc2_bias"], mg["gamma"], x)
+
+                def ours_mlp_fb(hg=hg, mlp_g=mlp_g, dy=dy):
+                    ops.convnext_mlp(hg, *mlp_g).backward(dy)
+
+                def eager_mlp_fb(hg=hg, mlp_g=mlp_g, dy=dy):
+                    _eager_mlp(hg, *mlp_g).backward(dy)
+
+                out.append(Case(
+                    op="convnext_mlp[fwd+bwd]", case=tag, dtype=dtype, ours=ours_mlp_fb,
+                    references={"eager": eager_mlp_fb}, bytes=None, flops=3 * 2.0 * 2 * M * C * 4 * C))
+
             # -- dwconv + LayerNorm alone
             ours_dw = functools.partial(ops.dwconv_layernorm, x, p["dw_weight"], p["dw_bias"],
                                         p["ln_weight"], p["ln_bias"], 1e-6)
@@ -224,6 +240,23 @@ def cases(device: str, quick: bool) -> list:
                     x.float(), p32["dw_weight"], p32["dw_bias"], p32["ln_weight"],
                     p32["ln_bias"], 1e-6)),
                 tol=TOL[dtype]["dwln"]))
+
+            # fwd + bwd: ours (conv recomputed in fp32, norm_backward, dwconv_backward) against
+            # eager autograd of the depthwise conv + LayerNorm (channels-last)
+            dg = {k: pg[k] for k in ("dw_weight", "dw_bias", "ln_weight", "ln_bias")}
+            xg2 = x.detach().clone().requires_grad_(True)
+            xh2 = x_nchw.detach().clone().requires_grad_(True)
+
+            def ours_dw_fb(xg2=xg2, dg=dg, dy=dy):
+                ops.dwconv_layernorm(xg2, dg["dw_weight"], dg["dw_bias"], dg["ln_weight"], dg["ln_bias"],
+                                     1e-6).backward(dy)
+
+            def eager_dw_fb(xh2=xh2, dg=dg, dy=dy):
+                _eager_dwln(xh2, dg).backward(dy)          # (B, H, W, C) out, as ours
+
+            out.append(Case(
+                op="dwconv_layernorm[fwd+bwd]", case=tag, dtype=dtype, ours=ours_dw_fb,
+                references={"eager": eager_dw_fb}, bytes=None, flops=3 * 2.0 * 49 * M * C))
     return out
 
 
