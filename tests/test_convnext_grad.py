@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from hires_lmm import ops, reference as ref
-import hires_lmm.ops.convnext as cn
 
 from conftest import DEVICES
 from test_convnext_ops import block_args, make_params, make_x
@@ -183,20 +182,21 @@ def test_mlp_partial_requires_grad(want):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_chunks(monkeypatch, dtype):
-    """The backward's row chunks (one chunk at small M) accumulate to the same gradients (bf16:
-    each chunk's GEMM output rounded, then summed in fp32)."""
-    leaves = _mlp_leaves((5, 7), 16, 64, dtype, True, True, seed=4)
+def test_row_chunks(dtype):
+    """The MLP backward's row chunks (one chunk at small M) accumulate to the same gradients (bf16:
+    each chunk's GEMM output rounded, then summed in fp32): the backward ops called with 4 rows per
+    chunk (the last one partial) against one chunk."""
+    leaves = _mlp_leaves((5, 7), 16, 64, dtype, True, True, seed=4)[:6]
     dy = _mlp_leaves((5, 7), 16, 64, dtype, False, False, seed=5)[0]
-    one = _grads(ops.convnext_mlp, leaves, dy, set(range(7)))
     p = make_params(16, 64, dtype, "cpu", seed=6)
     bl = [make_x((1, 5, 7, 16), dtype, "cpu", seed=7), *block_args(p)]
-    blk = _grads(lambda *a: ops.convnext_block(*a, 1e-6), bl, dy.reshape(1, 5, 7, 16), set(range(10)))
-    monkeypatch.setattr(cn, "_MLP_BWD_ELEMS", 64 * 4)   # 4 rows per chunk, the last one partial
-    many = _grads(ops.convnext_mlp, leaves, dy, set(range(7)))
-    blk2 = _grads(lambda *a: ops.convnext_block(*a, 1e-6), bl, dy.reshape(1, 5, 7, 16), set(range(10)))
+    mlp = torch.ops.hires_lmm.convnext_mlp_backward
+    blk = torch.ops.hires_lmm.convnext_block_backward
+    one = [*mlp(dy, *leaves, [True] * 6, 1 << 22), *blk(dy.reshape(1, 5, 7, 16), *bl, 1e-6, [True] * 10, 1 << 22)]
+    many = [*mlp(dy, *leaves, [True] * 6, 4 * 64), *blk(dy.reshape(1, 5, 7, 16), *bl, 1e-6, [True] * 10, 4 * 64)]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for a, b in zip(one + blk, many + blk2):
+    assert len(one) == len(many) == 16
+    for a, b in zip(one, many):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
 
 
@@ -250,3 +250,32 @@ def test_lowp_grads_vs_eager(dtype, what, bias, gamma):
         err = (a.double() - g).abs().max().item() / scale
         err_eager = (b.double() - g).abs().max().item() / scale
         assert err <= 3 * err_eager + floor, f"d{name}: error {err:.3g} vs eager {err_eager:.3g}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_ops_opcheck(device):
+    """The backward ops (csrc/convnext_bwd.cpp): schema and fake kernels (opcheck), None where a
+    gradient is not asked for, and what they return equals autograd's gradients."""
+    p = make_params(16, 64, torch.float32, device, bias=True, gamma=True, seed=21)
+    x = make_x((1, 5, 3, 16), torch.float32, device, seed=22)
+    dy = make_x((1, 5, 3, 16), torch.float32, device, seed=23)
+    bargs = (dy, x, *block_args(p), 1e-6, [True, False, True, True, False, True, False, True, True, False], 1 << 22)
+    margs = (dy, x, p["fc1_weight"], p["fc1_bias"], p["fc2_weight"], None, p["gamma"],
+             [False, True, True, True, False, True], 1 << 22)
+    dargs = (dy, x, p["dw_weight"], p["dw_bias"], p["ln_weight"], None, 1e-6, [True, True, False, True, False])
+    for op, args in ((torch.ops.hires_lmm.convnext_block_backward, bargs),
+                     (torch.ops.hires_lmm.convnext_mlp_backward, margs),
+                     (torch.ops.hires_lmm.dwconv_layernorm_backward, dargs)):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        got = op(*args)
+        need = args[-2] if op is not torch.ops.hires_lmm.dwconv_layernorm_backward else args[-1]
+        assert len(got) == len(need)
+        assert [g is not None for g in got] == [bool(n) and t is not None for n, t in
+                                                zip(need, args[1:1 + len(need)])]
+    leaves = [x, *block_args(p)]
+    want = {i for i, n in enumerate(bargs[-2]) if n}
+    auto = _grads(lambda *a: ops.convnext_block(*a, 1e-6), leaves, dy, want)
+    for a, b in zip(torch.ops.hires_lmm.convnext_block_backward(*bargs), auto):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

@@ -428,3 +428,28 @@ def test_compile_fullgraph(device):
 
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
     assert_close(got, f(x), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_backward(device):
+    """torch.compile (aot_eager) of a training step through the three ops: the traced backward
+    (the CompositeImplicitAutograd backward ops of csrc/convnext_bwd.cpp) gives eager's gradients."""
+    C = 16
+    p = make_params(C, 4 * C, torch.float32, device)
+    x = make_x((1, 5, 4, C), torch.float32, device)
+    res = make_x((1, 5, 4, C), torch.float32, device, seed=5)
+
+    def f(x, p):
+        h = ops.dwconv_layernorm(x, *dwln_args(p))
+        h = ops.convnext_block(h, *block_args(p))
+        return ops.convnext_mlp(h, p["fc1_weight"], p["fc1_bias"], p["fc2_weight"], p["fc2_bias"],
+                                p["gamma"], res)
+
+    def grads(fn):
+        xs = x.clone().requires_grad_(True)
+        ps = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+        fn(xs, ps).square().sum().backward()
+        return [xs.grad] + [ps[k].grad for k in sorted(ps)]
+
+    for a, b in zip(grads(torch.compile(f, fullgraph=True, backend="aot_eager")), grads(f)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
