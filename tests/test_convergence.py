@@ -115,11 +115,12 @@ def test_convergence_kernels_vs_reference():
     ours, ref = copy.deepcopy(base), copy.deepcopy(base)
     log = _OpLog()
     loss_k = _train(ours, data, "kernels", log)
-    # the kernels run was really on our kernels, backward included (convnext_block's backward
-    # recomputes the conv output with ATen, then norm_backward and dwconv_backward)
+    # the kernels run was really on our kernels, backward included (convnext_block's backward is
+    # the op hires_lmm.convnext_block_backward: the conv output recomputed with ATen, then
+    # norm_backward and dwconv_backward inside it, below the logging mode)
     for name in ("hires_lmm.rms_norm", "hires_lmm.deepstack_inject_rms_norm", "hires_lmm.layer_norm",
                  "hires_lmm.convnext_block", "hires_lmm.flash_attn_func",
-                 "hires_lmm.norm_backward", "hires_lmm.dwconv_backward"):
+                 "hires_lmm.norm_backward", "hires_lmm.convnext_block_backward"):
         assert name in log.names, (name, sorted(n for n in log.names if "hires" in n))
     loss_r = _train(ref, data, "reference")
     # it trains: the loss falls clearly over 20 steps (random targets: memorisation)
