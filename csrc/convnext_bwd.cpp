@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "csrc/common.h"
+#include "csrc/cpu/gelu.h"
 
 namespace hires::convnext {
 namespace {
@@ -81,12 +82,18 @@ std::array<Tensor, 6> mlp_grads(const Tensor& go, const Tensor& a, const Tensor&
       const bool first = r0 == 0;
       const Tensor ac = as(a.narrow(0, r0, n), t);
       const Tensor u = b1t.defined() ? at::addmm(b1t, ac, w1t.t()) : at::mm(ac, w1t.t());
-      if (need_gu) {  // (lowp: ATen's GELU rounds once to t)
-        const Tensor s = at::mm(got.narrow(0, r0, n).t(), at::gelu(u));
+      Tensor gu, du;  // G(u) and du = (dv W2) * G'(u), each rounded to t once
+      if (need_du) {  // CPU: both in one pass (one exp per element; the same values whichever are needed)
+        const Tensor dh = at::mm(dv.narrow(0, r0, n), w2g);
+        if (!(u.is_cpu() && gelu_fwd_bwd_cpu(u, dh, gu, du))) du = at::gelu_backward(dh, u);
+      }
+      if (need_gu) {
+        Tensor unused;
+        if (!gu.defined() && !(u.is_cpu() && gelu_fwd_bwd_cpu(u, Tensor(), gu, unused))) gu = at::gelu(u);
+        const Tensor s = at::mm(got.narrow(0, r0, n).t(), gu);
         gtg = first ? as(s, f32) : gtg.add_(s);
       }
       if (need_du) {
-        const Tensor du = at::gelu_backward(at::mm(dv.narrow(0, r0, n), w2g), u);
         if (need_b1) {
           const Tensor s = du.sum(0);  // fp32 accumulation (dtype=f32 would copy du)
           db1 = first ? as(s, f32) : db1.add_(s);
@@ -210,6 +217,15 @@ Grads6 convnext_mlp_backward(const Tensor& grad, const Tensor& x, const Tensor& 
                              const OptTensor& b2, const OptTensor& gamma, std::array<bool, 6> need, int64_t chunk_elems) {
   const auto r = mlp_op_grads(grad, x, w1, b1, w2, b2, gamma, need, chunk_elems);
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
+// (GELU(u), grad * GELU'(u)) as the MLP backward computes them (tests): the fused CPU pass where it
+// applies, else ATen's gelu / gelu_backward; grad undefined -> the second output undefined.
+std::tuple<Tensor, Tensor> gelu_fwd_bwd(const Tensor& u, const OptTensor& grad) {
+  Tensor gu, du;
+  const Tensor g = opt(grad);
+  if (u.is_cpu() && gelu_fwd_bwd_cpu(u.contiguous(), g.defined() ? g.contiguous() : g, gu, du)) return {gu, du};
+  return {at::gelu(u), g.defined() ? at::gelu_backward(g, u) : Tensor()};
 }
 
 // ---- autograd on the CPU key -----------------------------------------------------------------------
@@ -357,9 +373,11 @@ TORCH_LIBRARY_FRAGMENT(hires_lmm, m) {
   m.def("convnext_mlp_backward(Tensor grad, Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
         "Tensor? fc2_bias, Tensor? gamma, bool[6] need, int chunk_elems) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
         "Tensor)");
+  m.def("_gelu_fwd_bwd(Tensor u, Tensor? grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(hires_lmm, CompositeExplicitAutograd, m) {
+  m.impl("_gelu_fwd_bwd", &gelu_fwd_bwd);
   m.impl("dwconv_layernorm_backward", &dwconv_layernorm_backward);
   m.impl("convnext_block_backward", &convnext_block_backward);
   m.impl("convnext_mlp_backward", &convnext_mlp_backward);
