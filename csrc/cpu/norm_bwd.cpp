@@ -255,18 +255,26 @@ void run(const NormBwdParams& p) {
       }
     }
   });
-  // stage 2: chunk order per column
+  // stage 2: per column, the chunks in order; a block of kCols columns at a time (the column loop
+  // inside vectorizes; every column still sums its chunks 0, 1, 2, ... in order)
   T* dw = static_cast<T*>(p.dweight);
   T* db = static_cast<T*>(p.dbias);
-  at::parallel_for(0, D, 1024, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      float sw = 0.f, sb = 0.f;
+  constexpr int64_t kCols = 256;
+  at::parallel_for(0, (D + kCols - 1) / kCols, 4, [&](int64_t k0, int64_t k1) {
+    float sw[kCols], sb[kCols];
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t c0 = k * kCols, nc = std::min(kCols, D - c0);
+      std::fill(sw, sw + nc, 0.f);
+      std::fill(sb, sb + nc, 0.f);
       for (int64_t b = 0; b < p.chunks; ++b) {
-        sw += p.partial[b * 2 * D + c];
-        sb += p.partial[b * 2 * D + D + c];
+        const float* __restrict pw = p.partial + b * 2 * D + c0;
+        const float* __restrict pb = pw + D;
+        for (int64_t j = 0; j < nc; ++j) sw[j] += pw[j];
+        for (int64_t j = 0; j < nc; ++j) sb[j] += pb[j];
       }
-      dw[c] = static_cast<T>(sw);
-      if (db != nullptr) db[c] = static_cast<T>(sb);
+      for (int64_t j = 0; j < nc; ++j) dw[c0 + j] = static_cast<T>(sw[j]);
+      if (db != nullptr)
+        for (int64_t j = 0; j < nc; ++j) db[c0 + j] = static_cast<T>(sb[j]);
     }
   });
 }
