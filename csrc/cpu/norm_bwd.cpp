@@ -52,29 +52,48 @@ using cpu::load8;
 using cpu::round8;
 using cpu::store8;
 
-// The 4 accumulators of the full 32-element blocks into p[0..31] (accumulator k: p[8k .. 8k + 7]).
-HIRES_AVX2 inline void store32(const __m256 (&a)[4], float* p) {
-  for (int k = 0; k < 4; ++k) _mm256_storeu_ps(p + 8 * k, a[k]);
+// fold32's tree on the 4 accumulators (accumulator k holds p[8k .. 8k + 7]), in registers:
+// q[j] = (p[j] + p[j + 8]) + (p[j + 16] + p[j + 24]), then ((q0 + q4) + (q1 + q5)) +
+// ((q2 + q6) + (q3 + q7)).
+HIRES_AVX2 inline float fold4(const __m256 (&a)[4]) {
+  const __m256 q = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+  const __m128 r = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));  // q[j] + q[j + 4]
+  const __m128 t = _mm_add_ps(r, _mm_movehdup_ps(r));                                  // r0 + r1, r2 + r3
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t)));
 }
 
 // One row of stage 1 with AVX2, the portable row's arithmetic lane for lane (mul and add, no FMA,
 // sums in sum32's order), reading x, dy (and dres) in T: the same results as the portable path.
+// The last D mod 32 elements (xt, gt: fp32, zero-padded to 32; w is zero-padded to a multiple of
+// 32) go into the accumulators as whole vectors, the lanes past the row masked to +0: adding +0 to
+// a partial changes nothing (a partial that starts at +0 is never -0), so this is sum32's tail.
 template <typename T, bool kLayer, bool kRes>
 HIRES_AVX2 void row_avx2(const T* xn, const T* gn, const T* rn, const float* w, T* dxn, float* pw,
                          float* pb, int64_t D, float inv_d, float eps) {
-  const int64_t D8 = D / 8 * 8, D32 = D / kP * kP;
+  const int64_t D8 = D / 8 * 8, D32 = D / kP * kP, tail = D - D32;
   const __m256 z = _mm256_setzero_ps();
-  float p[kP];
+  alignas(32) float xt[kP], gt[kP];
+  __m256 m[4];
+  if (tail > 0) {
+    for (int64_t j = 0; j < kP; ++j) {
+      xt[j] = j < tail ? static_cast<float>(xn[D32 + j]) : 0.f;
+      gt[j] = j < tail ? static_cast<float>(gn[D32 + j]) : 0.f;
+    }
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int k = 0; k < 4; ++k)
+      m[k] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(tail - 8 * k)), lane));
+  }
   float mu = 0.f;
   if (kLayer) {
     __m256 a[4] = {z, z, z, z};
     for (int64_t c = 0; c < D32; c += kP)
       for (int k = 0; k < 4; ++k) a[k] = _mm256_add_ps(a[k], load8(xn + c + 8 * k));
-    store32(a, p);
-    for (int64_t c = D32; c < D; ++c) p[c - D32] += static_cast<float>(xn[c]);
-    mu = fold32(p) * inv_d;
+    if (tail > 0)
+      for (int k = 0; k < 4; ++k) a[k] = _mm256_add_ps(a[k], _mm256_load_ps(xt + 8 * k));  // pad: +0
+    mu = fold4(a) * inv_d;
   }
   __m256 mv = _mm256_set1_ps(mu);
+  float ss;
   {
     __m256 a[4] = {z, z, z, z};
     for (int64_t c = 0; c < D32; c += kP)
@@ -82,13 +101,13 @@ HIRES_AVX2 void row_avx2(const T* xn, const T* gn, const T* rn, const float* w, 
         const __m256 d = _mm256_sub_ps(load8(xn + c + 8 * k), mv);
         a[k] = _mm256_add_ps(a[k], _mm256_mul_ps(d, d));
       }
-    store32(a, p);
+    if (tail > 0)
+      for (int k = 0; k < 4; ++k) {
+        const __m256 d = _mm256_sub_ps(_mm256_load_ps(xt + 8 * k), mv);
+        a[k] = _mm256_add_ps(a[k], _mm256_and_ps(_mm256_mul_ps(d, d), m[k]));
+      }
+    ss = fold4(a);
   }
-  for (int64_t c = D32; c < D; ++c) {
-    const float d = static_cast<float>(xn[c]) - mu;
-    p[c - D32] += d * d;
-  }
-  const float ss = fold32(p);
   float rstd;
   if (std::isfinite(ss)) {
     rstd = 1.f / std::sqrt(ss * inv_d + eps);
@@ -107,7 +126,7 @@ HIRES_AVX2 void row_avx2(const T* xn, const T* gn, const T* rn, const float* w, 
     mv = _mm256_set1_ps(mu);
   }
   const __m256 rv = _mm256_set1_ps(rstd);
-  float q[kP];
+  float sg = 0.f, sgy;
   {
     __m256 ag[4] = {z, z, z, z}, agy[4] = {z, z, z, z};
     for (int64_t c = 0; c < D32; c += kP)
@@ -117,17 +136,16 @@ HIRES_AVX2 void row_avx2(const T* xn, const T* gn, const T* rn, const float* w, 
         if (kLayer) ag[k] = _mm256_add_ps(ag[k], gw);
         agy[k] = _mm256_add_ps(agy[k], _mm256_mul_ps(gw, _mm256_mul_ps(_mm256_sub_ps(load8(xn + e), mv), rv)));
       }
-    store32(ag, p);
-    store32(agy, q);
+    if (tail > 0)
+      for (int k = 0; k < 4; ++k) {
+        const __m256 gw = _mm256_mul_ps(_mm256_load_ps(gt + 8 * k), _mm256_loadu_ps(w + D32 + 8 * k));
+        const __m256 y = _mm256_mul_ps(_mm256_sub_ps(_mm256_load_ps(xt + 8 * k), mv), rv);
+        if (kLayer) ag[k] = _mm256_add_ps(ag[k], _mm256_and_ps(gw, m[k]));
+        agy[k] = _mm256_add_ps(agy[k], _mm256_and_ps(_mm256_mul_ps(gw, y), m[k]));
+      }
+    if (kLayer) sg = fold4(ag);
+    sgy = fold4(agy);
   }
-  float sg = 0.f;
-  if (kLayer) {
-    for (int64_t c = D32; c < D; ++c) p[c - D32] += static_cast<float>(gn[c]) * w[c];
-    sg = fold32(p);
-  }
-  for (int64_t c = D32; c < D; ++c)
-    q[c - D32] += static_cast<float>(gn[c]) * w[c] * ((static_cast<float>(xn[c]) - mu) * rstd);
-  const float sgy = fold32(q);
   const float mg = kLayer ? sg * inv_d : 0.f;
   const float mgy = sgy * inv_d;
   const __m256 mgv = _mm256_set1_ps(mg), mgyv = _mm256_set1_ps(mgy);
@@ -186,7 +204,7 @@ void run(const NormBwdParams& p) {
   const T* dres = static_cast<const T*>(p.dres);
   const T* wt = static_cast<const T*>(p.weight);
   T* dx = static_cast<T*>(p.dx);
-  std::vector<float> w(D);
+  std::vector<float> w((D + kP - 1) / kP * kP, 0.f);  // zero-padded to whole 32-element blocks
   for (int64_t c = 0; c < D; ++c) w[c] = static_cast<float>(wt[c]);
   const float inv_d = 1.f / float(D);
   // stage 1: one chunk of rows per task, its partial sums in its own workspace row (AVX2 rows
