@@ -404,11 +404,14 @@ def test_huge_rows_use_fp64_statistics(device, layer):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layer", [True, False])
-@pytest.mark.parametrize("D", [1, 7, 8, 77, 192, 1000])
-def test_cpu_avx2_rows_match_portable(dtype, layer, D, monkeypatch):
-    """The CPU's AVX2 rows (default path) compute the portable rows' arithmetic lane for lane: dx,
+@pytest.mark.parametrize("D", [1, 7, 8, 17, 77, 192, 1000])
+@pytest.mark.parametrize("no_avx512", ["0", "1"])
+def test_cpu_avx2_rows_match_portable(dtype, layer, D, no_avx512, monkeypatch):
+    """The CPU's vectorized rows (default path: AVX-512 where the CPU has it, else AVX2;
+    HIRES_LMM_CPU_NO_AVX512=1: AVX2) compute the portable rows' arithmetic lane for lane: dx,
     dweight and dbias bitwise equal to HIRES_LMM_CPU_TWIN=1's, with and without the extra
     gradient, an overflowing row (fp64 statistics) and a NaN row included."""
+    monkeypatch.setenv("HIRES_LMM_CPU_NO_AVX512", no_avx512)
     g = torch.Generator().manual_seed(D)
     rows = 37
     x = (torch.randn(rows, D, generator=g) * 3 + 0.5).to(dtype)

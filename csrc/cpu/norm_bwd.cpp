@@ -17,7 +17,10 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -51,191 +54,137 @@ inline float sum32(int64_t D, F f) {
 }
 
 
-#ifdef HIRES_X86
-using cpu::load8;
-using cpu::round8;
-using cpu::store8;
-
-// fold32's tree on the 4 accumulators (accumulator k holds p[8k .. 8k + 7]), in registers:
-// q[j] = (p[j] + p[j + 8]) + (p[j + 16] + p[j + 24]), then ((q0 + q4) + (q1 + q5)) +
-// ((q2 + q6) + (q3 + q7)).
-HIRES_AVX2 inline float fold4(const __m256 (&a)[4]) {
-  const __m256 q = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-  const __m128 r = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));  // q[j] + q[j + 4]
-  const __m128 t = _mm_add_ps(r, _mm_movehdup_ps(r));                                  // r0 + r1, r2 + r3
-  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t)));
-}
-
 // The statistics of one row: mean (LayerNorm), 1 / std, mean(g) (LayerNorm), mean(g * y).
 struct RowStats {
   float mu, rstd, mg, mgy;
 };
 
-// One row's statistics with AVX2, the portable row's arithmetic lane for lane (mul and add, no FMA,
-// sums in sum32's order), reading x and dy in T: the same results as the portable path.
-// The last D mod 32 elements (xt, gt: fp32, zero-padded to 32; w is zero-padded to a multiple of
-// 32) go into the accumulators as whole vectors, the lanes past the row masked to +0: adding +0 to
-// a partial changes nothing (a partial that starts at +0 is never -0), so this is sum32's tail.
-template <typename T, bool kLayer>
-HIRES_AVX2 RowStats stats_avx2(const T* xn, const T* gn, const float* w, int64_t D, float inv_d,
-                               float eps) {
-  const int64_t D32 = D / kP * kP, tail = D - D32;
-  const __m256 z = _mm256_setzero_ps();
-  alignas(32) float xt[kP], gt[kP];
-  __m256 m[4];
-  if (tail > 0) {
-    for (int64_t j = 0; j < kP; ++j) {
-      xt[j] = j < tail ? static_cast<float>(xn[D32 + j]) : 0.f;
-      gt[j] = j < tail ? static_cast<float>(gn[D32 + j]) : 0.f;
-    }
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (int k = 0; k < 4; ++k)
-      m[k] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(int(tail - 8 * k)), lane));
-  }
-  float mu = 0.f;
-  if (kLayer) {
-    __m256 a[4] = {z, z, z, z};
-    for (int64_t c = 0; c < D32; c += kP)
-      for (int k = 0; k < 4; ++k) a[k] = _mm256_add_ps(a[k], load8(xn + c + 8 * k));
-    if (tail > 0)
-      for (int k = 0; k < 4; ++k) a[k] = _mm256_add_ps(a[k], _mm256_load_ps(xt + 8 * k));  // pad: +0
-    mu = fold4(a) * inv_d;
-  }
-  __m256 mv = _mm256_set1_ps(mu);
-  float ss;
-  {
-    __m256 a[4] = {z, z, z, z};
-    for (int64_t c = 0; c < D32; c += kP)
-      for (int k = 0; k < 4; ++k) {
-        const __m256 d = _mm256_sub_ps(load8(xn + c + 8 * k), mv);
-        a[k] = _mm256_add_ps(a[k], _mm256_mul_ps(d, d));
-      }
-    if (tail > 0)
-      for (int k = 0; k < 4; ++k) {
-        const __m256 d = _mm256_sub_ps(_mm256_load_ps(xt + 8 * k), mv);
-        a[k] = _mm256_add_ps(a[k], _mm256_and_ps(_mm256_mul_ps(d, d), m[k]));
-      }
-    ss = fold4(a);
-  }
-  float rstd;
-  if (std::isfinite(ss)) {
-    rstd = 1.f / std::sqrt(ss * inv_d + eps);
-  } else {  // fp32 overflow or a non-finite x: statistics in fp64, as the forward
-    double mud = 0.0, ssd = 0.0;
-    if (kLayer) {
-      for (int64_t c = 0; c < D; ++c) mud += double(static_cast<float>(xn[c]));
-      mud /= double(D);
-    }
-    for (int64_t c = 0; c < D; ++c) {
-      const double d = double(static_cast<float>(xn[c])) - mud;
-      ssd += d * d;
-    }
-    mu = float(mud);
-    rstd = float(1.0 / std::sqrt(ssd / double(D) + double(eps)));
-    mv = _mm256_set1_ps(mu);
-  }
-  const __m256 rv = _mm256_set1_ps(rstd);
-  float sg = 0.f, sgy;
-  {
-    __m256 ag[4] = {z, z, z, z}, agy[4] = {z, z, z, z};
-    for (int64_t c = 0; c < D32; c += kP)
-      for (int k = 0; k < 4; ++k) {
-        const int64_t e = c + 8 * k;
-        const __m256 gw = _mm256_mul_ps(load8(gn + e), _mm256_loadu_ps(w + e));
-        if (kLayer) ag[k] = _mm256_add_ps(ag[k], gw);
-        agy[k] = _mm256_add_ps(agy[k], _mm256_mul_ps(gw, _mm256_mul_ps(_mm256_sub_ps(load8(xn + e), mv), rv)));
-      }
-    if (tail > 0)
-      for (int k = 0; k < 4; ++k) {
-        const __m256 gw = _mm256_mul_ps(_mm256_load_ps(gt + 8 * k), _mm256_loadu_ps(w + D32 + 8 * k));
-        const __m256 y = _mm256_mul_ps(_mm256_sub_ps(_mm256_load_ps(xt + 8 * k), mv), rv);
-        if (kLayer) ag[k] = _mm256_add_ps(ag[k], _mm256_and_ps(gw, m[k]));
-        agy[k] = _mm256_add_ps(agy[k], _mm256_and_ps(_mm256_mul_ps(gw, y), m[k]));
-      }
-    if (kLayer) sg = fold4(ag);
-    sgy = fold4(agy);
-  }
-  return {mu, rstd, kLayer ? sg * inv_d : 0.f, sgy * inv_d};
+#ifdef HIRES_X86
+// AVX2 rows: 8 lanes, 4 accumulators per statistic.
+namespace avx2 {
+#define NB_TARGET HIRES_AVX2
+using vf = __m256;
+constexpr int kN = 8;
+NB_TARGET inline vf vzero() { return _mm256_setzero_ps(); }
+NB_TARGET inline vf vset1(float v) { return _mm256_set1_ps(v); }
+NB_TARGET inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+NB_TARGET inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+NB_TARGET inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+NB_TARGET inline vf vand(vf a, vf m) { return _mm256_and_ps(a, m); }
+NB_TARGET inline vf vloadf(const float* x) { return _mm256_loadu_ps(x); }
+NB_TARGET inline void vstoref(float* x, vf v) { _mm256_storeu_ps(x, v); }
+template <typename T> NB_TARGET inline vf vload(const T* x) { return cpu::load8(x); }
+template <typename T> NB_TARGET inline void vstore(T* x, vf v) { cpu::store8(x, v); }
+template <typename T> NB_TARGET inline vf vround(vf v) { return cpu::round8<T>(v); }
+NB_TARGET inline vf vmask(int64_t n) {
+  const int c = int(std::max<int64_t>(std::min<int64_t>(n, kN), 0));
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+// fold32's tree in registers: q[j] = (p[j] + p[j + 8]) + (p[j + 16] + p[j + 24]), then
+// ((q0 + q4) + (q1 + q5)) + ((q2 + q6) + (q3 + q7)).
+NB_TARGET inline float fold8(__m256 q) {
+  const __m128 r = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));  // q[j] + q[j + 4]
+  const __m128 t = _mm_add_ps(r, _mm_movehdup_ps(r));                                  // r0 + r1, r2 + r3
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t)));
+}
+NB_TARGET inline float vfold(const vf* a) {
+  return fold8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
+}
+#include "csrc/cpu/norm_bwd_rows.inc"
+#undef NB_TARGET
+}  // namespace avx2
+
+// AVX-512 rows: 16 lanes, 2 accumulators per statistic (the same 32 partials; AVX512F only).
+// (GCC 12 warns that its own AVX-512 intrinsics read an "uninitialized" __Y: a false positive.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+namespace avx512 {
+#define NB_TARGET __attribute__((target("avx512f,avx2,fma,f16c")))
+using vf = __m512;
+constexpr int kN = 16;
+inline bool supported() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && cpu::cpu_has_avx2();
+  return ok;
+}
+NB_TARGET inline vf vzero() { return _mm512_setzero_ps(); }
+NB_TARGET inline vf vset1(float v) { return _mm512_set1_ps(v); }
+NB_TARGET inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+NB_TARGET inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+NB_TARGET inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+NB_TARGET inline vf vand(vf a, vf m) {
+  return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_castps_si512(m)));
+}
+NB_TARGET inline vf vloadf(const float* x) { return _mm512_loadu_ps(x); }
+NB_TARGET inline void vstoref(float* x, vf v) { _mm512_storeu_ps(x, v); }
+NB_TARGET inline vf vload(const float* x) { return _mm512_loadu_ps(x); }
+NB_TARGET inline vf vload(const c10::Half* x) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+}
+NB_TARGET inline vf vload(const c10::BFloat16* x) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+// bf16 bits (high half of each lane) of x rounded to nearest even, NaN lanes a quiet NaN: the
+// AVX2 helper's (cpu::bf16_round_bits) arithmetic in 16 lanes.
+NB_TARGET inline __m512i bf16_bits(vf x) {
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  r = _mm512_and_si512(r, _mm512_set1_epi32(int(0xffff0000u)));
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  return _mm512_mask_blend_epi32(nan, r, _mm512_castps_si512(_mm512_set1_ps(__builtin_nanf(""))));
+}
+NB_TARGET inline void vstore(float* x, vf v) { _mm512_storeu_ps(x, v); }
+NB_TARGET inline void vstore(c10::Half* x, vf v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+NB_TARGET inline void vstore(c10::BFloat16* x, vf v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(x), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(v), 16)));
+}
+template <typename T> NB_TARGET inline vf vround(vf v);
+template <> NB_TARGET inline vf vround<float>(vf v) { return v; }
+template <> NB_TARGET inline vf vround<c10::Half>(vf v) {
+  return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+template <> NB_TARGET inline vf vround<c10::BFloat16>(vf v) { return _mm512_castsi512_ps(bf16_bits(v)); }
+NB_TARGET inline vf vmask(int64_t n) {
+  const int c = int(std::max<int64_t>(std::min<int64_t>(n, kN), 0));
+  return _mm512_castsi512_ps(_mm512_maskz_set1_epi32(__mmask16((1u << c) - 1u), -1));
+}
+// fold32's tree: a[0] = p[0..15], a[1] = p[16..31], so q[j] = (p[j] + p[j + 8]) + (p[j + 16] +
+// p[j + 24]) is (low + high half of a[0]) + (low + high half of a[1]); then avx2::fold8.
+NB_TARGET inline __m256 hi256(vf a) {
+  return _mm512_castps512_ps256(_mm512_shuffle_f32x4(a, a, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+NB_TARGET inline float vfold(const vf* a) {
+  const __m256 q = _mm256_add_ps(_mm256_add_ps(_mm512_castps512_ps256(a[0]), hi256(a[0])),
+                                 _mm256_add_ps(_mm512_castps512_ps256(a[1]), hi256(a[1])));
+  const __m128 r = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));
+  const __m128 t = _mm_add_ps(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t)));
+}
+#include "csrc/cpu/norm_bwd_rows.inc"
+#undef NB_TARGET
+}  // namespace avx512
+#pragma GCC diagnostic pop
+
+// HIRES_LMM_CPU_NO_AVX512=1 (read at each call): the AVX2 rows even where AVX-512 is available
+// (the tests compare both with the portable rows).
+inline bool avx512_allowed() {
+  const char* v = std::getenv("HIRES_LMM_CPU_NO_AVX512");
+  return avx512::supported() && !(v != nullptr && std::strcmp(v, "1") == 0);
 }
 
-// Stage 1 for R consecutive rows: their statistics one row after the other (independent: the core
-// overlaps them), then dx of the R rows and their dweight / dbias terms, added to the chunk's
-// partials in row order (pw[c] + t_0 + t_1 + ...: the sequential order) with one load and one
-// store of the partials per R rows.
-template <typename T, bool kLayer, bool kRes, int R>
-HIRES_AVX2 void rows_avx2(const T* xn, const T* gn, const T* rn, const float* w, T* dxn, float* pw,
-                          float* pb, int64_t D, float inv_d, float eps) {
-  const int64_t D8 = D / 8 * 8;
-  RowStats st[R];
-  for (int r = 0; r < R; ++r) st[r] = stats_avx2<T, kLayer>(xn + r * D, gn + r * D, w, D, inv_d, eps);
-  __m256 mv[R], rv[R], mgv[R], mgyv[R];
-  for (int r = 0; r < R; ++r) {
-    mv[r] = _mm256_set1_ps(st[r].mu);
-    rv[r] = _mm256_set1_ps(st[r].rstd);
-    mgv[r] = _mm256_set1_ps(st[r].mg);
-    mgyv[r] = _mm256_set1_ps(st[r].mgy);
-  }
-  int64_t c = 0;
-  for (; c < D8; c += 8) {
-    const __m256 wv = _mm256_loadu_ps(w + c);
-    __m256 sw = _mm256_loadu_ps(pw + c), sb = _mm256_loadu_ps(pb + c);
-    for (int r = 0; r < R; ++r) {
-      const int64_t e = r * D + c;
-      const __m256 g = load8(gn + e);
-      const __m256 y = _mm256_mul_ps(_mm256_sub_ps(load8(xn + e), mv[r]), rv[r]);
-      __m256 v = _mm256_mul_ps(rv[r], _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(g, wv), mgv[r]),
-                                                    _mm256_mul_ps(y, mgyv[r])));
-      if (kRes) v = _mm256_add_ps(v, load8(rn + e));
-      store8(dxn + e, v);
-      sw = _mm256_add_ps(sw, _mm256_mul_ps(g, kLayer ? y : round8<T>(y)));
-      sb = _mm256_add_ps(sb, g);
-    }
-    _mm256_storeu_ps(pw + c, sw);
-    _mm256_storeu_ps(pb + c, sb);
-  }
-  for (; c < D; ++c)
-    for (int r = 0; r < R; ++r) {
-      const int64_t e = r * D + c;
-      const float g = static_cast<float>(gn[e]);
-      const float y = (static_cast<float>(xn[e]) - st[r].mu) * st[r].rstd;
-      float v = st[r].rstd * (g * w[c] - st[r].mg - y * st[r].mgy);
-      if (kRes) v += static_cast<float>(rn[e]);
-      dxn[e] = static_cast<T>(v);
-      pw[c] += g * (kLayer ? y : round_to<T>(y));
-      pb[c] += g;
-    }
-}
-
+// Stage 1 in the vectorized rows (AVX-512, else AVX2) unless HIRES_LMM_CPU_TWIN=1 or the CPU has
+// neither; false: the caller runs the portable rows.
 template <typename T>
-bool stage1_avx2(const NormBwdParams& p, const float* w) {
-  if (!cpu::cpu_has_avx2() || cpu_twin_forced()) return false;  // HIRES_LMM_CPU_TWIN=1: portable rows
-  const int64_t D = p.dim;
-  const T* dy = static_cast<const T*>(p.dy);
-  const T* xs = static_cast<const T*>(p.x);
-  const T* dres = static_cast<const T*>(p.dres);
-  T* dx = static_cast<T*>(p.dx);
-  const float inv_d = 1.f / float(D);
-  constexpr int kR = 4;  // rows per rows_avx2 call (2 measured the same at width 192)
-  const auto pick = [&](auto rows) {
-    constexpr int n = decltype(rows)::value;
-    return p.layer ? (dres ? &rows_avx2<T, true, true, n> : &rows_avx2<T, true, false, n>)
-                   : (dres ? &rows_avx2<T, false, true, n> : &rows_avx2<T, false, false, n>);
-  };
-  const auto rowsR = pick(std::integral_constant<int, kR>{});
-  const auto rows1 = pick(std::integral_constant<int, 1>{});
-  at::parallel_for(0, p.chunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t b = cb; b < ce; ++b) {
-      float* pw = p.partial + b * 2 * D;
-      float* pb = pw + D;
-      std::fill(pw, pw + 2 * D, 0.f);
-      const int64_t r1 = std::min(p.rows, (b + 1) * p.rows_per_chunk);
-      int64_t n = b * p.rows_per_chunk;
-      for (; n + kR <= r1; n += kR)
-        rowsR(xs + n * D, dy + n * D, dres ? dres + n * D : nullptr, w, dx + n * D, pw, pb, D, inv_d, p.eps);
-      for (; n < r1; ++n)
-        rows1(xs + n * D, dy + n * D, dres ? dres + n * D : nullptr, w, dx + n * D, pw, pb, D, inv_d, p.eps);
-    }
-  });
+bool stage1_vec(const NormBwdParams& p, const float* w) {
+  if (cpu_twin_forced() || !cpu::cpu_has_avx2()) return false;
+  if (avx512_allowed())
+    avx512::stage1<T>(p, w);
+  else
+    avx2::stage1<T>(p, w);
   return true;
 }
 #endif
@@ -254,7 +203,7 @@ void run(const NormBwdParams& p) {
   // stage 1: one chunk of rows per task, its partial sums in its own workspace row (AVX2 rows
   // where the CPU has it: the same arithmetic, see row_avx2)
 #ifdef HIRES_X86
-  const bool done = stage1_avx2<T>(p, w.data());
+  const bool done = stage1_vec<T>(p, w.data());
 #else
   const bool done = false;
 #endif
