@@ -65,6 +65,7 @@ namespace avx2 {
 #define NB_TARGET HIRES_AVX2
 using vf = __m256;
 constexpr int kN = 8;
+constexpr int kStatRows = 2;  // rows whose statistics are interleaved (16 ymm registers)
 NB_TARGET inline vf vzero() { return _mm256_setzero_ps(); }
 NB_TARGET inline vf vset1(float v) { return _mm256_set1_ps(v); }
 NB_TARGET inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
@@ -103,6 +104,7 @@ namespace avx512 {
 #define NB_TARGET __attribute__((target("avx512f,avx2,fma,f16c")))
 using vf = __m512;
 constexpr int kN = 16;
+constexpr int kStatRows = 4;  // rows whose statistics are interleaved (32 zmm registers)
 inline bool supported() {
   static const bool ok = __builtin_cpu_supports("avx512f") && cpu::cpu_has_avx2();
   return ok;
