@@ -18,6 +18,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -178,17 +179,6 @@ inline bool avx512_allowed() {
   return avx512::supported() && !(v != nullptr && std::strcmp(v, "1") == 0);
 }
 
-// Stage 1 in the vectorized rows (AVX-512, else AVX2) unless HIRES_LMM_CPU_TWIN=1 or the CPU has
-// neither; false: the caller runs the portable rows.
-template <typename T>
-bool stage1_vec(const NormBwdParams& p, const float* w) {
-  if (cpu_twin_forced() || !cpu::cpu_has_avx2()) return false;
-  if (avx512_allowed())
-    avx512::stage1<T>(p, w);
-  else
-    avx2::stage1<T>(p, w);
-  return true;
-}
 #endif
 
 template <typename T>
@@ -202,84 +192,105 @@ void run(const NormBwdParams& p) {
   std::vector<float> w((D + kP - 1) / kP * kP, 0.f);  // zero-padded to whole 32-element blocks
   for (int64_t c = 0; c < D; ++c) w[c] = static_cast<float>(wt[c]);
   const float inv_d = 1.f / float(D);
-  // stage 1: one chunk of rows per task, its partial sums in its own workspace row (AVX2 rows
-  // where the CPU has it: the same arithmetic, see row_avx2)
+  // rows [n0, n1) of one chunk into its partials pw, pb: the vector rows (AVX-512, else AVX2: the
+  // same arithmetic, see norm_bwd_rows.inc) unless HIRES_LMM_CPU_TWIN=1 or the CPU lacks AVX2
 #ifdef HIRES_X86
-  const bool done = stage1_vec<T>(p, w.data());
+  const int vec = cpu_twin_forced() || !cpu::cpu_has_avx2() ? 0 : avx512_allowed() ? 2 : 1;
 #else
-  const bool done = false;
+  const int vec = 0;
 #endif
-  if (!done) at::parallel_for(0, p.chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<float> x(D), g(D);
-    for (int64_t b = cb; b < ce; ++b) {
-      float* pw = p.partial + b * 2 * D;
-      float* pb = pw + D;
-      std::fill(pw, pw + 2 * D, 0.f);
-      const int64_t r1 = std::min(p.rows, (b + 1) * p.rows_per_chunk);
-      for (int64_t n = b * p.rows_per_chunk; n < r1; ++n) {
+  const auto chunk = [&](int64_t n0, int64_t n1, float* pw, float* pb, float* x, float* g) {
+#ifdef HIRES_X86
+    if (vec == 2) return avx512::chunk_rows<T>(p, w.data(), n0, n1, pw, pb);
+    if (vec == 1) return avx2::chunk_rows<T>(p, w.data(), n0, n1, pw, pb);
+#endif
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t c = 0; c < D; ++c) {
+        x[c] = static_cast<float>(xs[n * D + c]);
+        g[c] = static_cast<float>(dy[n * D + c]);
+      }
+      const float* xr = x;
+      const float* gr = g;
+      const float* wr = w.data();
+      float mu = p.layer ? sum32(D, [&](int64_t c) { return xr[c]; }) * inv_d : 0.f;
+      const float ss = sum32(D, [&](int64_t c) { return (xr[c] - mu) * (xr[c] - mu); });
+      float rstd;
+      if (std::isfinite(ss)) {
+        rstd = 1.f / std::sqrt(ss * inv_d + p.eps);
+      } else {  // fp32 overflow or a non-finite x: statistics in fp64, as the forward
+        double mud = 0.0, ssd = 0.0;
+        if (p.layer) {
+          for (int64_t c = 0; c < D; ++c) mud += double(x[c]);
+          mud /= double(D);
+        }
+        for (int64_t c = 0; c < D; ++c) ssd += (double(x[c]) - mud) * (double(x[c]) - mud);
+        mu = float(mud);
+        rstd = float(1.0 / std::sqrt(ssd / double(D) + double(p.eps)));
+      }
+      const float sg = p.layer ? sum32(D, [&](int64_t c) { return gr[c] * wr[c]; }) : 0.f;
+      const float sgy = sum32(D, [&](int64_t c) { return gr[c] * wr[c] * ((xr[c] - mu) * rstd); });
+      const float mg = p.layer ? sg * inv_d : 0.f;
+      const float mgy = sgy * inv_d;
+      // the element loop, its branches hoisted and its pointers unaliased so that it vectorizes
+      T* __restrict dxn = dx + n * D;
+      float* __restrict pwr = pw;
+      float* __restrict pbr = pb;
+      const auto elem = [&](auto has_res, auto layer) {
+        const T* __restrict rn = has_res ? dres + n * D : nullptr;
         for (int64_t c = 0; c < D; ++c) {
-          x[c] = static_cast<float>(xs[n * D + c]);
-          g[c] = static_cast<float>(dy[n * D + c]);
+          const float y = (xr[c] - mu) * rstd;
+          float v = rstd * (gr[c] * wr[c] - mg - y * mgy);
+          if constexpr (decltype(has_res)::value) v += static_cast<float>(rn[c]);
+          dxn[c] = static_cast<T>(v);
+          pwr[c] += gr[c] * (decltype(layer)::value ? y : round_to<T>(y));
+          pbr[c] += gr[c];
         }
-        const float* xr = x.data();
-        const float* gr = g.data();
-        const float* wr = w.data();
-        float mu = p.layer ? sum32(D, [&](int64_t c) { return xr[c]; }) * inv_d : 0.f;
-        const float ss = sum32(D, [&](int64_t c) { return (xr[c] - mu) * (xr[c] - mu); });
-        float rstd;
-        if (std::isfinite(ss)) {
-          rstd = 1.f / std::sqrt(ss * inv_d + p.eps);
-        } else {  // fp32 overflow or a non-finite x: statistics in fp64, as the forward
-          double mud = 0.0, ssd = 0.0;
-          if (p.layer) {
-            for (int64_t c = 0; c < D; ++c) mud += double(x[c]);
-            mud /= double(D);
-          }
-          for (int64_t c = 0; c < D; ++c) ssd += (double(x[c]) - mud) * (double(x[c]) - mud);
-          mu = float(mud);
-          rstd = float(1.0 / std::sqrt(ssd / double(D) + double(p.eps)));
-        }
-        const float sg = p.layer ? sum32(D, [&](int64_t c) { return gr[c] * wr[c]; }) : 0.f;
-        const float sgy = sum32(D, [&](int64_t c) { return gr[c] * wr[c] * ((xr[c] - mu) * rstd); });
-        const float mg = p.layer ? sg * inv_d : 0.f;
-        const float mgy = sgy * inv_d;
-        // the element loop, its branches hoisted and its pointers unaliased so that it vectorizes
-        T* __restrict dxn = dx + n * D;
-        float* __restrict pwr = pw;
-        float* __restrict pbr = pb;
-        const auto elem = [&](auto has_res, auto layer) {
-          const T* __restrict rn = has_res ? dres + n * D : nullptr;
-          for (int64_t c = 0; c < D; ++c) {
-            const float y = (xr[c] - mu) * rstd;
-            float v = rstd * (gr[c] * wr[c] - mg - y * mgy);
-            if constexpr (decltype(has_res)::value) v += static_cast<float>(rn[c]);
-            dxn[c] = static_cast<T>(v);
-            pwr[c] += gr[c] * (decltype(layer)::value ? y : round_to<T>(y));
-            pbr[c] += gr[c];
-          }
-        };
-        using Y = std::true_type;
-        using N = std::false_type;
-        if (dres != nullptr) {
-          if (p.layer) elem(Y{}, Y{}); else elem(Y{}, N{});
-        } else {
-          if (p.layer) elem(N{}, Y{}); else elem(N{}, N{});
-        }
+      };
+      using Y = std::true_type;
+      using N = std::false_type;
+      if (dres != nullptr) {
+        if (p.layer) elem(Y{}, Y{}); else elem(Y{}, N{});
+      } else {
+        if (p.layer) elem(N{}, Y{}); else elem(N{}, N{});
       }
     }
+  };
+  // stage 1: one run of chunks per task, each chunk's partial sums in its own workspace row, except
+  // in the task that starts at chunk 0: it adds its chunks' partials (summed in a scratch row) to
+  // workspace row 0 at once, in chunk order, so row 0 ends as stage 2's running sum over the
+  // chunks [0, first_end): the same additions in the same order, without a workspace row per chunk.
+  std::atomic<int64_t> first_end{0};
+  if (p.chunks == 0) std::fill(p.partial, p.partial + 2 * D, 0.f);  // no rows: dweight = dbias = 0
+  at::parallel_for(0, p.chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<float> x(vec ? 0 : D), g(vec ? 0 : D), part(cb == 0 ? 2 * D : 0);
+    float* run0 = p.partial;
+    if (cb == 0) std::fill(run0, run0 + 2 * D, 0.f);
+    for (int64_t b = cb; b < ce; ++b) {
+      float* pw = cb == 0 ? part.data() : p.partial + b * 2 * D;
+      std::fill(pw, pw + 2 * D, 0.f);
+      chunk(b * p.rows_per_chunk, std::min(p.rows, (b + 1) * p.rows_per_chunk), pw, pw + D, x.data(), g.data());
+      if (cb == 0) {
+        const float* __restrict q = pw;
+        float* __restrict r = run0;
+        for (int64_t j = 0; j < 2 * D; ++j) r[j] += q[j];
+      }
+    }
+    if (cb == 0) first_end.store(ce);
   });
-  // stage 2: per column, the chunks in order; a block of kCols columns at a time (the column loop
-  // inside vectorizes; every column still sums its chunks 0, 1, 2, ... in order)
+  // stage 2: per column, the running sum of row 0 plus the other chunks in order; a block of kCols
+  // columns at a time (the column loop inside vectorizes; every column still sums its chunks 0, 1,
+  // 2, ... in order)
   T* dw = static_cast<T*>(p.dweight);
   T* db = static_cast<T*>(p.dbias);
   constexpr int64_t kCols = 256;
+  const int64_t b0 = std::max<int64_t>(first_end.load(), 1);
   at::parallel_for(0, (D + kCols - 1) / kCols, 4, [&](int64_t k0, int64_t k1) {
     float sw[kCols], sb[kCols];
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t c0 = k * kCols, nc = std::min(kCols, D - c0);
-      std::fill(sw, sw + nc, 0.f);
-      std::fill(sb, sb + nc, 0.f);
-      for (int64_t b = 0; b < p.chunks; ++b) {
+      std::copy(p.partial + c0, p.partial + c0 + nc, sw);
+      std::copy(p.partial + D + c0, p.partial + D + c0 + nc, sb);
+      for (int64_t b = b0; b < p.chunks; ++b) {
         const float* __restrict pw = p.partial + b * 2 * D + c0;
         const float* __restrict pb = pw + D;
         for (int64_t j = 0; j < nc; ++j) sw[j] += pw[j];
