@@ -1,7 +1,7 @@
 #include "csrc/cpu/norm_bwd.h"
 
-// No contraction of a * b + c into one FMA in this file: the AVX2 rows (FMA in their target) must
-// round as the portable rows do, and a LayerNorm of width 1 must give dx = 0 exactly (g w - mean(g w)).
+// No contraction of a * b + c into one FMA in this file: the AVX2 / AVX-512 rows (FMA in their
+// targets) must round as the portable rows do, and a LayerNorm of width 1 must give dx = 0 exactly (g w - mean(g w)).
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #elif defined(__GNUC__)
@@ -10,10 +10,6 @@
 
 #include "csrc/cpu/avx2.h"
 #include "csrc/cpu/cpu_path.h"
-
-#ifndef HIRES_NB_R
-#define HIRES_NB_R 2
-#endif
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -34,8 +30,9 @@ template <typename T> inline float round_to(float v) { return static_cast<float>
 // of the full 32-element blocks, then the last D mod 32 elements are added to p[0], p[1], ..., and
 // fold32 adds the 32 partials in a fixed tree. A single running sum is one dependent add per
 // element (4 such row sums were most of this kernel's time); 32 partials are 4 independent 8-lane
-// accumulators in the AVX2 rows. The order depends on D only (not on threads or the machine), and
-// the portable and AVX2 rows follow it exactly, so they agree bitwise.
+// accumulators in the AVX2 rows, 2 16-lane ones in the AVX-512 rows. The order depends on D only
+// (not on threads or the machine), and the portable and vector rows follow it exactly, so they
+// agree bitwise.
 constexpr int64_t kP = 32;
 
 inline float fold32(const float* p) {
@@ -156,7 +153,7 @@ NB_TARGET inline vf vmask(int64_t n) {
   return _mm512_castsi512_ps(_mm512_maskz_set1_epi32(__mmask16((1u << c) - 1u), -1));
 }
 // fold32's tree: a[0] = p[0..15], a[1] = p[16..31], so q[j] = (p[j] + p[j + 8]) + (p[j + 16] +
-// p[j + 24]) is (low + high half of a[0]) + (low + high half of a[1]); then avx2::fold8.
+// p[j + 24]) is (low + high half of a[0]) + (low + high half of a[1]); then avx2::fold8's steps.
 NB_TARGET inline __m256 hi256(vf a) {
   return _mm512_castps512_ps256(_mm512_shuffle_f32x4(a, a, _MM_SHUFFLE(3, 2, 3, 2)));
 }
