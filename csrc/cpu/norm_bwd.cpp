@@ -89,6 +89,12 @@ NB_TARGET inline float fold8(__m256 q) {
 NB_TARGET inline float vfold(const vf* a) {
   return fold8(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
 }
+NB_TARGET inline vf vloadf_n(const float* x, int64_t n) {  // lanes >= n: +0, not read
+  return _mm256_maskload_ps(x, _mm256_castps_si256(vmask(n)));
+}
+NB_TARGET inline void vstoref_n(float* x, vf v, int64_t n) {
+  _mm256_maskstore_ps(x, _mm256_castps_si256(vmask(n)), v);
+}
 #include "csrc/cpu/norm_bwd_rows.inc"
 #undef NB_TARGET
 }  // namespace avx2
@@ -163,6 +169,12 @@ NB_TARGET inline float vfold(const vf* a) {
   const __m128 r = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));
   const __m128 t = _mm_add_ps(r, _mm_movehdup_ps(r));
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehl_ps(t, t)));
+}
+NB_TARGET inline vf vloadf_n(const float* x, int64_t n) {  // lanes >= n: +0, not read
+  return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1u), x);
+}
+NB_TARGET inline void vstoref_n(float* x, vf v, int64_t n) {
+  _mm512_mask_storeu_ps(x, __mmask16((1u << n) - 1u), v);
 }
 #include "csrc/cpu/norm_bwd_rows.inc"
 #undef NB_TARGET
