@@ -404,24 +404,29 @@ def test_huge_rows_use_fp64_statistics(device, layer):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layer", [True, False])
-@pytest.mark.parametrize("D", [1, 7, 8, 77, 192, 1000])
-def test_cpu_avx2_rows_match_portable(dtype, layer, D, monkeypatch):
-    """The CPU's AVX2 rows (default path) compute the portable rows' arithmetic lane for lane: dx,
+@pytest.mark.parametrize("D", [1, 7, 8, 17, 77, 192, 1000])
+@pytest.mark.parametrize("no_avx512", ["0", "1"])
+def test_cpu_avx2_rows_match_portable(dtype, layer, D, no_avx512, monkeypatch):
+    """The CPU's vectorized rows (default path: AVX-512 where the CPU has it, else AVX2;
+    HIRES_LMM_CPU_NO_AVX512=1: AVX2) compute the portable rows' arithmetic lane for lane: dx,
     dweight and dbias bitwise equal to HIRES_LMM_CPU_TWIN=1's, with and without the extra
     gradient, an overflowing row (fp64 statistics) and a NaN row included."""
+    monkeypatch.setenv("HIRES_LMM_CPU_NO_AVX512", no_avx512)
     g = torch.Generator().manual_seed(D)
-    rows = 37
-    x = (torch.randn(rows, D, generator=g) * 3 + 0.5).to(dtype)
-    x[5] = 1e4 if dtype == torch.float16 else 3e19        # sum of squares overflows fp32
-    x[9, D // 2] = float("nan")
-    dy = torch.randn(rows, D, generator=g).to(dtype)
-    dres = torch.randn(rows, D, generator=g).to(dtype)
-    w = (torch.randn(D, generator=g) * 0.5 + 1).to(dtype)
-    for di in (None, dres):
-        monkeypatch.delenv("HIRES_LMM_CPU_TWIN", raising=False)
-        fast = torch.ops.hires_lmm.norm_backward(dy, x, w, di, 1e-5, layer, True)
-        monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
-        twin = torch.ops.hires_lmm.norm_backward(dy, x, w, di, 1e-5, layer, True)
-        for a, b in zip(fast, twin):
-            assert torch.equal(a.isnan(), b.isnan())
-            assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
+    # chunks of 8 rows: 37 ends in a chunk of 5, 19 in one of 3, 23 in one of 7 (the vector rows
+    # take 4 rows at a time and a chunk's last 1 .. 7 rows in one call)
+    for rows in (37, 19, 23):
+        x = (torch.randn(rows, D, generator=g) * 3 + 0.5).to(dtype)
+        x[5] = 1e4 if dtype == torch.float16 else 3e19        # sum of squares overflows fp32
+        x[9, D // 2] = float("nan")
+        dy = torch.randn(rows, D, generator=g).to(dtype)
+        dres = torch.randn(rows, D, generator=g).to(dtype)
+        w = (torch.randn(D, generator=g) * 0.5 + 1).to(dtype)
+        for di in (None, dres):
+            monkeypatch.delenv("HIRES_LMM_CPU_TWIN", raising=False)
+            fast = torch.ops.hires_lmm.norm_backward(dy, x, w, di, 1e-5, layer, True)
+            monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
+            twin = torch.ops.hires_lmm.norm_backward(dy, x, w, di, 1e-5, layer, True)
+            for a, b in zip(fast, twin):
+                assert torch.equal(a.isnan(), b.isnan())
+                assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b))
