@@ -157,3 +157,25 @@ def test_prefill_env_off_and_twin(monkeypatch):
         assert _calls() == n0 + 1
         torch.testing.assert_close(ours, other, atol=2e-6, rtol=1e-5)
         monkeypatch.delenv("HIRES_LMM_CPU_TWIN", raising=False)
+
+
+@pytest.mark.parametrize("amx", ["1", "0"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[6], CASES[9]],
+                         ids=lambda c: "x".join(map(str, c[0])))
+def test_prefill_bf16_amx_and_avx512(case, amx, monkeypatch):
+    """bf16 runs on AMX tiles where the CPU has them (P rounded to bf16 for P V, as ATen's bf16
+    kernel); HIRES_LMM_CPU_PREFILL_AMX=0 runs the AVX-512 fp32 kernel instead (CPUs without AMX).
+    Both within the criterion; they agree to bf16 output rounding."""
+    monkeypatch.setenv("HIRES_LMM_CPU_PREFILL_AMX", amx)
+    (B, Sq, Sk, Hq, Hkv, D), causal, window = case
+    q, k, v = _qkv(B, Sq, Sk, Hq, Hkv, D, torch.bfloat16, seed=Sq + D + 1)
+    n0 = _calls()
+    out, lse, _ = ops.flash_attn_func(q, k, v, causal=causal, window_size=window, return_attn_probs=True)
+    assert _calls() == n0 + 1
+    ref, ref_lse, _ = reference.flash_attn_func(q.double(), k.double(), v.double(), causal=causal,
+                                                window_size=window, return_attn_probs=True)
+    tfa._check(out, ref, tfa._same_dtype(q, k, v, D ** -0.5, causal, window), torch.bfloat16)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-4, rtol=1e-5)
+    monkeypatch.setenv("HIRES_LMM_CPU_PREFILL_AMX", "0" if amx == "1" else "1")
+    other = ops.flash_attn_func(q, k, v, causal=causal, window_size=window)
+    torch.testing.assert_close(out.float(), other.float(), atol=2e-2, rtol=2e-2)

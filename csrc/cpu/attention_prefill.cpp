@@ -30,12 +30,15 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstdint>
 #include <cstring>
 #include <limits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define HIRES_PREFILL_X86 1
 // GCC 12 flags the _mm512_undefined_* inside its own AVX-512 intrinsics (a known false positive)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -114,6 +117,24 @@ HIRES_AVX512 inline __m512 exp16_nonpos(__m512 x) {
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
   y = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
   return _mm512_maskz_mov_ps(__mmask16(~tiny), y);
+}
+
+// exp(x) for finite x <= 0 (about 1 ulp; below -87 a value <= exp(-87) instead of 0, a negligible
+// addend next to the row's exp(0) = 1): Cephes' polynomial, 2^n applied by scalef.
+HIRES_AVX512 inline __m512 exp16_scalef(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 fx = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, fx);
 }
 
 // r[i][j] <- r[j][i] for a 16 x 16 fp32 block in registers
@@ -360,6 +381,303 @@ HIRES_AVX512 bool prefill_run(const PrefillArgs& a) {
   return ok.load();
 }
 
+// ---- bf16 on AMX ------------------------------------------------------------------------------
+// The same algorithm with both GEMMs on AMX tiles (TDPBF16PS: 16 x 16 fp32 += 16 x 32 bf16 . 32 x
+// 16 bf16): the scores from the bf16 inputs in fp32, softmax in fp32, P rounded to bf16 for P V
+// (l sums the fp32 p, as ATen's bf16 kernel: lse stays within fp32 rounding), O in fp32. Work items of kAq = 32 query rows, key blocks of kAk = 64.
+// Packed per (batch, kv head): K as 16-key x 32-d tiles in AMX's pair layout (row = d pair, 16
+// keys of 2 bf16; D padded to 32 with zeros, keys to 64), V as 32-key x 16-column tiles (row = key
+// pair, 16 columns of 2 bf16; columns padded to 16, keys to 64).
+constexpr int64_t kAq = 32, kAk = 256;
+#define HIRES_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,amx-tile,amx-bf16")))
+
+bool cpu_has_amx_bf16() {
+  static const bool ok = [] {
+    if (!cpu_has_avx512()) return false;
+    unsigned a, b, c, d;
+    __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(0));
+    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return false;  // AMX-BF16, AMX-TILE
+    __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(7), "c"(1));
+    if (!((a >> 5) & 1)) return false;  // AVX512_BF16 (the rounding of p)
+    // Linux: ask for the tile data state (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  }();
+  return ok;
+}
+
+// AMX for bf16 where the CPU and OS have it, unless HIRES_LMM_CPU_PREFILL_AMX=0 (read per call)
+bool use_amx_bf16() {
+  const char* env = std::getenv("HIRES_LMM_CPU_PREFILL_AMX");
+  return cpu_has_amx_bf16() && !(env != nullptr && std::strcmp(env, "0") == 0);
+}
+
+// the row's keys among panel p's 16 (part: some key of the block is hidden from the row)
+HIRES_AVX512 inline __mmask16 visible16(bool part, int p, __m512i lov, __m512i hiv) {
+  if (!part) return 0xffff;
+  const __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                       _mm512_set1_epi32(16 * p));
+  return _mm512_cmpge_epi32_mask(idx, lov) & _mm512_cmple_epi32_mask(idx, hiv);
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// every tile 16 rows x 64 bytes (tmm0-3: fp32 accumulators, tmm4-5: A, tmm6-7: B)
+HIRES_AMX void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  // GCC's ldtilecfg asm declares an 8-byte input: keep the whole 64-byte config's stores before it
+  __asm__ volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+HIRES_AMX void amx_release() { _tile_release(); }
+
+// a compiler barrier before tile loads (GCC's tileloadd asm declares no memory input)
+#define HIRES_TLOAD(t, p, s)          \
+  do {                                \
+    __asm__ volatile("" ::: "memory"); \
+    _tile_loadd(t, p, s);             \
+  } while (0)
+
+// Key block kb (64 keys) of one (batch, kv head): K tiles into kp (4 key tiles x D32 / 32 d steps,
+// 256 32-bit pairs each: kp[(kt * nds + ds) * 256 + dpair * 16 + key]) and V tiles into vp (2 key
+// groups x Dp / 16 column tiles: vp[(kg * nct + ct) * 256 + keypair * 16 + col]).
+HIRES_AMX void amx_pack_block(const c10::BFloat16* k, int64_t ks, const c10::BFloat16* v, int64_t vs, int64_t Sk,
+                              int64_t D, int64_t D32, int64_t Dp, int64_t kb, uint32_t* kp, uint32_t* vp) {
+  const int64_t nds = D32 / 32, nct = Dp / 16;
+  for (int kt = 0; kt < kAk / 16; ++kt) {
+    const int64_t jt = kb * kAk + 16 * kt;
+    const int64_t nk = std::max<int64_t>(0, std::min<int64_t>(16, Sk - jt));
+    for (int64_t ds = 0; ds < nds; ++ds) {
+      const int64_t d0 = 32 * ds;
+      const __mmask32 dm = D - d0 >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (D - d0)) - 1u);
+      __m512 r[16];
+      for (int jj = 0; jj < 16; ++jj)
+        r[jj] = jj < nk ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(dm, k + (jt + jj) * ks + d0)) : _mm512_setzero_ps();
+      transpose16(r);  // row = d pair, lane = key
+      uint32_t* dst = kp + ((kb * (kAk / 16) + kt) * nds + ds) * 256;
+      for (int p = 0; p < 16; ++p) _mm512_storeu_ps(reinterpret_cast<float*>(dst + p * 16), r[p]);
+    }
+  }
+  for (int kg = 0; kg < kAk / 32; ++kg)
+    for (int64_t ct = 0; ct < nct; ++ct) {
+      const int64_t c0 = 16 * ct;
+      const __mmask16 cm = tail_mask(D - c0);
+      uint32_t* dst = vp + ((kb * (kAk / 32) + kg) * nct + ct) * 256;
+      for (int t = 0; t < 16; ++t) {
+        const int64_t j = kb * kAk + 32 * kg + 2 * t;
+        const __m512i lo = j < Sk ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cm, v + j * vs + c0)) : _mm512_setzero_si512();
+        const __m512i hi = j + 1 < Sk ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cm, v + (j + 1) * vs + c0))
+                                      : _mm512_setzero_si512();
+        _mm512_storeu_si512(dst + t * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    }
+}
+
+// One work item: rows i0 .. i0 + n - 1 (n <= kAq) of query head h of batch element b. ws: qb (kAq x
+// D32 bf16), s (kAq x kAk fp32), p (kAq x kAk bf16), acc (kAq x Dp fp32).
+HIRES_AMX bool amx_item(const PrefillArgs& a, const uint32_t* kp, const uint32_t* vp, int64_t b, int64_t h,
+                        int64_t i0, int64_t n, float* ws) {
+  const int64_t D = a.D, D32 = round_up(D, 32), Dp = round_up(D, 16), Sk = a.Sk, Sq = a.Sq;
+  const int64_t nds = D32 / 32, nct = Dp / 16;
+  uint16_t* qb = reinterpret_cast<uint16_t*>(ws);               // (kAq, D32)
+  float* s = ws + kAq * D32 / 2;                                // (kAq, kAk)
+  uint16_t* pb = reinterpret_cast<uint16_t*>(s + kAq * kAk);   // (kAq, kAk)
+  float* acc = s + kAq * kAk + kAq * kAk / 2;                   // (kAq, Dp)
+  float m[kAq], l[kAq], alpha[kAq];
+  int64_t lo[kAq], hi[kAq];
+  const c10::BFloat16* q = static_cast<const c10::BFloat16*>(a.q) + b * a.q_s[0] + h * a.q_s[2];
+  for (int64_t r = 0; r < kAq; ++r)
+    for (int64_t d0 = 0; d0 < D32; d0 += 32) {
+      const int64_t nd = r < n ? std::max<int64_t>(0, std::min<int64_t>(32, D - d0)) : 0;
+      const __mmask32 dm = nd >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << nd) - 1u);
+      _mm512_storeu_si512(qb + r * D32 + d0, _mm512_maskz_loadu_epi16(dm, q + (i0 + r) * a.q_s[1] + d0));
+    }
+  std::memset(acc, 0, sizeof(float) * size_t(kAq * Dp));
+  int64_t J0 = Sk, J1 = -1;
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t c = i0 + r + Sk - Sq;
+    lo[r] = std::max<int64_t>(0, a.window_left >= 0 ? c - a.window_left : 0);
+    hi[r] = std::min<int64_t>(Sk - 1, a.window_right >= 0 ? c + a.window_right : Sk - 1);
+    m[r] = -std::numeric_limits<float>::infinity();
+    l[r] = 0.f;
+    J0 = std::min(J0, lo[r]);
+    J1 = std::max(J1, hi[r]);
+  }
+  std::memset(pb + n * kAk, 0, sizeof(uint16_t) * size_t((kAq - n) * kAk));  // padding rows: p = 0
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 sv = _mm512_set1_ps(static_cast<float>(a.scale));
+  const int64_t qs = D32 * 2, ss = kAk * 4, ps = kAk * 2, os = Dp * 4;
+  for (int64_t j0 = J0 / kAk * kAk; j0 <= J1; j0 += kAk) {
+    const int64_t kb = j0 / kAk;
+    const int nkp = int(std::min<int64_t>(kAk, J1 + 1 - j0) + 31) / 32;  // 32-key pairs of tiles needed
+    // S = Q K^T: tiles (row tile 0/1) x (key tile 2kp / 2kp + 1)
+    for (int kpi = 0; kpi < nkp; ++kpi) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const uint32_t* k0 = kp + (kb * (kAk / 16) + 2 * kpi) * nds * 256;
+      const uint32_t* k1 = k0 + nds * 256;
+      for (int64_t ds = 0; ds < nds; ++ds) {
+        HIRES_TLOAD(4, qb + ds * 32, qs);
+        HIRES_TLOAD(5, qb + 16 * D32 + ds * 32, qs);
+        HIRES_TLOAD(6, k0 + ds * 256, 64);
+        HIRES_TLOAD(7, k1 + ds * 256, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      float* sp = s + 32 * kpi;
+      _tile_stored(0, sp, ss);
+      _tile_stored(1, sp + 16, ss);
+      _tile_stored(2, sp + 16 * kAk, ss);
+      _tile_stored(3, sp + 16 * kAk + 16, ss);
+    }
+    const int np = 2 * nkp;  // 16-key panels of the block
+    const int64_t jend = j0 + 16 * np;
+    bool rescale = false;
+    for (int64_t r = 0; r < n; ++r) {
+      float* sr = s + r * kAk;
+      uint16_t* pr = pb + r * kAk;
+      const bool part = lo[r] > j0 || hi[r] < jend - 1;
+      const __m512i lov = _mm512_set1_epi32(int(std::max<int64_t>(lo[r] - j0, -1)));
+      const __m512i hiv = _mm512_set1_epi32(int(std::min<int64_t>(hi[r] - j0, kAk)));
+      // two passes over the raw scores (scale applied in each, nothing stored): max, then exp
+      __m512 mx = ninf;
+      for (int p = 0; p < np; ++p)
+        mx = _mm512_mask_max_ps(mx, visible16(part, p, lov, hiv), mx, _mm512_mul_ps(_mm512_loadu_ps(sr + 16 * p), sv));
+      const float bm = _mm512_reduce_max_ps(mx);
+      if (bm == -std::numeric_limits<float>::infinity()) {
+        alpha[r] = 1.f;
+        std::memset(pr, 0, sizeof(uint16_t) * size_t(16 * np));
+        continue;
+      }
+      const float mn = std::max(m[r], bm);
+      alpha[r] = m[r] == -std::numeric_limits<float>::infinity() ? 0.f : std::exp(m[r] - mn);
+      rescale |= alpha[r] != 1.f;
+      m[r] = mn;
+      const __m512 mv = _mm512_set1_ps(mn);
+      __m512 sum = _mm512_setzero_ps();
+      for (int p = 0; p < np; ++p) {
+        const __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sr + 16 * p), sv, mv);
+        const __m512 e = _mm512_maskz_mov_ps(visible16(part, p, lov, hiv), exp16_scalef(x));
+        // p rounded to bf16 (nearest even, one instruction)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + 16 * p), (__m256i)_mm512_cvtneps_pbh(e));
+        sum = _mm512_add_ps(sum, e);
+      }
+      l[r] = l[r] * alpha[r] + _mm512_reduce_add_ps(sum);
+    }
+    if (rescale)
+      for (int64_t r = 0; r < n; ++r)
+        if (alpha[r] != 1.f) {
+          const __m512 av = _mm512_set1_ps(alpha[r]);
+          for (int64_t c0 = 0; c0 < Dp; c0 += 16)
+            _mm512_storeu_ps(acc + r * Dp + c0, _mm512_mul_ps(_mm512_loadu_ps(acc + r * Dp + c0), av));
+        }
+    // O += P V: tiles (row tile 0/1) x (column tile ct / ct + 1) over the block's 32-key groups
+    for (int64_t ct = 0; ct < nct; ct += 2) {
+      const bool two = ct + 1 < nct;
+      float* o0 = acc + 16 * ct;
+      HIRES_TLOAD(0, o0, os);
+      HIRES_TLOAD(2, o0 + 16 * Dp, os);
+      if (two) {
+        HIRES_TLOAD(1, o0 + 16, os);
+        HIRES_TLOAD(3, o0 + 16 * Dp + 16, os);
+      }
+      for (int kg = 0; kg < nkp; ++kg) {
+        const uint32_t* v0 = vp + ((kb * (kAk / 32) + kg) * nct + ct) * 256;
+        HIRES_TLOAD(4, pb + 32 * kg, ps);
+        HIRES_TLOAD(5, pb + 16 * kAk + 32 * kg, ps);
+        HIRES_TLOAD(6, v0, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(2, 5, 6);
+        if (two) {
+          HIRES_TLOAD(7, v0 + 256, 64);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      _tile_stored(0, o0, os);
+      _tile_stored(2, o0 + 16 * Dp, os);
+      if (two) {
+        _tile_stored(1, o0 + 16, os);
+        _tile_stored(3, o0 + 16 * Dp + 16, os);
+      }
+    }
+  }
+  c10::BFloat16* o = static_cast<c10::BFloat16*>(a.o) + ((b * Sq + i0) * a.Hq + h) * D;
+  float* lse = a.lse + (b * a.Hq + h) * Sq + i0;
+  __m512 bad = _mm512_setzero_ps();
+  bool ok = true;
+  for (int64_t r = 0; r < n; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.f / l[r]);
+    c10::BFloat16* orow = o + r * a.Hq * D;
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+      const __mmask16 dm = tail_mask(D - d0);
+      const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(acc + r * Dp + d0), inv);
+      bad = _mm512_add_ps(bad, _mm512_maskz_sub_ps(dm, x, x));
+      store16(orow + d0, x, dm);
+    }
+    lse[r] = m[r] + std::log(l[r]);
+    ok &= std::isfinite(lse[r]);
+  }
+  return ok && _mm512_cmp_ps_mask(bad, bad, _CMP_UNORD_Q) == 0;
+}
+#undef HIRES_TLOAD
+
+HIRES_AMX bool prefill_run_amx(const PrefillArgs& a) {
+  const int64_t D = a.D, D32 = round_up(D, 32), Dp = round_up(D, 16), Sk = a.Sk, g = a.Hq / a.Hkv;
+  const int64_t nkb = round_up(Sk, kAk) / kAk;
+  const int64_t kp_n = nkb * kAk * D32 / 2, per = kp_n + nkb * kAk * Dp / 2;  // 32-bit words per (b, hk)
+  thread_local std::vector<uint32_t> pack;
+  if (pack.size() < size_t(a.B * a.Hkv * per)) pack.resize(size_t(a.B * a.Hkv * per));
+  uint32_t* pk = pack.data();
+  int64_t pairs = 0;
+  for (int64_t i = 0; i < a.Sq; ++i) {
+    const int64_t c = i + Sk - a.Sq;
+    const int64_t lo = std::max<int64_t>(0, a.window_left >= 0 ? c - a.window_left : 0);
+    const int64_t hi = std::min<int64_t>(Sk - 1, a.window_right >= 0 ? c + a.window_right : Sk - 1);
+    pairs += std::max<int64_t>(0, hi - lo + 1);
+  }
+  const bool one_thread = pairs * a.B * a.Hq * D * 2 < kParallelMinMacs * 4;
+  const int64_t tasks = a.B * a.Hkv * nkb;
+  at::parallel_for(0, tasks, one_thread ? tasks : 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / nkb, kb = t % nkb, b = bh / a.Hkv, hk = bh % a.Hkv;
+      const auto* k = static_cast<const c10::BFloat16*>(a.k) + b * a.k_s[0] + hk * a.k_s[2];
+      const auto* v = static_cast<const c10::BFloat16*>(a.v) + b * a.v_s[0] + hk * a.v_s[2];
+      uint32_t* base = pk + bh * per;
+      amx_pack_block(k, a.k_s[1], v, a.v_s[1], Sk, D, D32, Dp, kb, base, base + kp_n);
+    }
+  });
+  const int64_t nqb = (a.Sq + kAq - 1) / kAq, items = a.B * a.Hq * nqb;
+  const int64_t ws_n = kAq * D32 / 2 + kAq * kAk + kAq * kAk / 2 + kAq * Dp;
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, items, one_thread ? items : 1, [&](int64_t u0, int64_t u1) {
+    thread_local std::vector<float> ws;
+    if (ws.size() < size_t(ws_n)) ws.resize(size_t(ws_n));
+    amx_configure();
+    for (int64_t u = u0; u < u1 && ok.load(std::memory_order_relaxed); ++u) {
+      const int64_t bh = u / nqb, t = u % nqb, b = bh / a.Hq, h = bh % a.Hq;
+      const int64_t qi = t % 2 == 0 ? t / 2 : nqb - 1 - t / 2;
+      const int64_t i0 = qi * kAq, n = std::min(kAq, a.Sq - i0);
+      const uint32_t* base = pk + (b * a.Hkv + h / g) * per;
+      if (!amx_item(a, base, base + kp_n, b, h, i0, n, ws.data())) ok = false;
+    }
+    amx_release();
+  });
+  return ok.load();
+}
+
 }  // namespace
 
 bool attention_cpu_prefill(const PrefillArgs& a, at::ScalarType dtype) {
@@ -368,13 +686,18 @@ bool attention_cpu_prefill(const PrefillArgs& a, at::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat: ok = prefill_run<float>(a); break;
     case at::kHalf: ok = prefill_run<c10::Half>(a); break;
-    case at::kBFloat16: ok = prefill_run<c10::BFloat16>(a); break;
+    case at::kBFloat16:
+      ok = use_amx_bf16() ? prefill_run_amx(a) : prefill_run<c10::BFloat16>(a);
+      break;
     default: return false;
   }
   if (ok) g_calls.fetch_add(1, std::memory_order_relaxed);
   return ok;
 }
 #else
+namespace {
+bool use_amx_bf16() { return false; }
+}  // namespace
 bool cpu_has_avx512() { return false; }
 bool attention_cpu_prefill(const PrefillArgs&, at::ScalarType) { return false; }
 #endif
@@ -387,12 +710,14 @@ bool prefill_route(int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hkv, i
   if (D <= 0 || D > kMaxD || Hkv <= 0 || Hq % Hkv != 0 || !cpu_has_avx512()) return false;
   if (B * Hkv * (round_up(Sk, kBk) * D + Sk * round_up(D, 16)) > kMaxPackFloats) return false;
   if (env != nullptr && std::strcmp(env, "1") == 0) return true;
-  // Measured (1 thread, README "CPU paths"): ATen's bf16 kernel runs AMX / bf16 dot products (1.1 -
-  // 2.4x faster than this fp32 kernel): bf16 stays there. fp16 (ATen: fp32 through conversions): ours
-  // 1.3 - 1.8x up to S = 2048. fp32: ours 1.3 - 1.7x on causal prefills up to S = 1024, parity at
+  // Measured, 1 thread (README "CPU paths"): fp16 (ATen: fp32 math through conversions): ours 1.3 -
+  // 1.8x up to S = 2048. bf16 (ATen: AMX / bf16 dot products): ours on AMX 1.1 - 1.5x on causal
+  // prefills up to S = 1024, 0.9x at 2048, parity unmasked at S = 577; without AMX ATen's bf16 is
+  // faster than this fp32 kernel. fp32: ours 1.3 - 1.7x on causal prefills up to S = 1024, parity at
   // 2048; unmasked, MKL's sgemm blocks catch up past S ~ 512.
-  if (dtype == at::kBFloat16) return false;
   if (dtype == at::kHalf) return true;
+  if (dtype == at::kBFloat16)
+    return use_amx_bf16() && Sq * Sk <= (masked ? int64_t(1024) * 1024 : int64_t(1) << 17);
   return Sq * Sk <= (masked ? int64_t(2048) * 2048 : int64_t(512) * 512);
 }
 
