@@ -160,7 +160,7 @@ def test_prefill_env_off_and_twin(monkeypatch):
 
 
 @pytest.mark.parametrize("amx", ["1", "0"])
-@pytest.mark.parametrize("case", [CASES[0], CASES[5], CASES[6], CASES[9]],
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5], CASES[6], CASES[9]],
                          ids=lambda c: "x".join(map(str, c[0])))
 def test_prefill_bf16_amx_and_avx512(case, amx, monkeypatch):
     """bf16 runs on AMX tiles where the CPU has them (P rounded to bf16 for P V, as ATen's bf16
@@ -179,3 +179,26 @@ def test_prefill_bf16_amx_and_avx512(case, amx, monkeypatch):
     monkeypatch.setenv("HIRES_LMM_CPU_PREFILL_AMX", "0" if amx == "1" else "1")
     other = ops.flash_attn_func(q, k, v, causal=causal, window_size=window)
     torch.testing.assert_close(out.float(), other.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 200, 230, 4, 1, 64), (2, 150, 150, 4, 2, 128)], ids=["mqa", "gqa"])
+def test_prefill_thread_layouts(shape, dtype):
+    """Both work layouts at 2 threads: one (batch, kv head) pair per thread's share (packed in the
+    thread's own buffer), and fewer pairs than threads (MQA, B=1: a packing pass, then (batch,
+    q head, q block) items); each bitwise equal to the 1-thread result (the same per-row order)."""
+    B, Sq, Sk, Hq, Hkv, D = shape
+    q, k, v = _qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed=D)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            n0 = _calls()
+            outs.append(ops.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)[:2])
+            assert _calls() == n0 + 1
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    ref = reference.flash_attn_func(q.double(), k.double(), v.double(), causal=True)
+    tfa._check(outs[1][0], ref, tfa._same_dtype(q, k, v, D ** -0.5, True), dtype)

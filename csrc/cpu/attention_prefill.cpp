@@ -50,7 +50,7 @@ namespace hires::attention {
 namespace {
 std::atomic<int64_t> g_calls{0};
 constexpr int64_t kBq = 48;  // query rows per work item (8 strips of kMr)
-constexpr int64_t kBk = 64;  // keys per block (4 panels of 16)
+constexpr int64_t kBk = 128;  // keys per block (8 panels of 16)
 constexpr int kMr = 6;       // rows per micro-kernel strip
 constexpr int64_t kMaxD = 512;
 // packed floats (K^T + V) above which the call runs ATen's kernel (bounds the kept buffer)
@@ -98,27 +98,6 @@ HIRES_AVX512 inline void store16(c10::BFloat16* dst, __m512 x, __mmask16 m) {
   _mm256_mask_storeu_epi16(dst, m, _mm512_cvtepi32_epi16(r));
 }
 
-// exp(x) for x <= 0 (-inf included): Cephes' expf (range reduction by ln 2, degree-5
-// polynomial), 0 below -87.
-HIRES_AVX512 inline __m512 exp16_nonpos(__m512 x) {
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_LT_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-  x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-  __m512 y = _mm512_set1_ps(1.9875691500E-4f);
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
-  y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
-  y = _mm512_mul_ps(y, _mm512_castsi512_ps(e));
-  return _mm512_maskz_mov_ps(__mmask16(~tiny), y);
-}
-
 // exp(x) for finite x <= 0 (about 1 ulp; below -87 a value <= exp(-87) instead of 0, a negligible
 // addend next to the row's exp(0) = 1): Cephes' polynomial, 2^n applied by scalef.
 HIRES_AVX512 inline __m512 exp16_scalef(__m512 x) {
@@ -135,6 +114,14 @@ HIRES_AVX512 inline __m512 exp16_scalef(__m512 x) {
   y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
   y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(y, fx);
+}
+
+// the row's keys among panel p's 16 (part: some key of the block is hidden from the row)
+HIRES_AVX512 inline __mmask16 visible16(bool part, int p, __m512i lov, __m512i hiv) {
+  if (!part) return 0xffff;
+  const __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                       _mm512_set1_epi32(16 * p));
+  return _mm512_cmpge_epi32_mask(idx, lov) & _mm512_cmple_epi32_mask(idx, hiv);
 }
 
 // r[i][j] <- r[j][i] for a 16 x 16 fp32 block in registers
@@ -272,26 +259,21 @@ HIRES_AVX512 bool prefill_item(const PrefillArgs& a, const float* kt, const floa
     J1 = std::max(J1, hi[r]);
   }
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int64_t j0 = J0 / kBk * kBk; j0 <= J1; j0 += kBk) {
     const int np = int(std::min<int64_t>(kBk, J1 + 1 - j0) + 15) / 16;  // panels holding keys <= J1
     const int64_t jend = j0 + 16 * np;
     const float* ktb = kt + j0 * D;  // block j0 / kBk: [D][kBk]
     for (int64_t r0 = 0; r0 < n; r0 += kMr)
-      kQk[std::min<int64_t>(kMr, n - r0) - 1][np - 1](qf + r0 * D, D, ktb, s + r0 * kBk);
+      for (int half = 0; 4 * half < np; ++half)  // 64 keys (4 panels) per micro-kernel call
+        kQk[std::min<int64_t>(kMr, n - r0) - 1][std::min(4, np - 4 * half) - 1](qf + r0 * D, D, ktb + 64 * half,
+                                                                                 s + r0 * kBk + 64 * half);
     for (int64_t r = 0; r < n; ++r) {
       float* sr = s + r * kBk;
-      if (lo[r] > j0 || hi[r] < jend - 1) {  // some key of the block hidden from this row: -inf
-        const __m512i lov = _mm512_set1_epi32(int(std::max<int64_t>(lo[r] - j0, -1)));
-        const __m512i hiv = _mm512_set1_epi32(int(std::min<int64_t>(hi[r] - j0, kBk)));
-        for (int p = 0; p < np; ++p) {
-          const __m512i idx = _mm512_add_epi32(iota, _mm512_set1_epi32(16 * p));
-          const __mmask16 vis = _mm512_cmpge_epi32_mask(idx, lov) & _mm512_cmple_epi32_mask(idx, hiv);
-          _mm512_storeu_ps(sr + 16 * p, _mm512_mask_blend_ps(vis, ninf, _mm512_loadu_ps(sr + 16 * p)));
-        }
-      }
-      __m512 mx = _mm512_loadu_ps(sr);
-      for (int p = 1; p < np; ++p) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sr + 16 * p));
+      const bool part = lo[r] > j0 || hi[r] < jend - 1;  // some key of the block hidden from this row
+      const __m512i lov = _mm512_set1_epi32(int(std::max<int64_t>(lo[r] - j0, -1)));
+      const __m512i hiv = _mm512_set1_epi32(int(std::min<int64_t>(hi[r] - j0, kBk)));
+      __m512 mx = ninf;
+      for (int p = 0; p < np; ++p) mx = _mm512_mask_max_ps(mx, visible16(part, p, lov, hiv), mx, _mm512_loadu_ps(sr + 16 * p));
       const float bm = hmax16(mx);
       if (bm == -std::numeric_limits<float>::infinity()) {  // the row sees no key of this block
         alpha[r] = 1.f;
@@ -303,8 +285,9 @@ HIRES_AVX512 bool prefill_item(const PrefillArgs& a, const float* kt, const floa
       m[r] = mn;
       const __m512 mv = _mm512_set1_ps(mn);
       __m512 sum = _mm512_setzero_ps();
-      for (int p = 0; p < np; ++p) {
-        const __m512 e = exp16_nonpos(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * p), mv));
+      for (int p = 0; p < np; ++p) {  // hidden keys: p = 0
+        const __m512 e = _mm512_maskz_mov_ps(visible16(part, p, lov, hiv),
+                                             exp16_scalef(_mm512_sub_ps(_mm512_loadu_ps(sr + 16 * p), mv)));
         _mm512_storeu_ps(sr + 16 * p, e);
         sum = _mm512_add_ps(sum, e);
       }
@@ -343,9 +326,6 @@ HIRES_AVX512 bool prefill_run(const PrefillArgs& a) {
   const int64_t D = a.D, Dp = round_up(D, 16), Sk = a.Sk, g = a.Hq / a.Hkv;
   const int64_t nkb = round_up(Sk, kBk) / kBk;
   const int64_t kt_n = nkb * kBk * D, per = kt_n + Sk * Dp;  // floats per (batch, kv head)
-  thread_local std::vector<float> pack;
-  if (pack.size() < size_t(a.B * a.Hkv * per)) pack.resize(size_t(a.B * a.Hkv * per));
-  float* pk = pack.data();
   // work: visible (query, key) pairs x D x 2 (QK^T and PV), from the rows' ranges
   int64_t pairs = 0;
   for (int64_t i = 0; i < a.Sq; ++i) {
@@ -355,8 +335,36 @@ HIRES_AVX512 bool prefill_run(const PrefillArgs& a) {
     pairs += std::max<int64_t>(0, hi - lo + 1);
   }
   const bool one_thread = pairs * a.B * a.Hq * D * 2 < kParallelMinMacs;
-  const int64_t tasks = a.B * a.Hkv * nkb;
-  at::parallel_for(0, tasks, one_thread ? tasks : 1, [&](int64_t t0, int64_t t1) {
+  const int64_t nqb = (a.Sq + kBq - 1) / kBq, items = a.B * a.Hq * nqb;
+  const int64_t heads = a.B * a.Hkv, threads = one_thread ? 1 : at::get_num_threads();
+  std::atomic<bool> ok{true};
+  if (heads % threads == 0 || heads >= 4 * threads) {
+    // one parallel region over (batch, kv head): its K / V packed into the thread's own buffer (kept
+    // in cache), then every q block of its g query heads
+    at::parallel_for(0, heads, one_thread ? heads : 1, [&](int64_t h0, int64_t h1) {
+      thread_local std::vector<float> own, ws;
+      if (own.size() < size_t(per)) own.resize(size_t(per));
+      if (ws.size() < size_t(kBq * (D + kBk + Dp))) ws.resize(size_t(kBq * (D + kBk + Dp)));
+      for (int64_t bh = h0; bh < h1 && ok.load(std::memory_order_relaxed); ++bh) {
+        const int64_t b = bh / a.Hkv, hk = bh % a.Hkv;
+        const T* k = static_cast<const T*>(a.k) + b * a.k_s[0] + hk * a.k_s[2];
+        const T* v = static_cast<const T*>(a.v) + b * a.v_s[0] + hk * a.v_s[2];
+        for (int64_t kb = 0; kb < nkb; ++kb)
+          pack_block<T>(k, a.k_s[1], v, a.v_s[1], Sk, D, Dp, kb, own.data() + kb * kBk * D, own.data() + kt_n);
+        for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
+          for (int64_t i0 = 0; i0 < a.Sq; i0 += kBq)
+            if (!prefill_item<T>(a, own.data(), own.data() + kt_n, b, h, i0, std::min(kBq, a.Sq - i0), ws.data()))
+              ok = false;
+      }
+    });
+    return ok.load();
+  }
+  // fewer (batch, kv head) pairs than threads: pack in one region, then (batch, q head, q block)
+  thread_local std::vector<float> pack;
+  if (pack.size() < size_t(heads * per)) pack.resize(size_t(heads * per));
+  float* pk = pack.data();
+  const int64_t tasks = heads * nkb;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nkb, kb = t % nkb, b = bh / a.Hkv, hk = bh % a.Hkv;
       const T* k = static_cast<const T*>(a.k) + b * a.k_s[0] + hk * a.k_s[2];
@@ -365,9 +373,7 @@ HIRES_AVX512 bool prefill_run(const PrefillArgs& a) {
       pack_block<T>(k, a.k_s[1], v, a.v_s[1], Sk, D, Dp, kb, base + kb * kBk * D, base + kt_n);
     }
   });
-  const int64_t nqb = (a.Sq + kBq - 1) / kBq, items = a.B * a.Hq * nqb;
-  std::atomic<bool> ok{true};
-  at::parallel_for(0, items, one_thread ? items : 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, items, 1, [&](int64_t u0, int64_t u1) {
     thread_local std::vector<float> ws;
     if (ws.size() < size_t(kBq * (D + kBk + Dp))) ws.resize(size_t(kBq * (D + kBk + Dp)));
     for (int64_t u = u0; u < u1 && ok.load(std::memory_order_relaxed); ++u) {
@@ -409,14 +415,6 @@ bool cpu_has_amx_bf16() {
 bool use_amx_bf16() {
   const char* env = std::getenv("HIRES_LMM_CPU_PREFILL_AMX");
   return cpu_has_amx_bf16() && !(env != nullptr && std::strcmp(env, "0") == 0);
-}
-
-// the row's keys among panel p's 16 (part: some key of the block is hidden from the row)
-HIRES_AVX512 inline __mmask16 visible16(bool part, int p, __m512i lov, __m512i hiv) {
-  if (!part) return 0xffff;
-  const __m512i idx = _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                       _mm512_set1_epi32(16 * p));
-  return _mm512_cmpge_epi32_mask(idx, lov) & _mm512_cmple_epi32_mask(idx, hiv);
 }
 
 struct alignas(64) TileConfig {
@@ -638,9 +636,6 @@ HIRES_AMX bool prefill_run_amx(const PrefillArgs& a) {
   const int64_t D = a.D, D32 = round_up(D, 32), Dp = round_up(D, 16), Sk = a.Sk, g = a.Hq / a.Hkv;
   const int64_t nkb = round_up(Sk, kAk) / kAk;
   const int64_t kp_n = nkb * kAk * D32 / 2, per = kp_n + nkb * kAk * Dp / 2;  // 32-bit words per (b, hk)
-  thread_local std::vector<uint32_t> pack;
-  if (pack.size() < size_t(a.B * a.Hkv * per)) pack.resize(size_t(a.B * a.Hkv * per));
-  uint32_t* pk = pack.data();
   int64_t pairs = 0;
   for (int64_t i = 0; i < a.Sq; ++i) {
     const int64_t c = i + Sk - a.Sq;
@@ -649,8 +644,36 @@ HIRES_AMX bool prefill_run_amx(const PrefillArgs& a) {
     pairs += std::max<int64_t>(0, hi - lo + 1);
   }
   const bool one_thread = pairs * a.B * a.Hq * D * 2 < kParallelMinMacs * 4;
-  const int64_t tasks = a.B * a.Hkv * nkb;
-  at::parallel_for(0, tasks, one_thread ? tasks : 1, [&](int64_t t0, int64_t t1) {
+  const int64_t nqb = (a.Sq + kAq - 1) / kAq, items = a.B * a.Hq * nqb;
+  const int64_t ws_n = kAq * D32 / 2 + kAq * kAk + kAq * kAk / 2 + kAq * Dp;
+  const int64_t heads = a.B * a.Hkv, threads = one_thread ? 1 : at::get_num_threads();
+  std::atomic<bool> ok{true};
+  if (heads % threads == 0 || heads >= 4 * threads) {  // as prefill_run: one region over (b, kv head)
+    at::parallel_for(0, heads, one_thread ? heads : 1, [&](int64_t h0, int64_t h1) {
+      thread_local std::vector<uint32_t> own;
+      thread_local std::vector<float> ws;
+      if (own.size() < size_t(per)) own.resize(size_t(per));
+      if (ws.size() < size_t(ws_n)) ws.resize(size_t(ws_n));
+      amx_configure();
+      for (int64_t bh = h0; bh < h1 && ok.load(std::memory_order_relaxed); ++bh) {
+        const int64_t b = bh / a.Hkv, hk = bh % a.Hkv;
+        const auto* k = static_cast<const c10::BFloat16*>(a.k) + b * a.k_s[0] + hk * a.k_s[2];
+        const auto* v = static_cast<const c10::BFloat16*>(a.v) + b * a.v_s[0] + hk * a.v_s[2];
+        for (int64_t kb = 0; kb < nkb; ++kb)
+          amx_pack_block(k, a.k_s[1], v, a.v_s[1], Sk, D, D32, Dp, kb, own.data(), own.data() + kp_n);
+        for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
+          for (int64_t i0 = 0; i0 < a.Sq; i0 += kAq)
+            if (!amx_item(a, own.data(), own.data() + kp_n, b, h, i0, std::min(kAq, a.Sq - i0), ws.data())) ok = false;
+      }
+      amx_release();
+    });
+    return ok.load();
+  }
+  thread_local std::vector<uint32_t> pack;
+  if (pack.size() < size_t(heads * per)) pack.resize(size_t(heads * per));
+  uint32_t* pk = pack.data();
+  const int64_t tasks = heads * nkb;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nkb, kb = t % nkb, b = bh / a.Hkv, hk = bh % a.Hkv;
       const auto* k = static_cast<const c10::BFloat16*>(a.k) + b * a.k_s[0] + hk * a.k_s[2];
@@ -659,10 +682,7 @@ HIRES_AMX bool prefill_run_amx(const PrefillArgs& a) {
       amx_pack_block(k, a.k_s[1], v, a.v_s[1], Sk, D, D32, Dp, kb, base, base + kp_n);
     }
   });
-  const int64_t nqb = (a.Sq + kAq - 1) / kAq, items = a.B * a.Hq * nqb;
-  const int64_t ws_n = kAq * D32 / 2 + kAq * kAk + kAq * kAk / 2 + kAq * Dp;
-  std::atomic<bool> ok{true};
-  at::parallel_for(0, items, one_thread ? items : 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, items, 1, [&](int64_t u0, int64_t u1) {
     thread_local std::vector<float> ws;
     if (ws.size() < size_t(ws_n)) ws.resize(size_t(ws_n));
     amx_configure();
