@@ -1,25 +1,31 @@
-// Fused CPU prefill attention (AVX-512); see attention_prefill.h.
+// Fused CPU prefill attention (AVX-512; bf16 on AMX); see attention_prefill.h.
 //
-// FlashAttention-2's forward on the CPU, in fp32:
-//   1. Pack (one parallel pass): per (batch, kv head), K as K^T blocks of 64 keys ([D][64] fp32,
-//      keys past Sk zero; 16 x 16 register transposes) and V as fp32 rows padded to Dp = D rounded
-//      up to 16 (zeros). fp16 / bf16 are converted here, once. GQA / MQA: the Hq / Hkv query heads
-//      of a kv head read the same packed blocks (no copies).
-//   2. Per work item (batch, q head, block of kBq = 48 query rows; items of one (batch, head) in
-//      the order 0, n-1, 1, n-2, ... so that the two halves of a causal call cost the same): the
-//      q rows in fp32 times scale, then for each 64-key block that some row sees
+// FlashAttention-2's forward on the CPU, fp32 / fp16 (and bf16 without AMX) in fp32:
+//   1. Pack, per (batch, kv head): K as K^T blocks of kBk = 128 keys ([D][128] fp32, keys past Sk
+//      zero; 16 x 16 register transposes) and V as fp32 rows padded to Dp = D rounded up to 16
+//      (zeros). fp16 / bf16 are converted here, once. GQA / MQA: the Hq / Hkv query heads of a kv
+//      head read the same packed blocks (no copies).
+//   2. Per block of kBq = 48 query rows of one q head: the q rows in fp32 times scale, then for
+//      each key block that some row sees
 //        S = (scale q) K^T   micro-kernel of 6 rows x 64 keys: 24 zmm accumulators, per d one
 //                            broadcast q per row and 4 K^T vectors;
-//        mask                only in blocks where some row does not see every key (bottom-right
-//                            causal / window diagonal, keys past Sk): -inf;
-//        online softmax      per row: m' = max(m, max_j s), alpha = exp(m - m'),
-//                            p = exp(s - m'), l = alpha l + sum p (a row that sees no key of the
+//        online softmax      per row, over the keys it sees (masks only in blocks where some row
+//                            does not see every key: bottom-right causal / window diagonal, keys
+//                            past Sk): m' = max(m, max_j s), alpha = exp(m - m'), p = exp(s - m')
+//                            (hidden keys: 0), l = alpha l + sum p (a row that sees no key of the
 //                            block: alpha = 1, p = 0);
 //        O = alpha O + P V   micro-kernel of 6 rows x 64 columns (24 accumulators), per key one
 //                            broadcast p per row and 4 V vectors.
 //      Finally o = O / l rounded once to q's dtype, lse = m + log l (natural log).
-// exp is Cephes' polynomial (about 1 ulp, 0 below -87). A non-finite o or lse (a NaN / inf in v,
-// an overflow) makes the call return false: the caller runs the twin, as for the ATen path.
+//   Threads: when the (batch, kv head) pairs split evenly over the threads (or there are >= 4 per
+//   thread), one parallel region over them, each pair's K / V packed into the thread's own buffer
+//   (still in cache for its g heads' q blocks); otherwise one packing pass into a shared buffer,
+//   then (batch, q head, q block) items, the blocks of a head in the order 0, n-1, 1, n-2, ... (a
+//   causal call's halves cost the same). A call below 2^19 multiply-adds runs on the calling thread.
+//   Every row's arithmetic is the same in both layouts and at any thread count (bitwise).
+// bf16 with AMX: the same with both GEMMs on tiles (below, amx_item).
+// exp is Cephes' polynomial (about 1 ulp) with 2^n by scalef. A non-finite o or lse (a NaN / inf
+// in v, an overflow) makes the call return false: the caller runs the twin, as for the ATen path.
 #include "csrc/cpu/attention_prefill.h"
 
 #include <ATen/Parallel.h>
@@ -389,11 +395,13 @@ HIRES_AVX512 bool prefill_run(const PrefillArgs& a) {
 
 // ---- bf16 on AMX ------------------------------------------------------------------------------
 // The same algorithm with both GEMMs on AMX tiles (TDPBF16PS: 16 x 16 fp32 += 16 x 32 bf16 . 32 x
-// 16 bf16): the scores from the bf16 inputs in fp32, softmax in fp32, P rounded to bf16 for P V
-// (l sums the fp32 p, as ATen's bf16 kernel: lse stays within fp32 rounding), O in fp32. Work items of kAq = 32 query rows, key blocks of kAk = 64.
-// Packed per (batch, kv head): K as 16-key x 32-d tiles in AMX's pair layout (row = d pair, 16
-// keys of 2 bf16; D padded to 32 with zeros, keys to 64), V as 32-key x 16-column tiles (row = key
-// pair, 16 columns of 2 bf16; columns padded to 16, keys to 64).
+// 16 bf16): scores from the bf16 inputs in fp32 (scale applied in the softmax passes), softmax in
+// fp32, P rounded to bf16 for P V (l sums the fp32 p, as ATen's bf16 kernel: lse stays within fp32
+// rounding), O in fp32 (tiles loaded from / stored to the accumulator once per key block). Blocks
+// of kAq = 32 query rows (2 row tiles) and kAk = 256 keys. Packed per (batch, kv head): K as
+// 16-key x 32-d tiles in AMX's pair layout (row = d pair, 16 keys of 2 bf16; D padded to 32 with
+// zeros, keys to 256), V as 32-key x 16-column tiles (row = key pair, 16 columns of 2 bf16;
+// columns padded to 16, keys to 256).
 constexpr int64_t kAq = 32, kAk = 256;
 #define HIRES_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,amx-tile,amx-bf16")))
 
@@ -730,14 +738,16 @@ bool prefill_route(int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hkv, i
   if (D <= 0 || D > kMaxD || Hkv <= 0 || Hq % Hkv != 0 || !cpu_has_avx512()) return false;
   if (B * Hkv * (round_up(Sk, kBk) * D + Sk * round_up(D, 16)) > kMaxPackFloats) return false;
   if (env != nullptr && std::strcmp(env, "1") == 0) return true;
-  // Measured, 1 thread (README "CPU paths"): fp16 (ATen: fp32 math through conversions): ours 1.3 -
-  // 1.8x up to S = 2048. bf16 (ATen: AMX / bf16 dot products): ours on AMX 1.1 - 1.5x on causal
-  // prefills up to S = 1024, 0.9x at 2048, parity unmasked at S = 577; without AMX ATen's bf16 is
-  // faster than this fp32 kernel. fp32: ours 1.3 - 1.7x on causal prefills up to S = 1024, parity at
-  // 2048; unmasked, MKL's sgemm blocks catch up past S ~ 512.
+  // Measured side by side against plain SDPA, 1 thread (README "CPU paths"; this shared machine is
+  // noisy: ratios of min times). fp16 (ATen: fp32 math through conversions): ours 1.1 - 2.2x, parity
+  // unmasked at S = 1024. bf16 on AMX (ATen's bf16 kernel: ~2.5x its fp32 one here, reduced-precision
+  // GEMMs): 1.1 - 1.6x causal up to S = 2048,
+  // unmasked 1.1 - 1.4x up to S = 577, parity at 1024; without AMX ATen's bf16 beats this fp32
+  // kernel: bf16 stays there. fp32: 1.2 - 1.9x causal up to S = 2048; unmasked (MKL sgemm blocks)
+  // 1.0 - 1.1x at S = 256 - 577 (0.93x in some runs), 0.9x at 1024.
   if (dtype == at::kHalf) return true;
   if (dtype == at::kBFloat16)
-    return use_amx_bf16() && Sq * Sk <= (masked ? int64_t(1024) * 1024 : int64_t(1) << 17);
+    return use_amx_bf16() && Sq * Sk <= (masked ? int64_t(2048) * 2048 : int64_t(1) << 19);
   return Sq * Sk <= (masked ? int64_t(2048) * 2048 : int64_t(512) * 512);
 }
 
