@@ -1,9 +1,9 @@
 // Fused CPU prefill attention (AVX-512; bf16 on AMX); see attention_prefill.h.
 //
 // FlashAttention-2's forward on the CPU, fp32 / fp16 (and bf16 without AMX) in fp32:
-//   1. Pack, per (batch, kv head): K as K^T blocks of kBk = 128 keys ([D][128] fp32, keys past Sk
-//      zero; 16 x 16 register transposes) and V as fp32 rows padded to Dp = D rounded up to 16
-//      (zeros). fp16 / bf16 are converted here, once. GQA / MQA: the Hq / Hkv query heads of a kv
+//   1. Pack, per (batch, kv head): K as K^T blocks of 64 keys ([D][64] fp32, contiguous, keys past
+//      Sk zero; 16 x 16 register transposes) and V as fp32 rows padded to Dp = D rounded up to 16
+//      (zeros), in column chunks of 64 (each chunk's rows contiguous). fp16 / bf16 are converted here, once. GQA / MQA: the Hq / Hkv query heads of a kv
 //      head read the same packed blocks (no copies).
 //   2. Per block of kBq = 48 query rows of one q head: the q rows in fp32 times scale, then for
 //      each key block that some row sees
@@ -156,8 +156,9 @@ HIRES_AVX512 inline void transpose16(__m512 r[16]) {
   }
 }
 
-// Key block kb (keys 64 kb ..) of one (batch, kv head): K^T into kt ([D][64], keys past Sk zero)
-// and the block's V rows into vp (rows of Dp floats, columns past D zero).
+// Key block kb (keys 128 kb ..) of one (batch, kv head): K^T into kt (two 64-key halves, each
+// [D][64] contiguous; keys past Sk zero) and the block's V rows into vp (column chunks of 64: chunk
+// c0 at vp + Sk c0, rows of min(64, Dp - c0) floats; columns past D zero).
 template <typename T>
 HIRES_AVX512 void pack_block(const T* k, int64_t ks, const T* v, int64_t vs, int64_t Sk, int64_t D, int64_t Dp,
                              int64_t kb, float* kt, float* vp) {
@@ -171,16 +172,18 @@ HIRES_AVX512 void pack_block(const T* k, int64_t ks, const T* v, int64_t vs, int
       __m512 r[16];
       for (int jj = 0; jj < 16; ++jj) r[jj] = jj < nk ? load16(k + (jp + jj) * ks + d0, dm) : _mm512_setzero_ps();
       transpose16(r);
-      for (int64_t dd = 0; dd < nd; ++dd) _mm512_storeu_ps(kt + (d0 + dd) * kBk + 16 * p, r[dd]);
+      float* sub = kt + (p / 4) * 64 * D + 16 * (p % 4);  // the 64-key half: [D][64]
+      for (int64_t dd = 0; dd < nd; ++dd) _mm512_storeu_ps(sub + (d0 + dd) * 64, r[dd]);
     }
   }
   const int64_t j1 = std::min(Sk, j0 + kBk);
   for (int64_t j = j0; j < j1; ++j)
     for (int64_t d0 = 0; d0 < Dp; d0 += 16)
-      _mm512_storeu_ps(vp + j * Dp + d0, load16(v + j * vs + d0, tail_mask(D - d0)));
+      _mm512_storeu_ps(vp + Sk * (d0 / 64 * 64) + j * std::min<int64_t>(64, Dp - d0 / 64 * 64) + d0 % 64,
+                       load16(v + j * vs + d0, tail_mask(D - d0)));
 }
 
-// s[r][0 : 16 NP] = q_r . K^T[:, 0 : 16 NP] for MR rows (q rows fp32, ld D; kt: [D][64])
+// s[r][0 : 16 NP] = q_r . K^T[:, 0 : 16 NP] for MR rows (q rows fp32, ld D; kt: [D][64]; s: ld kBk)
 template <int MR, int NP>
 HIRES_AVX512 void qk_tile(const float* q, int64_t D, const float* kt, float* s) {
   __m512 c[MR][NP];
@@ -188,7 +191,7 @@ HIRES_AVX512 void qk_tile(const float* q, int64_t D, const float* kt, float* s) 
     for (int p = 0; p < NP; ++p) c[r][p] = _mm512_setzero_ps();
   for (int64_t d = 0; d < D; ++d) {
     __m512 kv[NP];
-    for (int p = 0; p < NP; ++p) kv[p] = _mm512_loadu_ps(kt + d * kBk + 16 * p);
+    for (int p = 0; p < NP; ++p) kv[p] = _mm512_loadu_ps(kt + d * 64 + 16 * p);
     for (int r = 0; r < MR; ++r) {
       const __m512 qb = _mm512_set1_ps(q[r * D + d]);
       for (int p = 0; p < NP; ++p) c[r][p] = _mm512_fmadd_ps(qb, kv[p], c[r][p]);
@@ -271,7 +274,7 @@ HIRES_AVX512 bool prefill_item(const PrefillArgs& a, const float* kt, const floa
     const float* ktb = kt + j0 * D;  // block j0 / kBk: [D][kBk]
     for (int64_t r0 = 0; r0 < n; r0 += kMr)
       for (int half = 0; 4 * half < np; ++half)  // 64 keys (4 panels) per micro-kernel call
-        kQk[std::min<int64_t>(kMr, n - r0) - 1][std::min(4, np - 4 * half) - 1](qf + r0 * D, D, ktb + 64 * half,
+        kQk[std::min<int64_t>(kMr, n - r0) - 1][std::min(4, np - 4 * half) - 1](qf + r0 * D, D, ktb + 64 * D * half,
                                                                                  s + r0 * kBk + 64 * half);
     for (int64_t r = 0; r < n; ++r) {
       float* sr = s + r * kBk;
@@ -303,7 +306,7 @@ HIRES_AVX512 bool prefill_item(const PrefillArgs& a, const float* kt, const floa
     for (int64_t r0 = 0; r0 < n; r0 += kMr) {
       const int64_t mr = std::min<int64_t>(kMr, n - r0);
       for (int64_t c0 = 0; c0 < Dp; c0 += 64)
-        kPv[mr - 1][std::min<int64_t>(4, (Dp - c0) / 16) - 1](s + r0 * kBk, vp + j0 * Dp + c0, Dp, nk,
+        kPv[mr - 1][std::min<int64_t>(4, (Dp - c0) / 16) - 1](s + r0 * kBk, vp + Sk * c0 + j0 * std::min<int64_t>(64, Dp - c0), std::min<int64_t>(64, Dp - c0), nk,
                                                              acc + r0 * Dp + c0, Dp, alpha + r0);
     }
   }
@@ -739,15 +742,14 @@ bool prefill_route(int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hkv, i
   if (B * Hkv * (round_up(Sk, kBk) * D + Sk * round_up(D, 16)) > kMaxPackFloats) return false;
   if (env != nullptr && std::strcmp(env, "1") == 0) return true;
   // Measured side by side against plain SDPA, 1 thread (README "CPU paths"; this shared machine is
-  // noisy: ratios of min times). fp16 (ATen: fp32 math through conversions): ours 1.1 - 2.2x, parity
-  // unmasked at S = 1024. bf16 on AMX (ATen's bf16 kernel: ~2.5x its fp32 one here, reduced-precision
-  // GEMMs): 1.1 - 1.6x causal up to S = 2048,
-  // unmasked 1.1 - 1.4x up to S = 577, parity at 1024; without AMX ATen's bf16 beats this fp32
-  // kernel: bf16 stays there. fp32: 1.2 - 1.9x causal up to S = 2048; unmasked (MKL sgemm blocks)
-  // 1.0 - 1.1x at S = 256 - 577 (0.93x in some runs), 0.9x at 1024.
+  // noisy). fp16 (ATen's fp16 kernel is slower than its fp32 one): ours 1.2 - 4x, parity unmasked at
+  // S = 1024. bf16 on AMX (ATen's bf16 kernel: ~2.5x its fp32 one here): 1.1 - 1.6x causal up to
+  // S = 2048, unmasked 1.0 - 1.1x at S = 256 - 577, parity at 1024; without AMX ATen's bf16 beats
+  // our fp32-math kernel: bf16 stays there. fp32: 1.2 - 1.9x causal up to S = 2048; unmasked (MKL
+  // sgemm blocks) 0.93 - 1.06x at S = 128 - 577, 0.9x at 1024.
   if (dtype == at::kHalf) return true;
   if (dtype == at::kBFloat16)
-    return use_amx_bf16() && Sq * Sk <= (masked ? int64_t(2048) * 2048 : int64_t(1) << 19);
+    return use_amx_bf16() && Sq * Sk <= (masked ? int64_t(2048) * 2048 : int64_t(512) * 512);
   return Sq * Sk <= (masked ? int64_t(2048) * 2048 : int64_t(512) * 512);
 }
 
