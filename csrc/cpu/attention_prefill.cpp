@@ -654,7 +654,7 @@ HIRES_AMX bool prefill_run_amx(const PrefillArgs& a) {
     const int64_t hi = std::min<int64_t>(Sk - 1, a.window_right >= 0 ? c + a.window_right : Sk - 1);
     pairs += std::max<int64_t>(0, hi - lo + 1);
   }
-  const bool one_thread = pairs * a.B * a.Hq * D * 2 < kParallelMinMacs * 4;
+  const bool one_thread = pairs * a.B * a.Hq * D * 2 < kParallelMinMacs;
   const int64_t nqb = (a.Sq + kAq - 1) / kAq, items = a.B * a.Hq * nqb;
   const int64_t ws_n = kAq * D32 / 2 + kAq * kAk + kAq * kAk / 2 + kAq * Dp;
   const int64_t heads = a.B * a.Hkv, threads = one_thread ? 1 : at::get_num_threads();
