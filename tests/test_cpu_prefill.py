@@ -93,7 +93,8 @@ def test_prefill_varlen(dtype):
     cq = torch.tensor([0] + list(torch.tensor(lq).cumsum(0)), dtype=torch.int32)
     ck = torch.tensor([0] + list(torch.tensor(lk).cumsum(0)), dtype=torch.int32)
     n0 = _calls()
-    out, lse, _ = ops.flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk), causal=True, return_attn_probs=True)
+    out, lse, _ = ops.flash_attn_varlen_func(q, k, v, cq, ck, max(lq), max(lk), causal=True,
+                                             return_attn_probs=True)
     assert _calls() == n0 + len(lq)
     ref, ref_lse, _ = reference.flash_attn_varlen_func(q.double(), k.double(), v.double(), cq, ck, max(lq),
                                                        max(lk), causal=True, return_attn_probs=True)
@@ -133,7 +134,9 @@ def test_prefill_nonfinite_goes_to_twin(monkeypatch):
     q2 = q.clone()
     q2[0, 3, 1, 0] = float("nan")
     for case, (qq, vv) in enumerate(((q, v), (q2, v.nan_to_num(posinf=0.0)))):
+        n0 = _calls()
         out, lse, _ = ops.flash_attn_func(qq, k, vv, causal=True, return_attn_probs=True)
+        assert _calls() == n0  # no result of the kernel was used
         monkeypatch.setenv("HIRES_LMM_CPU_TWIN", "1")
         t_out, t_lse, _ = ops.flash_attn_func(qq, k, vv, causal=True, return_attn_probs=True)
         monkeypatch.delenv("HIRES_LMM_CPU_TWIN")

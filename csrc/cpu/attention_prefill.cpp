@@ -3,8 +3,9 @@
 // FlashAttention-2's forward on the CPU, fp32 / fp16 (and bf16 without AMX) in fp32:
 //   1. Pack, per (batch, kv head): K as K^T blocks of 64 keys ([D][64] fp32, contiguous, keys past
 //      Sk zero; 16 x 16 register transposes) and V as fp32 rows padded to Dp = D rounded up to 16
-//      (zeros), in column chunks of 64 (each chunk's rows contiguous). fp16 / bf16 are converted here, once. GQA / MQA: the Hq / Hkv query heads of a kv
-//      head read the same packed blocks (no copies).
+//      (zeros), in column chunks of 64 (each chunk's rows contiguous). fp16 / bf16 are converted
+//      here, once. GQA / MQA: the Hq / Hkv query heads of a kv head read the same packed blocks (no
+//      copies).
 //   2. Per block of kBq = 48 query rows of one q head: the q rows in fp32 times scale, then for
 //      each key block that some row sees
 //        S = (scale q) K^T   micro-kernel of 6 rows x 64 keys: 24 zmm accumulators, per d one
@@ -271,18 +272,19 @@ HIRES_AVX512 bool prefill_item(const PrefillArgs& a, const float* kt, const floa
   for (int64_t j0 = J0 / kBk * kBk; j0 <= J1; j0 += kBk) {
     const int np = int(std::min<int64_t>(kBk, J1 + 1 - j0) + 15) / 16;  // panels holding keys <= J1
     const int64_t jend = j0 + 16 * np;
-    const float* ktb = kt + j0 * D;  // block j0 / kBk: [D][kBk]
+    const float* ktb = kt + j0 * D;  // block j0 / kBk: two [D][64] halves
     for (int64_t r0 = 0; r0 < n; r0 += kMr)
       for (int half = 0; 4 * half < np; ++half)  // 64 keys (4 panels) per micro-kernel call
-        kQk[std::min<int64_t>(kMr, n - r0) - 1][std::min(4, np - 4 * half) - 1](qf + r0 * D, D, ktb + 64 * D * half,
-                                                                                 s + r0 * kBk + 64 * half);
+        kQk[std::min<int64_t>(kMr, n - r0) - 1][std::min(4, np - 4 * half) - 1](
+            qf + r0 * D, D, ktb + 64 * D * half, s + r0 * kBk + 64 * half);
     for (int64_t r = 0; r < n; ++r) {
       float* sr = s + r * kBk;
       const bool part = lo[r] > j0 || hi[r] < jend - 1;  // some key of the block hidden from this row
       const __m512i lov = _mm512_set1_epi32(int(std::max<int64_t>(lo[r] - j0, -1)));
       const __m512i hiv = _mm512_set1_epi32(int(std::min<int64_t>(hi[r] - j0, kBk)));
       __m512 mx = ninf;
-      for (int p = 0; p < np; ++p) mx = _mm512_mask_max_ps(mx, visible16(part, p, lov, hiv), mx, _mm512_loadu_ps(sr + 16 * p));
+      for (int p = 0; p < np; ++p)
+        mx = _mm512_mask_max_ps(mx, visible16(part, p, lov, hiv), mx, _mm512_loadu_ps(sr + 16 * p));
       const float bm = hmax16(mx);
       if (bm == -std::numeric_limits<float>::infinity()) {  // the row sees no key of this block
         alpha[r] = 1.f;
@@ -305,9 +307,10 @@ HIRES_AVX512 bool prefill_item(const PrefillArgs& a, const float* kt, const floa
     const int64_t nk = std::min(jend, Sk) - j0;  // real keys of the block (V rows)
     for (int64_t r0 = 0; r0 < n; r0 += kMr) {
       const int64_t mr = std::min<int64_t>(kMr, n - r0);
-      for (int64_t c0 = 0; c0 < Dp; c0 += 64)
-        kPv[mr - 1][std::min<int64_t>(4, (Dp - c0) / 16) - 1](s + r0 * kBk, vp + Sk * c0 + j0 * std::min<int64_t>(64, Dp - c0), std::min<int64_t>(64, Dp - c0), nk,
-                                                             acc + r0 * Dp + c0, Dp, alpha + r0);
+      for (int64_t c0 = 0; c0 < Dp; c0 += 64) {
+        const int64_t cw = std::min<int64_t>(64, Dp - c0);  // the column chunk's width
+        kPv[mr - 1][cw / 16 - 1](s + r0 * kBk, vp + Sk * c0 + j0 * cw, cw, nk, acc + r0 * Dp + c0, Dp, alpha + r0);
+      }
     }
   }
   // o = O / l in T, lse = m + log l; finite check on what is stored
@@ -406,7 +409,8 @@ HIRES_AVX512 bool prefill_run(const PrefillArgs& a) {
 // zeros, keys to 256), V as 32-key x 16-column tiles (row = key pair, 16 columns of 2 bf16;
 // columns padded to 16, keys to 256).
 constexpr int64_t kAq = 32, kAk = 256;
-#define HIRES_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,amx-tile,amx-bf16")))
+#define HIRES_AMX \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,f16c,amx-tile,amx-bf16")))
 
 bool cpu_has_amx_bf16() {
   static const bool ok = [] {
@@ -469,7 +473,8 @@ HIRES_AMX void amx_pack_block(const c10::BFloat16* k, int64_t ks, const c10::BFl
       const __mmask32 dm = D - d0 >= 32 ? __mmask32(0xffffffffu) : __mmask32((1u << (D - d0)) - 1u);
       __m512 r[16];
       for (int jj = 0; jj < 16; ++jj)
-        r[jj] = jj < nk ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(dm, k + (jt + jj) * ks + d0)) : _mm512_setzero_ps();
+        r[jj] = jj < nk ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(dm, k + (jt + jj) * ks + d0))
+                        : _mm512_setzero_ps();
       transpose16(r);  // row = d pair, lane = key
       uint32_t* dst = kp + ((kb * (kAk / 16) + kt) * nds + ds) * 256;
       for (int p = 0; p < 16; ++p) _mm512_storeu_ps(reinterpret_cast<float*>(dst + p * 16), r[p]);
@@ -482,7 +487,8 @@ HIRES_AMX void amx_pack_block(const c10::BFloat16* k, int64_t ks, const c10::BFl
       uint32_t* dst = vp + ((kb * (kAk / 32) + kg) * nct + ct) * 256;
       for (int t = 0; t < 16; ++t) {
         const int64_t j = kb * kAk + 32 * kg + 2 * t;
-        const __m512i lo = j < Sk ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cm, v + j * vs + c0)) : _mm512_setzero_si512();
+        const __m512i lo = j < Sk ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cm, v + j * vs + c0))
+                                  : _mm512_setzero_si512();
         const __m512i hi = j + 1 < Sk ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(cm, v + (j + 1) * vs + c0))
                                       : _mm512_setzero_si512();
         _mm512_storeu_si512(dst + t * 16, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
@@ -563,7 +569,8 @@ HIRES_AMX bool amx_item(const PrefillArgs& a, const uint32_t* kp, const uint32_t
       // two passes over the raw scores (scale applied in each, nothing stored): max, then exp
       __m512 mx = ninf;
       for (int p = 0; p < np; ++p)
-        mx = _mm512_mask_max_ps(mx, visible16(part, p, lov, hiv), mx, _mm512_mul_ps(_mm512_loadu_ps(sr + 16 * p), sv));
+        mx = _mm512_mask_max_ps(mx, visible16(part, p, lov, hiv), mx,
+                                _mm512_mul_ps(_mm512_loadu_ps(sr + 16 * p), sv));
       const float bm = _mm512_reduce_max_ps(mx);
       if (bm == -std::numeric_limits<float>::infinity()) {
         alpha[r] = 1.f;
@@ -674,7 +681,8 @@ HIRES_AMX bool prefill_run_amx(const PrefillArgs& a) {
           amx_pack_block(k, a.k_s[1], v, a.v_s[1], Sk, D, D32, Dp, kb, own.data(), own.data() + kp_n);
         for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
           for (int64_t i0 = 0; i0 < a.Sq; i0 += kAq)
-            if (!amx_item(a, own.data(), own.data() + kp_n, b, h, i0, std::min(kAq, a.Sq - i0), ws.data())) ok = false;
+            if (!amx_item(a, own.data(), own.data() + kp_n, b, h, i0, std::min(kAq, a.Sq - i0), ws.data()))
+              ok = false;
       }
       amx_release();
     });
