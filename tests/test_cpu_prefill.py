@@ -49,6 +49,7 @@ CASES = [
     ((1, 200, 260, 2, 2, 72), False, (70, -1)),  # left window only
     ((1, 5, 300, 3, 3, 128), True, (-1, -1)),    # few rows, many keys
     ((1, 1, 7, 128, 1, 64), True, (-1, -1)),     # Sq = 1 (128 rows per kv head: not the decode kernel)
+    ((1, 20, 33, 2, 1, 512), True, (-1, -1)),    # the largest head dim routed here
 ]
 
 
@@ -163,7 +164,7 @@ def test_prefill_env_off_and_twin(monkeypatch):
 
 
 @pytest.mark.parametrize("amx", ["1", "0"])
-@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5], CASES[6], CASES[9]],
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5], CASES[6], CASES[9], CASES[10]],
                          ids=lambda c: "x".join(map(str, c[0])))
 def test_prefill_bf16_amx_and_avx512(case, amx, monkeypatch):
     """bf16 runs on AMX tiles where the CPU has them (P rounded to bf16 for P V, as ATen's bf16
