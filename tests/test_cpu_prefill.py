@@ -206,3 +206,20 @@ def test_prefill_thread_layouts(shape, dtype):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     ref = reference.flash_attn_func(q.double(), k.double(), v.double(), causal=True)
     tfa._check(outs[1][0], ref, tfa._same_dtype(q, k, v, D ** -0.5, True), dtype)
+
+
+def test_prefill_long_keys_call_buffer():
+    """A packed K / V above 2^22 floats (20000 keys, D=128) goes to a buffer of the call (not the
+    thread's kept one), in both work layouts; fp16 (routed at any size up to the pack cap)."""
+    q, k, v = _qkv(1, 8, 20000, 2, 1, 128, torch.float16, seed=1)
+    ref = reference.flash_attn_func(q.double(), k.double(), v.double())
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            n0 = _calls()
+            out = ops.flash_attn_func(q, k, v)
+            assert _calls() == n0 + 1
+            tfa._check(out, ref, tfa._same_dtype(q, k, v, 128 ** -0.5, False), torch.float16)
+    finally:
+        torch.set_num_threads(threads)

@@ -66,6 +66,18 @@ constexpr int64_t kMaxPackFloats = int64_t(1) << 25;
 constexpr int64_t kParallelMinMacs = int64_t(1) << 19;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Packed K / V of n elements: the thread's kept buffer (re-used across calls: no page faults) up
+// to 2^22 elements (16 MiB), a buffer of this call above (freed after it: no large memory kept).
+template <typename E>
+E* pack_buffer(std::vector<E>& kept, std::vector<E>& call, int64_t n) {
+  if (n <= (int64_t(1) << 22)) {
+    if (kept.size() < size_t(n)) kept.resize(size_t(n));
+    return kept.data();
+  }
+  call.resize(size_t(n));
+  return call.data();
+}
 }  // namespace
 
 int64_t prefill_calls() { return g_calls.load(std::memory_order_relaxed); }
@@ -354,27 +366,28 @@ HIRES_AVX512 bool prefill_run(const PrefillArgs& a) {
     // one parallel region over (batch, kv head): its K / V packed into the thread's own buffer (kept
     // in cache), then every q block of its g query heads
     at::parallel_for(0, heads, one_thread ? heads : 1, [&](int64_t h0, int64_t h1) {
-      thread_local std::vector<float> own, ws;
-      if (own.size() < size_t(per)) own.resize(size_t(per));
+      thread_local std::vector<float> kept, ws;
+      std::vector<float> call;
+      float* own = pack_buffer(kept, call, per);
       if (ws.size() < size_t(kBq * (D + kBk + Dp))) ws.resize(size_t(kBq * (D + kBk + Dp)));
       for (int64_t bh = h0; bh < h1 && ok.load(std::memory_order_relaxed); ++bh) {
         const int64_t b = bh / a.Hkv, hk = bh % a.Hkv;
         const T* k = static_cast<const T*>(a.k) + b * a.k_s[0] + hk * a.k_s[2];
         const T* v = static_cast<const T*>(a.v) + b * a.v_s[0] + hk * a.v_s[2];
         for (int64_t kb = 0; kb < nkb; ++kb)
-          pack_block<T>(k, a.k_s[1], v, a.v_s[1], Sk, D, Dp, kb, own.data() + kb * kBk * D, own.data() + kt_n);
+          pack_block<T>(k, a.k_s[1], v, a.v_s[1], Sk, D, Dp, kb, own + kb * kBk * D, own + kt_n);
         for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
           for (int64_t i0 = 0; i0 < a.Sq; i0 += kBq)
-            if (!prefill_item<T>(a, own.data(), own.data() + kt_n, b, h, i0, std::min(kBq, a.Sq - i0), ws.data()))
+            if (!prefill_item<T>(a, own, own + kt_n, b, h, i0, std::min(kBq, a.Sq - i0), ws.data()))
               ok = false;
       }
     });
     return ok.load();
   }
   // fewer (batch, kv head) pairs than threads: pack in one region, then (batch, q head, q block)
-  thread_local std::vector<float> pack;
-  if (pack.size() < size_t(heads * per)) pack.resize(size_t(heads * per));
-  float* pk = pack.data();
+  thread_local std::vector<float> kept;
+  std::vector<float> call;
+  float* pk = pack_buffer(kept, call, heads * per);
   const int64_t tasks = heads * nkb;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -668,9 +681,10 @@ HIRES_AMX bool prefill_run_amx(const PrefillArgs& a) {
   std::atomic<bool> ok{true};
   if (heads % threads == 0 || heads >= 4 * threads) {  // as prefill_run: one region over (b, kv head)
     at::parallel_for(0, heads, one_thread ? heads : 1, [&](int64_t h0, int64_t h1) {
-      thread_local std::vector<uint32_t> own;
+      thread_local std::vector<uint32_t> kept;
       thread_local std::vector<float> ws;
-      if (own.size() < size_t(per)) own.resize(size_t(per));
+      std::vector<uint32_t> call;
+      uint32_t* own = pack_buffer(kept, call, per);
       if (ws.size() < size_t(ws_n)) ws.resize(size_t(ws_n));
       amx_configure();
       for (int64_t bh = h0; bh < h1 && ok.load(std::memory_order_relaxed); ++bh) {
@@ -678,19 +692,19 @@ HIRES_AMX bool prefill_run_amx(const PrefillArgs& a) {
         const auto* k = static_cast<const c10::BFloat16*>(a.k) + b * a.k_s[0] + hk * a.k_s[2];
         const auto* v = static_cast<const c10::BFloat16*>(a.v) + b * a.v_s[0] + hk * a.v_s[2];
         for (int64_t kb = 0; kb < nkb; ++kb)
-          amx_pack_block(k, a.k_s[1], v, a.v_s[1], Sk, D, D32, Dp, kb, own.data(), own.data() + kp_n);
+          amx_pack_block(k, a.k_s[1], v, a.v_s[1], Sk, D, D32, Dp, kb, own, own + kp_n);
         for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
           for (int64_t i0 = 0; i0 < a.Sq; i0 += kAq)
-            if (!amx_item(a, own.data(), own.data() + kp_n, b, h, i0, std::min(kAq, a.Sq - i0), ws.data()))
+            if (!amx_item(a, own, own + kp_n, b, h, i0, std::min(kAq, a.Sq - i0), ws.data()))
               ok = false;
       }
       amx_release();
     });
     return ok.load();
   }
-  thread_local std::vector<uint32_t> pack;
-  if (pack.size() < size_t(heads * per)) pack.resize(size_t(heads * per));
-  uint32_t* pk = pack.data();
+  thread_local std::vector<uint32_t> kept;
+  std::vector<uint32_t> call;
+  uint32_t* pk = pack_buffer(kept, call, heads * per);
   const int64_t tasks = heads * nkb;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
