@@ -76,11 +76,12 @@ def test_prefill_noncontiguous_q_and_scale(layout, dtype):
     q, k, v = _qkv(2, 70, 83, 4, 2, 64, dtype, seed=11, layout=layout)
     k, v = k.transpose(1, 2).contiguous().transpose(1, 2), v[:, :, :, :]  # k strided too
     assert not q.is_contiguous() and not k.is_contiguous()
-    n0 = _calls()
-    out = ops.flash_attn_func(q, k, v, softmax_scale=0.3, causal=True)
-    assert _calls() == n0 + 1
-    ref = reference.flash_attn_func(q.double(), k.double(), v.double(), softmax_scale=0.3, causal=True)
-    tfa._check(out, ref, tfa._same_dtype(q, k, v, 0.3, True), dtype)
+    for scale in (0.3, -0.2):  # a negative scale flips which key is the row's max
+        n0 = _calls()
+        out = ops.flash_attn_func(q, k, v, softmax_scale=scale, causal=True)
+        assert _calls() == n0 + 1
+        ref = reference.flash_attn_func(q.double(), k.double(), v.double(), softmax_scale=scale, causal=True)
+        tfa._check(out, ref, tfa._same_dtype(q, k, v, scale, True), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
