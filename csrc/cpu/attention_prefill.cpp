@@ -766,13 +766,14 @@ bool prefill_route(int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hkv, i
   // Measured side by side against plain SDPA, 1 thread (README "CPU paths"; this shared machine is
   // noisy). fp16 (ATen's fp16 kernel is slower than its fp32 one): ours 1.2 - 4x, parity unmasked at
   // S = 1024. bf16 on AMX (ATen's bf16 kernel: ~2.5x its fp32 one here): 1.1 - 1.6x causal up to
-  // S = 2048, unmasked 1.0 - 1.1x at S = 256 - 577, parity at 1024; without AMX ATen's bf16 beats
+  // S = 2048, unmasked 1.0 - 1.5x at S = 128 - 256 (thread-time minima), parity at 384 - 2048; without AMX ATen's bf16 beats
   // our fp32-math kernel: bf16 stays there. fp32: 1.2 - 1.9x causal up to S = 2048; unmasked (MKL
-  // sgemm blocks) 0.93 - 1.06x at S = 128 - 577, 0.9x at 1024.
+  // sgemm blocks; thread-time minima) 1.02 - 1.08x at S = 128 - 768, CLIP-L (B=8, S=577, 16 heads,
+  // D=64) 1.2x, 0.94 - 1.01x at 1024.
   if (dtype == at::kHalf) return true;
   if (dtype == at::kBFloat16)
-    return use_amx_bf16() && Sq * Sk <= (masked ? int64_t(2048) * 2048 : int64_t(512) * 512);
-  return Sq * Sk <= (masked ? int64_t(2048) * 2048 : int64_t(512) * 512);
+    return use_amx_bf16() && Sq * Sk <= (masked ? int64_t(2048) * 2048 : int64_t(1) << 17);
+  return Sq * Sk <= (masked ? int64_t(2048) * 2048 : int64_t(768) * 768);
 }
 
 }  // namespace hires::attention

@@ -37,7 +37,7 @@ bool attention_cpu_prefill(const PrefillArgs& a, at::ScalarType dtype);
 // Whether the default CPU path runs attention_cpu_prefill for this call (rather than ATen's
 // kernel): HIRES_LMM_CPU_PREFILL=1 forces it wherever it applies, =0 never (read per call); unset:
 // the measured crossover (fp16 always; fp32 and, with AMX, bf16: masked Sq * Sk <= 2048^2,
-// unmasked <= 512^2). Requires AVX-512, fp32 / fp16 / bf16, D <= 512, and a packed K / V
+// unmasked <= 768^2 (fp32) / 2^17 (bf16)). Requires AVX-512, fp32 / fp16 / bf16, D <= 512, and a packed K / V
 // of at most 2^25 floats. bf16 runs on AMX where the CPU has it (HIRES_LMM_CPU_PREFILL_AMX=0: the
 // AVX-512 kernel, e.g. to test it).
 bool prefill_route(int64_t B, int64_t Sq, int64_t Sk, int64_t Hq, int64_t Hkv, int64_t D, bool masked,
