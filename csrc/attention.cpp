@@ -25,6 +25,7 @@
 #include "csrc/common.h"
 #include "csrc/cpu/attention.h"
 #include "csrc/cpu/attention_fast.h"
+#include "csrc/cpu/attention_prefill.h"
 #include "kernels/attention/flash_params.h"
 #include "kernels/common/dtype.h"
 
@@ -526,6 +527,8 @@ TORCH_LIBRARY_FRAGMENT(hires_lmm, m) {
   m.def("flash_attn_varlen_func(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
         "SymInt max_seqlen_q, SymInt max_seqlen_k, float? softmax_scale=None, bool causal=False, "
         "int window_size_left=-1, int window_size_right=-1, float softcap=0.0) -> (Tensor out, Tensor softmax_lse)");
+  // tests: how many calls the fused CPU prefill kernel (csrc/cpu/attention_prefill.h) has served
+  m.def("_cpu_prefill_calls() -> int", []() -> int64_t { return hires::attention::prefill_calls(); });
 }
 
 HIRES_BIND_CPU_CUDA(bind_attention) {

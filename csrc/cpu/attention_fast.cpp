@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "csrc/cpu/attention_prefill.h"
 #include "csrc/cpu/avx2.h"
 
 namespace hires::attention {
@@ -290,6 +291,37 @@ c10::optional<std::tuple<at::Tensor, at::Tensor>> attention_cpu_fast(
   // Every score finite: |scale q_i.k_j| <= |scale| sqrt(sum q^2 sum k^2) (Cauchy-Schwarz) < 1e37 rules
   // out an inf / NaN in q or k, a non-finite scale and any fp32 overflow of a score (ATen's kernel
   // can return a finite lse for a row with a +inf score).
+  const bool masked = window_left >= 0 || window_right >= 0;
+  if (q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1 &&
+      prefill_route(q.size(0), Sq, Sk, Hq, Hkv, q.size(3), masked, q.scalar_type()) &&
+      k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type()) {
+    // Our fused kernel (csrc/cpu/attention_prefill.h): the same bound on q and k; it checks o / lse
+    // itself (a non-finite one, e.g. from a NaN / inf in v: the twin).
+    float s2[2];
+    if (q.is_contiguous() && k.is_contiguous()) {
+      const at::Tensor* ts[2] = {&q, &k};
+      sum_sq_many(ts, 2, s2);
+    } else {
+      s2[0] = sum_sq(q);
+      s2[1] = sum_sq(k);
+    }
+    if (!(std::abs(scale) * std::sqrt(double(s2[0]) * double(s2[1])) < 1e37)) return c10::nullopt;
+    at::Tensor o = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor lse = at::empty({q.size(0), Hq, Sq}, q.options().dtype(at::kFloat));
+    PrefillArgs a;
+    a.q = q.const_data_ptr(); a.k = k.const_data_ptr(); a.v = v.const_data_ptr();
+    a.o = o.data_ptr(); a.lse = lse.data_ptr<float>();
+    for (int d = 0; d < 3; ++d) {
+      a.q_s[d] = q.stride(d); a.k_s[d] = k.stride(d); a.v_s[d] = v.stride(d);
+    }
+    a.B = q.size(0); a.Sq = Sq; a.Sk = Sk; a.Hq = Hq; a.Hkv = Hkv; a.D = q.size(3);
+    a.scale = scale;
+    a.window_left = window_left;
+    a.window_right = window_right;
+    if (!attention_cpu_prefill(a, q.scalar_type())) return c10::nullopt;
+    cpu_fast_taken() = true;
+    return std::make_tuple(o, lse);
+  }
   // (v's sum of squares, for the output check below, in the same pass when all three are contiguous)
   const bool v_read_in_place = v.is_contiguous() || tokens_in_place(v);
   float sq[3];

@@ -16,6 +16,8 @@ namespace hires::attention {
 // Dense (q (B,Sq,Hq,D), k/v (B,Sk,Hkv,D)), one call. window_left/right already resolved (-1:
 // unbounded; causal is right = 0). Returns nullopt where the ATen kernel cannot give the exact
 // semantics; otherwise (o (B,Sq,Hq,D) contiguous of q's dtype, lse (B,Hq,Sq) fp32 contiguous).
+// Where prefill_route says so (csrc/cpu/attention_prefill.h), after the same guards, our fused
+// prefill kernel computes them instead of ATen's.
 c10::optional<std::tuple<at::Tensor, at::Tensor>> attention_cpu_fast(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, int64_t window_left,
     int64_t window_right, double softcap);
