@@ -345,20 +345,25 @@ HIRES_AVX512 bool prefill_item(const PrefillArgs& a, const float* kt, const floa
   return ok && _mm512_cmp_ps_mask(bad, bad, _CMP_UNORD_Q) == 0;
 }
 
+// (query, key) pairs one head sees, from the rows' visible ranges
+int64_t visible_pairs(const PrefillArgs& a) {
+  int64_t pairs = 0;
+  for (int64_t i = 0; i < a.Sq; ++i) {
+    const int64_t c = i + a.Sk - a.Sq;
+    const int64_t lo = std::max<int64_t>(0, a.window_left >= 0 ? c - a.window_left : 0);
+    const int64_t hi = std::min<int64_t>(a.Sk - 1, a.window_right >= 0 ? c + a.window_right : a.Sk - 1);
+    pairs += std::max<int64_t>(0, hi - lo + 1);
+  }
+  return pairs;
+}
+
 template <typename T>
 HIRES_AVX512 bool prefill_run(const PrefillArgs& a) {
   const int64_t D = a.D, Dp = round_up(D, 16), Sk = a.Sk, g = a.Hq / a.Hkv;
   const int64_t nkb = round_up(Sk, kBk) / kBk;
   const int64_t kt_n = nkb * kBk * D, per = kt_n + Sk * Dp;  // floats per (batch, kv head)
-  // work: visible (query, key) pairs x D x 2 (QK^T and PV), from the rows' ranges
-  int64_t pairs = 0;
-  for (int64_t i = 0; i < a.Sq; ++i) {
-    const int64_t c = i + Sk - a.Sq;
-    const int64_t lo = std::max<int64_t>(0, a.window_left >= 0 ? c - a.window_left : 0);
-    const int64_t hi = std::min<int64_t>(Sk - 1, a.window_right >= 0 ? c + a.window_right : Sk - 1);
-    pairs += std::max<int64_t>(0, hi - lo + 1);
-  }
-  const bool one_thread = pairs * a.B * a.Hq * D * 2 < kParallelMinMacs;
+  // work: visible (query, key) pairs x D x 2 (QK^T and PV)
+  const bool one_thread = visible_pairs(a) * a.B * a.Hq * D * 2 < kParallelMinMacs;
   const int64_t nqb = (a.Sq + kBq - 1) / kBq, items = a.B * a.Hq * nqb;
   const int64_t heads = a.B * a.Hkv, threads = one_thread ? 1 : at::get_num_threads();
   std::atomic<bool> ok{true};
@@ -667,14 +672,7 @@ HIRES_AMX bool prefill_run_amx(const PrefillArgs& a) {
   const int64_t D = a.D, D32 = round_up(D, 32), Dp = round_up(D, 16), Sk = a.Sk, g = a.Hq / a.Hkv;
   const int64_t nkb = round_up(Sk, kAk) / kAk;
   const int64_t kp_n = nkb * kAk * D32 / 2, per = kp_n + nkb * kAk * Dp / 2;  // 32-bit words per (b, hk)
-  int64_t pairs = 0;
-  for (int64_t i = 0; i < a.Sq; ++i) {
-    const int64_t c = i + Sk - a.Sq;
-    const int64_t lo = std::max<int64_t>(0, a.window_left >= 0 ? c - a.window_left : 0);
-    const int64_t hi = std::min<int64_t>(Sk - 1, a.window_right >= 0 ? c + a.window_right : Sk - 1);
-    pairs += std::max<int64_t>(0, hi - lo + 1);
-  }
-  const bool one_thread = pairs * a.B * a.Hq * D * 2 < kParallelMinMacs;
+  const bool one_thread = visible_pairs(a) * a.B * a.Hq * D * 2 < kParallelMinMacs;
   const int64_t nqb = (a.Sq + kAq - 1) / kAq, items = a.B * a.Hq * nqb;
   const int64_t ws_n = kAq * D32 / 2 + kAq * kAk + kAq * kAk / 2 + kAq * Dp;
   const int64_t heads = a.B * a.Hkv, threads = one_thread ? 1 : at::get_num_threads();
