@@ -1,4 +1,4 @@
-"""One call of every CUDA kernel path at small, odd shapes, for compute-sanitizer:
+"""One call of every CUDA kernel path at small, odd shapes (forward and backward), for compute-sanitizer:
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python bench/sanitize_smoke.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python bench/sanitize_smoke.py
@@ -20,13 +20,18 @@ torch.manual_seed(0)
 failures = []
 
 
-def check(name, cuda_out, cpu_out, tol):
+def check(name, cuda_out, cpu_out, tol, rel=False):
+    """max |cuda - cpu| <= tol (rel: tol * max(1, max |cpu|), for gradients of any size)"""
     cuda_out = cuda_out if isinstance(cuda_out, (tuple, list)) else [cuda_out]
     cpu_out = cpu_out if isinstance(cpu_out, (tuple, list)) else [cpu_out]
     for a, b in zip(cuda_out, cpu_out):
+        if a is None and b is None:
+            continue
         a, b = a.cpu(), b.cpu()
         if a.is_floating_point():
             err = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+            if rel and b.numel():
+                err /= max(1.0, b.float().abs().max().item())
             ok = err <= tol
         else:
             err, ok = 0.0, torch.equal(a, b)
@@ -68,6 +73,17 @@ for dt in (torch.float32, torch.float16, torch.bfloat16):
             os.environ["HIRES_LMM_CONVNEXT_SM90"] = sm90
             check(f"convnext_block {dt} C={C} sm90={sm90}", *both(ops.convnext_block, x, *p, 1e-6), 2 * tol + 1e-3)
         os.environ.pop("HIRES_LMM_CONVNEXT_SM90")
+        # backward: the op (ATen GEMMs + the norm_backward and dwconv_backward kernels)
+        dy = torch.randn(1, 5, 7, C).to(dt)
+        bwd = lambda dy, x, *p: torch.ops.hires_lmm.convnext_block_backward(dy, x, *p, 1e-6, [True] * 10, 1 << 22)
+        check(f"convnext_block_backward {dt} C={C}", *both(bwd, dy, x, *p), 4 * tol + 1e-2, rel=True)
+    # norm backward: vector rows and odd widths, with the extra gradient
+    for N, D in ((7, 4096), (19, 1000), (5, 72)):
+        x, g, gr = (torch.randn(N, D).to(dt) for _ in range(3))
+        w = torch.randn(D).to(dt)
+        for layer in (True, False):
+            nb = lambda g, x, w, gr: torch.ops.hires_lmm.norm_backward(g, x, w, gr, 1e-5, layer, layer)
+            check(f"norm_backward {dt} {N}x{D} layer={layer}", *both(nb, g, x, w, gr), 4 * tol, rel=True)
     # Selection: odd N, masks, k = 1 and k = N, both top-p variants, gather with -1 padding.
     loc, txt = torch.randn(2, 97, 72).to(dt), torch.randn(2, 5, 72).to(dt)
     mask = torch.tensor([[1, 1, 0, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
@@ -92,6 +108,12 @@ for dt in (torch.float16, torch.bfloat16):
             os.environ["HIRES_LMM_ATTN_SM90"] = "1"
             check(f"flash_attn_func[sm90a] {dt} {Sq}x{Sk} D{D}", *both(f, q, k, v), 2e-2)
             os.environ.pop("HIRES_LMM_ATTN_SM90")
+        # backward (FlashAttention-2's on CUDA: dot(dO, O), the main kernel, the dQ convert)
+        def fb(q, k, v, g, causal=causal):
+            q, k, v = (t.clone().requires_grad_(True) for t in (q, k, v))
+            return torch.autograd.grad(ops.flash_attn_func(q, k, v, causal=causal), (q, k, v), g)
+        check(f"flash_attn_func[bwd] {dt} B{B} {Sq}x{Sk} H{Hq}/{Hkv} D{D} causal={causal}",
+              *both(fb, q, k, v, torch.randn(B, Sq, Hq, D).to(dt)), 5e-2, rel=True)
     cu = torch.tensor([0, 17, 17, 81, 82], dtype=torch.int32)
     q, k, v = (torch.randn(82, 4, 64).to(dt) for _ in range(3))
     f = lambda q, k, v, cu: ops.flash_attn_varlen_func(q, k, v, cu, cu, 64, 64, causal=True)
