@@ -357,64 +357,91 @@ int64_t visible_pairs(const PrefillArgs& a) {
   return pairs;
 }
 
-template <typename T>
-HIRES_AVX512 bool prefill_run(const PrefillArgs& a) {
-  const int64_t D = a.D, Dp = round_up(D, 16), Sk = a.Sk, g = a.Hq / a.Hkv;
-  const int64_t nkb = round_up(Sk, kBk) / kBk;
-  const int64_t kt_n = nkb * kBk * D, per = kt_n + Sk * Dp;  // floats per (batch, kv head)
+// The work layout shared by the AVX-512 and the AMX kernels. Kern (a policy, below) gives the
+// packed word type W, kQ query rows per item, `per` words of packed K / V per (batch, kv head) with
+// V at v_off, pack(b, hk, kb, base) for key block kb, item(...) for kQ rows of one query head, and
+// begin() / end() around a thread's items (AMX: the tile configuration).
+//   heads % threads == 0 or heads >= 4 threads: one parallel region over (batch, kv head), its K / V
+//     packed into the thread's own buffer (kept in cache), then every q block of its g query heads;
+//   else (fewer pairs than threads): pack in one region, then (batch, q head, q block) items, the
+//     q blocks in the order 0, n-1, 1, n-2, ... (causal blocks' costs alternate).
+template <typename Kern>
+bool run_layout(const PrefillArgs& a, const Kern& kern) {
+  using W = typename Kern::W;
+  const int64_t g = a.Hq / a.Hkv, nkb = kern.nkb, per = kern.per, kQ = Kern::kQ;
   // work: visible (query, key) pairs x D x 2 (QK^T and PV)
-  const bool one_thread = visible_pairs(a) * a.B * a.Hq * D * 2 < kParallelMinMacs;
-  const int64_t nqb = (a.Sq + kBq - 1) / kBq, items = a.B * a.Hq * nqb;
+  const bool one_thread = visible_pairs(a) * a.B * a.Hq * a.D * 2 < kParallelMinMacs;
+  const int64_t nqb = (a.Sq + kQ - 1) / kQ, items = a.B * a.Hq * nqb;
   const int64_t heads = a.B * a.Hkv, threads = one_thread ? 1 : at::get_num_threads();
   std::atomic<bool> ok{true};
   if (heads % threads == 0 || heads >= 4 * threads) {
-    // one parallel region over (batch, kv head): its K / V packed into the thread's own buffer (kept
-    // in cache), then every q block of its g query heads
     at::parallel_for(0, heads, one_thread ? heads : 1, [&](int64_t h0, int64_t h1) {
-      thread_local std::vector<float> kept, ws;
-      std::vector<float> call;
-      float* own = pack_buffer(kept, call, per);
-      if (ws.size() < size_t(kBq * (D + kBk + Dp))) ws.resize(size_t(kBq * (D + kBk + Dp)));
+      thread_local std::vector<W> kept;
+      thread_local std::vector<float> ws;
+      std::vector<W> call;
+      W* own = pack_buffer(kept, call, per);
+      if (ws.size() < size_t(kern.ws_n)) ws.resize(size_t(kern.ws_n));
+      kern.begin();
       for (int64_t bh = h0; bh < h1 && ok.load(std::memory_order_relaxed); ++bh) {
         const int64_t b = bh / a.Hkv, hk = bh % a.Hkv;
-        const T* k = static_cast<const T*>(a.k) + b * a.k_s[0] + hk * a.k_s[2];
-        const T* v = static_cast<const T*>(a.v) + b * a.v_s[0] + hk * a.v_s[2];
-        for (int64_t kb = 0; kb < nkb; ++kb)
-          pack_block<T>(k, a.k_s[1], v, a.v_s[1], Sk, D, Dp, kb, own + kb * kBk * D, own + kt_n);
+        for (int64_t kb = 0; kb < nkb; ++kb) kern.pack(b, hk, kb, own);
         for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
-          for (int64_t i0 = 0; i0 < a.Sq; i0 += kBq)
-            if (!prefill_item<T>(a, own, own + kt_n, b, h, i0, std::min(kBq, a.Sq - i0), ws.data()))
-              ok = false;
+          for (int64_t i0 = 0; i0 < a.Sq; i0 += kQ)
+            if (!kern.item(own, b, h, i0, std::min(kQ, a.Sq - i0), ws.data())) ok = false;
       }
+      kern.end();
     });
     return ok.load();
   }
-  // fewer (batch, kv head) pairs than threads: pack in one region, then (batch, q head, q block)
-  thread_local std::vector<float> kept;
-  std::vector<float> call;
-  float* pk = pack_buffer(kept, call, heads * per);
-  const int64_t tasks = heads * nkb;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+  thread_local std::vector<W> kept;
+  std::vector<W> call;
+  W* pk = pack_buffer(kept, call, heads * per);
+  at::parallel_for(0, heads * nkb, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / nkb, kb = t % nkb, b = bh / a.Hkv, hk = bh % a.Hkv;
-      const T* k = static_cast<const T*>(a.k) + b * a.k_s[0] + hk * a.k_s[2];
-      const T* v = static_cast<const T*>(a.v) + b * a.v_s[0] + hk * a.v_s[2];
-      float* base = pk + bh * per;
-      pack_block<T>(k, a.k_s[1], v, a.v_s[1], Sk, D, Dp, kb, base + kb * kBk * D, base + kt_n);
+      const int64_t bh = t / nkb;
+      kern.pack(bh / a.Hkv, bh % a.Hkv, t % nkb, pk + bh * per);
     }
   });
   at::parallel_for(0, items, 1, [&](int64_t u0, int64_t u1) {
     thread_local std::vector<float> ws;
-    if (ws.size() < size_t(kBq * (D + kBk + Dp))) ws.resize(size_t(kBq * (D + kBk + Dp)));
+    if (ws.size() < size_t(kern.ws_n)) ws.resize(size_t(kern.ws_n));
+    kern.begin();
     for (int64_t u = u0; u < u1 && ok.load(std::memory_order_relaxed); ++u) {
       const int64_t bh = u / nqb, t = u % nqb, b = bh / a.Hq, h = bh % a.Hq;
       const int64_t qb = t % 2 == 0 ? t / 2 : nqb - 1 - t / 2;  // 0, n-1, 1, n-2, ...
-      const int64_t i0 = qb * kBq, n = std::min(kBq, a.Sq - i0);
-      const float* base = pk + (b * a.Hkv + h / g) * per;
-      if (!prefill_item<T>(a, base, base + kt_n, b, h, i0, n, ws.data())) ok = false;
+      const int64_t i0 = qb * kQ, n = std::min(kQ, a.Sq - i0);
+      if (!kern.item(pk + (b * a.Hkv + h / g) * per, b, h, i0, n, ws.data())) ok = false;
     }
+    kern.end();
   });
   return ok.load();
+}
+
+// The AVX-512 kernel's policy: K^T packed in blocks of kBk keys, then V, fp32.
+template <typename T>
+struct Avx512Kernel {
+  using W = float;
+  static constexpr int64_t kQ = kBq;
+  const PrefillArgs& a;
+  int64_t Dp, nkb, kt_n, per, ws_n;
+  explicit Avx512Kernel(const PrefillArgs& args)
+      : a(args), Dp(round_up(args.D, 16)), nkb(round_up(args.Sk, kBk) / kBk), kt_n(nkb * kBk * args.D),
+        per(kt_n + args.Sk * Dp), ws_n(kBq * (args.D + kBk + Dp)) {}
+  void pack(int64_t b, int64_t hk, int64_t kb, float* base) const {
+    const T* k = static_cast<const T*>(a.k) + b * a.k_s[0] + hk * a.k_s[2];
+    const T* v = static_cast<const T*>(a.v) + b * a.v_s[0] + hk * a.v_s[2];
+    pack_block<T>(k, a.k_s[1], v, a.v_s[1], a.Sk, a.D, Dp, kb, base + kb * kBk * a.D, base + kt_n);
+  }
+  bool item(const float* base, int64_t b, int64_t h, int64_t i0, int64_t n, float* ws) const {
+    return prefill_item<T>(a, base, base + kt_n, b, h, i0, n, ws);
+  }
+  void begin() const {}
+  void end() const {}
+};
+
+template <typename T>
+bool prefill_run(const PrefillArgs& a) {
+  return run_layout(a, Avx512Kernel<T>(a));
 }
 
 // ---- bf16 on AMX ------------------------------------------------------------------------------
@@ -668,66 +695,30 @@ HIRES_AMX bool amx_item(const PrefillArgs& a, const uint32_t* kp, const uint32_t
 }
 #undef HIRES_TLOAD
 
-HIRES_AMX bool prefill_run_amx(const PrefillArgs& a) {
-  const int64_t D = a.D, D32 = round_up(D, 32), Dp = round_up(D, 16), Sk = a.Sk, g = a.Hq / a.Hkv;
-  const int64_t nkb = round_up(Sk, kAk) / kAk;
-  const int64_t kp_n = nkb * kAk * D32 / 2, per = kp_n + nkb * kAk * Dp / 2;  // 32-bit words per (b, hk)
-  const bool one_thread = visible_pairs(a) * a.B * a.Hq * D * 2 < kParallelMinMacs;
-  const int64_t nqb = (a.Sq + kAq - 1) / kAq, items = a.B * a.Hq * nqb;
-  const int64_t ws_n = kAq * D32 / 2 + kAq * kAk + kAq * kAk / 2 + kAq * Dp;
-  const int64_t heads = a.B * a.Hkv, threads = one_thread ? 1 : at::get_num_threads();
-  std::atomic<bool> ok{true};
-  if (heads % threads == 0 || heads >= 4 * threads) {  // as prefill_run: one region over (b, kv head)
-    at::parallel_for(0, heads, one_thread ? heads : 1, [&](int64_t h0, int64_t h1) {
-      thread_local std::vector<uint32_t> kept;
-      thread_local std::vector<float> ws;
-      std::vector<uint32_t> call;
-      uint32_t* own = pack_buffer(kept, call, per);
-      if (ws.size() < size_t(ws_n)) ws.resize(size_t(ws_n));
-      amx_configure();
-      for (int64_t bh = h0; bh < h1 && ok.load(std::memory_order_relaxed); ++bh) {
-        const int64_t b = bh / a.Hkv, hk = bh % a.Hkv;
-        const auto* k = static_cast<const c10::BFloat16*>(a.k) + b * a.k_s[0] + hk * a.k_s[2];
-        const auto* v = static_cast<const c10::BFloat16*>(a.v) + b * a.v_s[0] + hk * a.v_s[2];
-        for (int64_t kb = 0; kb < nkb; ++kb)
-          amx_pack_block(k, a.k_s[1], v, a.v_s[1], Sk, D, D32, Dp, kb, own, own + kp_n);
-        for (int64_t h = hk * g; h < (hk + 1) * g; ++h)
-          for (int64_t i0 = 0; i0 < a.Sq; i0 += kAq)
-            if (!amx_item(a, own, own + kp_n, b, h, i0, std::min(kAq, a.Sq - i0), ws.data()))
-              ok = false;
-      }
-      amx_release();
-    });
-    return ok.load();
+// The AMX kernel's policy: K and V packed in AMX's bf16 pair layout (32-bit words), blocks of kAk
+// keys; the tiles configured around a thread's items.
+struct AmxKernel {
+  using W = uint32_t;
+  static constexpr int64_t kQ = kAq;
+  const PrefillArgs& a;
+  int64_t D32, Dp, nkb, kp_n, per, ws_n;
+  explicit AmxKernel(const PrefillArgs& args)
+      : a(args), D32(round_up(args.D, 32)), Dp(round_up(args.D, 16)), nkb(round_up(args.Sk, kAk) / kAk),
+        kp_n(nkb * kAk * D32 / 2), per(kp_n + nkb * kAk * Dp / 2),
+        ws_n(kAq * D32 / 2 + kAq * kAk + kAq * kAk / 2 + kAq * Dp) {}
+  void pack(int64_t b, int64_t hk, int64_t kb, uint32_t* base) const {
+    const auto* k = static_cast<const c10::BFloat16*>(a.k) + b * a.k_s[0] + hk * a.k_s[2];
+    const auto* v = static_cast<const c10::BFloat16*>(a.v) + b * a.v_s[0] + hk * a.v_s[2];
+    amx_pack_block(k, a.k_s[1], v, a.v_s[1], a.Sk, a.D, D32, Dp, kb, base, base + kp_n);
   }
-  thread_local std::vector<uint32_t> kept;
-  std::vector<uint32_t> call;
-  uint32_t* pk = pack_buffer(kept, call, heads * per);
-  const int64_t tasks = heads * nkb;
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / nkb, kb = t % nkb, b = bh / a.Hkv, hk = bh % a.Hkv;
-      const auto* k = static_cast<const c10::BFloat16*>(a.k) + b * a.k_s[0] + hk * a.k_s[2];
-      const auto* v = static_cast<const c10::BFloat16*>(a.v) + b * a.v_s[0] + hk * a.v_s[2];
-      uint32_t* base = pk + bh * per;
-      amx_pack_block(k, a.k_s[1], v, a.v_s[1], Sk, D, D32, Dp, kb, base, base + kp_n);
-    }
-  });
-  at::parallel_for(0, items, 1, [&](int64_t u0, int64_t u1) {
-    thread_local std::vector<float> ws;
-    if (ws.size() < size_t(ws_n)) ws.resize(size_t(ws_n));
-    amx_configure();
-    for (int64_t u = u0; u < u1 && ok.load(std::memory_order_relaxed); ++u) {
-      const int64_t bh = u / nqb, t = u % nqb, b = bh / a.Hq, h = bh % a.Hq;
-      const int64_t qi = t % 2 == 0 ? t / 2 : nqb - 1 - t / 2;
-      const int64_t i0 = qi * kAq, n = std::min(kAq, a.Sq - i0);
-      const uint32_t* base = pk + (b * a.Hkv + h / g) * per;
-      if (!amx_item(a, base, base + kp_n, b, h, i0, n, ws.data())) ok = false;
-    }
-    amx_release();
-  });
-  return ok.load();
-}
+  bool item(const uint32_t* base, int64_t b, int64_t h, int64_t i0, int64_t n, float* ws) const {
+    return amx_item(a, base, base + kp_n, b, h, i0, n, ws);
+  }
+  void begin() const { amx_configure(); }
+  void end() const { amx_release(); }
+};
+
+bool prefill_run_amx(const PrefillArgs& a) { return run_layout(a, AmxKernel(a)); }
 
 }  // namespace
 
