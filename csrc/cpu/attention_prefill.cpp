@@ -172,6 +172,39 @@ HIRES_AVX512 inline void transpose16(__m512 r[16]) {
 // Key block kb (keys 128 kb ..) of one (batch, kv head): K^T into kt (two 64-key halves, each
 // [D][64] contiguous; keys past Sk zero) and the block's V rows into vp (column chunks of 64: chunk
 // c0 at vp + Sk c0, rows of min(64, Dp - c0) floats; columns past D zero).
+// The keys query i sees: [lo, hi] (empty when hi < lo), bottom-right aligned (see PrefillArgs).
+inline void row_range(const PrefillArgs& a, int64_t i, int64_t& lo, int64_t& hi) {
+  const int64_t c = i + a.Sk - a.Sq;  // the key aligned with query i
+  lo = std::max<int64_t>(0, a.window_left >= 0 ? c - a.window_left : 0);
+  hi = std::min<int64_t>(a.Sk - 1, a.window_right >= 0 ? c + a.window_right : a.Sk - 1);
+}
+
+// (query, key) pairs one head sees
+int64_t visible_pairs(const PrefillArgs& a) {
+  int64_t pairs = 0;
+  for (int64_t i = 0; i < a.Sq; ++i) {
+    int64_t lo, hi;
+    row_range(a, i, lo, hi);
+    pairs += std::max<int64_t>(0, hi - lo + 1);
+  }
+  return pairs;
+}
+
+// An item's rows i0 .. i0 + n - 1: their key ranges, the online softmax's running max (-inf) and
+// sum (0), and [J0, J1], the keys any of them sees.
+inline void start_rows(const PrefillArgs& a, int64_t i0, int64_t n, int64_t* lo, int64_t* hi, float* m, float* l,
+                       int64_t& J0, int64_t& J1) {
+  J0 = a.Sk;
+  J1 = -1;
+  for (int64_t r = 0; r < n; ++r) {
+    row_range(a, i0 + r, lo[r], hi[r]);
+    m[r] = -std::numeric_limits<float>::infinity();
+    l[r] = 0.f;
+    J0 = std::min(J0, lo[r]);
+    J1 = std::max(J1, hi[r]);
+  }
+}
+
 template <typename T>
 HIRES_AVX512 void pack_block(const T* k, int64_t ks, const T* v, int64_t vs, int64_t Sk, int64_t D, int64_t Dp,
                              int64_t kb, float* kt, float* vp) {
@@ -270,16 +303,8 @@ HIRES_AVX512 bool prefill_item(const PrefillArgs& a, const float* kt, const floa
     }
   }
   std::memset(acc, 0, sizeof(float) * size_t(n * Dp));
-  int64_t J0 = Sk, J1 = -1;
-  for (int64_t r = 0; r < n; ++r) {
-    const int64_t c = i0 + r + Sk - Sq;  // the key aligned with query i0 + r
-    lo[r] = std::max<int64_t>(0, a.window_left >= 0 ? c - a.window_left : 0);
-    hi[r] = std::min<int64_t>(Sk - 1, a.window_right >= 0 ? c + a.window_right : Sk - 1);
-    m[r] = -std::numeric_limits<float>::infinity();
-    l[r] = 0.f;
-    J0 = std::min(J0, lo[r]);
-    J1 = std::max(J1, hi[r]);
-  }
+  int64_t J0, J1;
+  start_rows(a, i0, n, lo, hi, m, l, J0, J1);
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j0 = J0 / kBk * kBk; j0 <= J1; j0 += kBk) {
     const int np = int(std::min<int64_t>(kBk, J1 + 1 - j0) + 15) / 16;  // panels holding keys <= J1
@@ -343,18 +368,6 @@ HIRES_AVX512 bool prefill_item(const PrefillArgs& a, const float* kt, const floa
     ok &= std::isfinite(lse[r]);
   }
   return ok && _mm512_cmp_ps_mask(bad, bad, _CMP_UNORD_Q) == 0;
-}
-
-// (query, key) pairs one head sees, from the rows' visible ranges
-int64_t visible_pairs(const PrefillArgs& a) {
-  int64_t pairs = 0;
-  for (int64_t i = 0; i < a.Sq; ++i) {
-    const int64_t c = i + a.Sk - a.Sq;
-    const int64_t lo = std::max<int64_t>(0, a.window_left >= 0 ? c - a.window_left : 0);
-    const int64_t hi = std::min<int64_t>(a.Sk - 1, a.window_right >= 0 ? c + a.window_right : a.Sk - 1);
-    pairs += std::max<int64_t>(0, hi - lo + 1);
-  }
-  return pairs;
 }
 
 // The work layout shared by the AVX-512 and the AMX kernels. Kern (a policy, below) gives the
@@ -545,7 +558,7 @@ HIRES_AMX void amx_pack_block(const c10::BFloat16* k, int64_t ks, const c10::BFl
 // D32 bf16), s (kAq x kAk fp32), p (kAq x kAk bf16), acc (kAq x Dp fp32).
 HIRES_AMX bool amx_item(const PrefillArgs& a, const uint32_t* kp, const uint32_t* vp, int64_t b, int64_t h,
                         int64_t i0, int64_t n, float* ws) {
-  const int64_t D = a.D, D32 = round_up(D, 32), Dp = round_up(D, 16), Sk = a.Sk, Sq = a.Sq;
+  const int64_t D = a.D, D32 = round_up(D, 32), Dp = round_up(D, 16), Sq = a.Sq;
   const int64_t nds = D32 / 32, nct = Dp / 16;
   uint16_t* qb = reinterpret_cast<uint16_t*>(ws);               // (kAq, D32)
   float* s = ws + kAq * D32 / 2;                                // (kAq, kAk)
@@ -561,16 +574,8 @@ HIRES_AMX bool amx_item(const PrefillArgs& a, const uint32_t* kp, const uint32_t
       _mm512_storeu_si512(qb + r * D32 + d0, _mm512_maskz_loadu_epi16(dm, q + (i0 + r) * a.q_s[1] + d0));
     }
   std::memset(acc, 0, sizeof(float) * size_t(kAq * Dp));
-  int64_t J0 = Sk, J1 = -1;
-  for (int64_t r = 0; r < n; ++r) {
-    const int64_t c = i0 + r + Sk - Sq;
-    lo[r] = std::max<int64_t>(0, a.window_left >= 0 ? c - a.window_left : 0);
-    hi[r] = std::min<int64_t>(Sk - 1, a.window_right >= 0 ? c + a.window_right : Sk - 1);
-    m[r] = -std::numeric_limits<float>::infinity();
-    l[r] = 0.f;
-    J0 = std::min(J0, lo[r]);
-    J1 = std::max(J1, hi[r]);
-  }
+  int64_t J0, J1;
+  start_rows(a, i0, n, lo, hi, m, l, J0, J1);
   std::memset(pb + n * kAk, 0, sizeof(uint16_t) * size_t((kAq - n) * kAk));  // padding rows: p = 0
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 sv = _mm512_set1_ps(static_cast<float>(a.scale));
