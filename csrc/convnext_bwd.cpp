@@ -60,7 +60,10 @@ std::array<Tensor, 6> mlp_grads(const Tensor& go, const Tensor& a, const Tensor&
   const at::ScalarType a_t = a.scalar_type();
   const at::ScalarType t = (a_t == at::kHalf || a_t == at::kBFloat16) ? a_t : f32;
   const bool lowp = t != f32;
-  const Tensor w1t = as(w1, t), w2t = as(w2, t), b1t = as(b1, t), gf = as(gamma, f32), go32 = as(go, f32);
+  const Tensor w1t = as(w1, t), w2t = as(w2, t), b1t = as(b1, t), gf = as(gamma, f32);
+  const bool need_gsum = (need_b2 || need_g) && b2.defined();
+  // go in fp32 only where it is read in fp32 (fp32 GEMMs, dv = go * gamma, the column sums)
+  const Tensor go32 = (!lowp || gf.defined() || need_gsum) ? as(go, f32) : Tensor();
   const bool need_gu = need_w2 || need_g;  // G(u) for go^T G(u)
   const bool need_du = need_a || need_w1 || need_b1;
   Tensor da, dw1, db1, gtg, dv, w2g;
@@ -109,7 +112,7 @@ std::array<Tensor, 6> mlp_grads(const Tensor& go, const Tensor& a, const Tensor&
       }
     }
   }
-  const Tensor gsum = ((need_b2 || need_g) && b2.defined()) ? go32.sum(0) : Tensor();
+  const Tensor gsum = need_gsum ? go32.sum(0) : Tensor();
   Tensor dw2, db2, dgamma;
   if (need_w2) dw2 = gf.defined() ? gtg * gf.unsqueeze(1) : gtg;
   if (need_b2) db2 = gf.defined() ? gsum * gf : gsum;

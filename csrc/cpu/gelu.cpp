@@ -2,7 +2,6 @@
 
 #include <ATen/Parallel.h>
 #include <algorithm>
-#include <type_traits>
 
 #include "csrc/cpu/avx2.h"
 
